@@ -1,0 +1,25 @@
+# fedpool: the two commands a user needs are `make demo` and `make test` (README.md).
+# Assets (the real model and datasets) go to $FEDPOOL_ASSETS, else ./assets.
+ASSETS := $(abspath $(or $(FEDPOOL_ASSETS),assets))
+export FEDPOOL_ASSETS := $(ASSETS)
+
+.PHONY: assets test lint demo bench
+
+assets:
+	scripts/fetch-assets.sh "$(ASSETS)"
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: assets lint
+	cargo test --workspace
+
+demo: assets
+	cargo build --release --workspace
+	@echo "make demo: the main job (a federation of fedpool-server and fedpool-client processes" >&2
+	@echo "fine-tuning MiniLM over QUIC) is not built yet; see ARCHITECTURE.md for what exists." >&2
+	@exit 1
+
+bench:
+	cargo bench -p fedpool-common --bench codec

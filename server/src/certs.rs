@@ -1,0 +1,1 @@
+//! The federation's CA and client certificates (rcgen). Not built yet.

@@ -1,0 +1,1 @@
+//! The QUIC endpoint (quinn, rustls with ring, mutual TLS) feeding the round engine. Not built yet.

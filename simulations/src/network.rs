@@ -1,0 +1,1 @@
+//! Bandwidth, latency and availability models on a simulated clock. Not built yet.

@@ -1,0 +1,1 @@
+//! Client data partitions: IID, Dirichlet(alpha) label skew, natural groups, explicit split files. Not built yet.

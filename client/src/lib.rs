@@ -1,3 +1,6 @@
-//! fedpool-client: frozen backbones with adapter hooks, datasets, local training, the daemon.
-//!
-//! Not built yet (issue "Local training engine"): this crate holds its doc comment only.
+//! fedpool's client library: frozen backbones with explicit adapter hooks ([`model`]) and text
+//! tokenization ([`tokenize`]). Local training, instance-adaptive selection and the daemon build
+//! on these.
+
+pub mod model;
+pub mod tokenize;

@@ -1,0 +1,106 @@
+//! Frozen backbones with explicit adapter hooks.
+//!
+//! A backbone is loaded from Hugging Face files (`config.json` + `model.safetensors`) by the HF
+//! tensor names, and every weight stays a plain [`candle_core::Tensor`] (never a `Var`), so the
+//! backbone is frozen by construction. Adapters are not stored in the model: each forward pass
+//! takes them as an argument ([`Hooks`]), keyed by the HF module path of the op they adapt
+//! (`encoder.layer.3.attention.self.query`). A hook name the model does not have is an error.
+//!
+//! Every op on the forward path has a backward: LayerNorm is written from basic ops and softmax is
+//! `candle_nn::ops::softmax`, because candle's fused kernels silently drop gradients (DESIGN.md,
+//! "candle pitfalls").
+
+mod bert;
+mod hooks;
+mod random;
+mod weights;
+
+use std::path::PathBuf;
+
+pub use bert::{mean_pool, BertConfig, BertEncoder, HiddenAct, PositionEmbeddingType};
+pub use hooks::{Hooks, LinearTarget, Lora, Ssf, SsfPoint};
+pub use random::write_random_model;
+
+/// What went wrong while loading a backbone or running it with adapter hooks.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A folder or file that must exist does not.
+    #[error("{what} {} not found", path.display())]
+    NotFound {
+        /// What was looked for ("model folder", "config file", "weights file").
+        what: &'static str,
+        /// The path that was looked for.
+        path: PathBuf,
+    },
+    /// A file exists but could not be read or written.
+    #[error("cannot access {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `config.json` is not a valid or supported configuration.
+    #[error("invalid model config {}: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A weights file is not a valid safetensors file.
+    #[error("cannot read weights {files}: {message}")]
+    Weights {
+        /// The weights files.
+        files: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A tensor the model needs is not in the weights files.
+    #[error("tensor {name:?} is missing from {files}")]
+    MissingTensor {
+        /// The tensor's name as it would appear in the file.
+        name: String,
+        /// The weights files searched.
+        files: String,
+    },
+    /// A tensor in the weights files has a shape other than the config implies.
+    #[error("tensor {name:?} has shape {got:?}, expected {expected:?} (from {files})")]
+    TensorShape {
+        /// The tensor's name in the file.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+        /// The weights files.
+        files: String,
+    },
+    /// An adapter hook names a point this model does not have.
+    #[error("unknown {kind} point {name:?}: not a module of this model (see BertConfig::{list}())")]
+    UnknownHook {
+        /// "SSF" or "LoRA".
+        kind: &'static str,
+        /// The name given.
+        name: String,
+        /// The config method that lists the valid names.
+        list: &'static str,
+    },
+    /// An adapter hook's tensors do not fit the point it adapts or the batch.
+    #[error("adapter {name:?}: {message}")]
+    HookShape {
+        /// The hook point.
+        name: String,
+        /// What does not fit.
+        message: String,
+    },
+    /// The model inputs (token ids, attention mask) are malformed.
+    #[error("bad model input: {0}")]
+    Input(String),
+    /// An error from candle while computing.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -409,6 +409,37 @@ impl AdapterPool {
         Ok(PoolDelta { spec_hash: self.spec_hash, slots: None, tensors })
     }
 
+    /// The pool as a delta from zero, the form a global pool travels in (`RoundTask::global`):
+    /// for SSF pools every slot is listed (usage count 1 each), so the receiver can check it with
+    /// the usual [`PoolDelta::validate`]; LoRA factors go whole.
+    pub fn to_transfer(&self, spec: &PoolSpec) -> Result<PoolDelta, PoolError> {
+        let delta = self.delta_from(&AdapterPool::zeros(spec))?;
+        if spec.kind != AdapterKind::SsfPool {
+            return Ok(delta);
+        }
+        let slots = u32::try_from(spec.pool_size).map_err(|_| PoolError::BadSlots("pool size exceeds u32".into()))?;
+        delta.restrict_to_slots(SlotUsage { slots: (0..slots).collect(), counts: vec![1; spec.pool_size] })
+    }
+
+    /// The pool a [`AdapterPool::to_transfer`] delta describes, checked against `spec`: every
+    /// slot and every tensor must be present, at full rank.
+    pub fn from_transfer(delta: &PoolDelta, spec: &PoolSpec) -> Result<AdapterPool, PoolError> {
+        delta.validate(spec)?;
+        if let Some(u) = &delta.slots {
+            if u.slots.len() != spec.pool_size {
+                return Err(PoolError::BadSlots(format!(
+                    "a global pool lists {} of {} slots",
+                    u.slots.len(),
+                    spec.pool_size
+                )));
+            }
+        }
+        let mut pool = AdapterPool::zeros(spec);
+        pool.apply_delta(delta)?;
+        pool.validate(spec)?;
+        Ok(pool)
+    }
+
     /// Adds a full delta (no slot subset, full ranks) to this pool in place.
     pub fn apply_delta(&mut self, delta: &PoolDelta) -> Result<(), PoolError> {
         if self.spec_hash != delta.spec_hash {
@@ -714,6 +745,24 @@ mod tests {
         let (before, after) = (&start.tensors[KEYS], &pool.tensors[KEYS]);
         assert_eq!(before.row(0), after.row(0), "unused slot untouched");
         assert!(after.row(1).iter().zip(before.row(1)).all(|(a, b)| (a - b - 0.5).abs() < 1e-6));
+    }
+
+    #[test]
+    fn a_pool_survives_its_transfer_form() {
+        for spec in [PoolSpec::ssf_pool(targets(), 8, 5, 2, head()), PoolSpec::lora(targets(), 4, 8.0, head())] {
+            let pool = AdapterPool::init(&spec, 9).unwrap();
+            let t = pool.to_transfer(&spec).unwrap();
+            t.validate(&spec).unwrap();
+            assert_eq!(AdapterPool::from_transfer(&t, &spec).unwrap(), pool);
+        }
+        let spec = PoolSpec::ssf_pool(targets(), 8, 5, 2, head());
+        let pool = AdapterPool::init(&spec, 9).unwrap();
+        let partial = pool
+            .delta_from(&AdapterPool::zeros(&spec))
+            .unwrap()
+            .restrict_to_slots(SlotUsage { slots: vec![0, 1], counts: vec![1, 1] })
+            .unwrap();
+        assert!(matches!(AdapterPool::from_transfer(&partial, &spec), Err(PoolError::BadSlots(_))));
     }
 
     #[test]

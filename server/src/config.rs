@@ -1,0 +1,609 @@
+//! The server's configuration file (TOML) and how it becomes a running server's parts: the
+//! network setup, the round engine (resumed from the store or starting from a fresh pool) and the
+//! store.
+//!
+//! Relative paths in the file are relative to the folder of the file itself. See
+//! [`CONFIG_REFERENCE`] (printed by `fedpool-server run --help`) and `server/server.example.toml`
+//! for every field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedpool_common::codec::{CodecConfig, DecodeLimits, Quantization, DEFAULT_BLOCK};
+use fedpool_common::frame::FrameLimits;
+use fedpool_common::{AdapterPool, BackboneFingerprint, PoolSpec, Round, Sha256};
+use serde::{Deserialize, Deserializer};
+
+use crate::aggregate::{AggregateConfig, Aggregator, FedAdamConfig, Rule, ServerOpt};
+use crate::net::NetSetup;
+use crate::round::{Engine, EngineConfig};
+use crate::store::Store;
+
+/// Every field of the configuration file, for `--help`.
+pub const CONFIG_REFERENCE: &str = "\
+CONFIGURATION FILE (TOML; relative paths are relative to the file's folder)
+
+Network and files:
+  listen = \"0.0.0.0:4433\"        UDP address for QUIC (port 0: any free port). Default 0.0.0.0:4433.
+  state_dir = \"state\"            Checkpoints (round-NNNNNN.safetensors), rounds.jsonl, and
+                                 listen.addr (the bound address, written at start). Required.
+  ca_cert = \"certs/ca.pem\"       The federation CA; clients must present a certificate it signed. Required.
+  server_cert = \"certs/server.pem\"  The server's certificate (PEM). Required.
+  server_key = \"certs/server.key\"   The server's private key (PEM). Required.
+  revocation_list = \"certs/revoked.txt\"  Revoked client names, one a line; re-read on every new
+                                 connection; a missing file revokes nobody.
+                                 Default: revoked.txt beside ca_cert (where `certs revoke` writes).
+  metrics_listen = \"127.0.0.1:9464\"  Serve Prometheus text on GET /metrics there. Default: off.
+
+Model and pool (exactly one of each pair):
+  backbone_dir = \"assets/model\"  The frozen backbone (config.json + model.safetensors); clients must
+                                 enroll with its fingerprint.
+  backbone_fingerprint = \"<64 hex>\"  The fingerprint itself, instead of backbone_dir.
+  [pool]                         The pool spec inline (fedpool_common::PoolSpec: kind = \"SsfPool\" or
+                                 \"Lora\", pool_size, top_k, key_dim, max_rank, lora_alpha,
+                                 [[pool.targets]] name / dim_in / dim_out, optional [pool.head]
+                                 dim_in / num_labels).
+  spec_file = \"spec.json\"        The pool spec as JSON, instead of [pool].
+
+Rounds:
+  rounds = 20                    Rounds to run in total (a resumed server runs the remaining ones). Required.
+  clients_per_round = 4          Clients whose updates a round aims for. Required.
+  quorum = 3                     Fewest accepted updates that commit a round at its deadline. Required.
+  over_selection = 1.3           Factor >= 1: ceil(clients_per_round x this) clients get a task, the round
+                                 commits at clients_per_round updates (stragglers are not waited for). Default 1.
+  min_clients_to_start = 4       Connected clients needed before a round starts (>= quorum). Default
+                                 clients_per_round.
+  deadline = \"5m\"                How long a round waits for updates (humantime: 500ms, 30s, 5m). Required.
+  local_steps = 100              Local optimisation steps each client runs. Required.
+  seed = 0                       Seed of the initial pool and of client selection. Default 0.
+  heartbeat = \"10s\"              Heartbeat interval clients are told. Default 10s.
+  idle_timeout = \"60s\"           A connection silent this long is closed and its client lost. Default 60s.
+  keep_alive = \"5s\"              QUIC keep-alive interval sent by the server. Default idle_timeout / 4.
+  request_timeout = \"10m\"        Most time to receive one request frame (e.g. an upload). Default 10m.
+  max_frame_bytes = 268435456    Cap on an update (or task) frame's body. Default 256 MiB.
+
+[download_codec]                 How tasks carry the global pool. Default lossless fp32.
+  quantization = \"fp32\"          fp32 | int8 | int4.
+  top_k = 0.1                    Keep this fraction of values (default: all).
+  block_size = 64                Values per quantization block. Default 64.
+  zstd_level = 3                 zstd the payload at this level (1..=22). Default: no zstd.
+
+[aggregate]
+  strategy = \"fedavg\"            fedavg | trimmed-mean | fedadam. Default fedavg.
+  clip_norm = 10.0               Clip each update to this L2 norm. Default: no clipping.
+  trim_fraction = 0.1            trimmed-mean: fraction trimmed at each end. Default 0.1.
+  max_updates = 1024             trimmed-mean: most updates buffered per round. Default 1024.
+  server_lr = 0.01               fedadam: server learning rate. Default 0.01.
+  beta1 = 0.9                    fedadam: first-moment decay. Default 0.9.
+  beta2 = 0.99                   fedadam: second-moment decay. Default 0.99.
+  tau = 0.001                    fedadam: adaptivity. Default 0.001.
+";
+
+/// A configuration that cannot be used, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("config {}: {problem}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's error (with line and column).
+        problem: String,
+    },
+    /// A field's value is unusable.
+    #[error("config field {field}: {problem}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The checkpoint store could not be opened.
+    #[error("state folder {}: {problem}", dir.display())]
+    Store {
+        /// The state folder.
+        dir: PathBuf,
+        /// The store's error.
+        problem: String,
+    },
+    /// The round engine refused the configuration.
+    #[error("round engine: {0}")]
+    Engine(String),
+}
+
+fn field(field: &'static str, problem: impl ToString) -> ConfigError {
+    ConfigError::Field { field, problem: problem.to_string() }
+}
+
+/// `[download_codec]`: how tasks carry the global pool.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecSection {
+    /// `fp32`, `int8` or `int4`.
+    #[serde(default = "default_quantization")]
+    pub quantization: String,
+    /// Fraction of values kept (None: all).
+    #[serde(default)]
+    pub top_k: Option<f32>,
+    /// Values per quantization block.
+    #[serde(default = "default_block")]
+    pub block_size: u32,
+    /// zstd level (None: no zstd).
+    #[serde(default)]
+    pub zstd_level: Option<i32>,
+}
+
+fn default_quantization() -> String {
+    "fp32".into()
+}
+fn default_block() -> u32 {
+    DEFAULT_BLOCK
+}
+
+impl Default for CodecSection {
+    fn default() -> Self {
+        Self { quantization: default_quantization(), top_k: None, block_size: DEFAULT_BLOCK, zstd_level: None }
+    }
+}
+
+impl CodecSection {
+    /// The codec settings.
+    pub fn to_codec(&self) -> Result<CodecConfig, ConfigError> {
+        let quantization = match self.quantization.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Quantization::F32,
+            "int8" => Quantization::Int8,
+            "int4" => Quantization::Int4,
+            other => return Err(field("download_codec.quantization", format!("{other:?} is not fp32, int8 or int4"))),
+        };
+        let c =
+            CodecConfig { top_k: self.top_k, quantization, block_size: self.block_size, zstd_level: self.zstd_level };
+        c.validate().map_err(|e| field("download_codec", e))?;
+        Ok(c)
+    }
+}
+
+/// `[aggregate]`: how a round's updates are merged.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSection {
+    /// `fedavg`, `trimmed-mean` or `fedadam`.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// Clip each update to this L2 norm.
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+    /// trimmed-mean: the fraction trimmed at each end.
+    #[serde(default = "default_trim")]
+    pub trim_fraction: f64,
+    /// trimmed-mean: most updates buffered per round.
+    #[serde(default = "default_max_updates")]
+    pub max_updates: usize,
+    /// fedadam: server learning rate.
+    #[serde(default)]
+    pub server_lr: Option<f64>,
+    /// fedadam: first-moment decay.
+    #[serde(default)]
+    pub beta1: Option<f64>,
+    /// fedadam: second-moment decay.
+    #[serde(default)]
+    pub beta2: Option<f64>,
+    /// fedadam: adaptivity τ.
+    #[serde(default)]
+    pub tau: Option<f64>,
+}
+
+fn default_strategy() -> String {
+    "fedavg".into()
+}
+fn default_trim() -> f64 {
+    0.1
+}
+fn default_max_updates() -> usize {
+    1024
+}
+
+impl Default for AggregateSection {
+    fn default() -> Self {
+        Self {
+            strategy: default_strategy(),
+            clip_norm: None,
+            trim_fraction: default_trim(),
+            max_updates: default_max_updates(),
+            server_lr: None,
+            beta1: None,
+            beta2: None,
+            tau: None,
+        }
+    }
+}
+
+impl AggregateSection {
+    /// The aggregator's configuration.
+    pub fn to_config(&self) -> Result<AggregateConfig, ConfigError> {
+        let adam_fields =
+            self.server_lr.is_some() || self.beta1.is_some() || self.beta2.is_some() || self.tau.is_some();
+        let (rule, server_opt) = match self.strategy.as_str() {
+            "fedavg" => (Rule::Mean, ServerOpt::Plain),
+            "trimmed-mean" => (
+                Rule::TrimmedMean { trim_fraction: self.trim_fraction, max_updates: self.max_updates },
+                ServerOpt::Plain,
+            ),
+            "fedadam" => {
+                let d = FedAdamConfig::default();
+                let adam = FedAdamConfig {
+                    lr: self.server_lr.unwrap_or(d.lr),
+                    beta1: self.beta1.unwrap_or(d.beta1),
+                    beta2: self.beta2.unwrap_or(d.beta2),
+                    tau: self.tau.unwrap_or(d.tau),
+                };
+                adam.validate().map_err(|e| field("aggregate", e))?;
+                (Rule::Mean, ServerOpt::FedAdam(adam))
+            }
+            other => {
+                return Err(field("aggregate.strategy", format!("{other:?} is not fedavg, trimmed-mean or fedadam")))
+            }
+        };
+        if adam_fields && self.strategy != "fedadam" {
+            return Err(field("aggregate", "server_lr, beta1, beta2 and tau apply to strategy = \"fedadam\" only"));
+        }
+        Ok(AggregateConfig { clip_norm: self.clip_norm, rule, server_opt })
+    }
+}
+
+/// The configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// UDP address for QUIC.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Checkpoints, the round log, `listen.addr`.
+    pub state_dir: PathBuf,
+    /// The federation CA.
+    pub ca_cert: PathBuf,
+    /// The server's certificate.
+    pub server_cert: PathBuf,
+    /// The server's private key.
+    pub server_key: PathBuf,
+    /// Revoked client names (default: `revoked.txt` beside `ca_cert`).
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
+    /// Prometheus endpoint address (off by default).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The backbone's folder.
+    #[serde(default)]
+    pub backbone_dir: Option<PathBuf>,
+    /// The backbone's fingerprint, hex.
+    #[serde(default)]
+    pub backbone_fingerprint: Option<String>,
+    /// The pool spec, inline.
+    #[serde(default)]
+    pub pool: Option<PoolSpec>,
+    /// The pool spec, as a JSON file.
+    #[serde(default)]
+    pub spec_file: Option<PathBuf>,
+    /// Total rounds.
+    pub rounds: u64,
+    /// Updates a round aims for.
+    pub clients_per_round: usize,
+    /// Fewest updates that commit a round at its deadline.
+    pub quorum: usize,
+    /// Over-selection factor (≥ 1): ⌈`clients_per_round` × this⌉ clients get a task.
+    #[serde(default = "default_over_selection")]
+    pub over_selection: f64,
+    /// Enrolled clients needed before a round starts.
+    #[serde(default)]
+    pub min_clients_to_start: Option<usize>,
+    /// Round deadline.
+    #[serde(deserialize_with = "duration")]
+    pub deadline: Duration,
+    /// Local steps per task.
+    pub local_steps: u32,
+    /// Seed of the initial pool and of selection.
+    #[serde(default)]
+    pub seed: u64,
+    /// Heartbeat interval told to clients.
+    #[serde(default = "default_heartbeat", deserialize_with = "duration")]
+    pub heartbeat: Duration,
+    /// Connection idle timeout.
+    #[serde(default = "default_idle", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval (default idle_timeout / 4).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub keep_alive: Option<Duration>,
+    /// Most time to receive one request frame.
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Cap on a bulk frame's body.
+    #[serde(default)]
+    pub max_frame_bytes: Option<u32>,
+    /// How tasks carry the global pool.
+    #[serde(default)]
+    pub download_codec: CodecSection,
+    /// How updates are merged.
+    #[serde(default)]
+    pub aggregate: AggregateSection,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+fn default_over_selection() -> f64 {
+    1.0
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// The name of the file in the state folder that holds the bound QUIC address.
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+/// The name of the file in the state folder that holds the bound metrics address (when enabled).
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+
+/// What [`ServerConfig::prepare`] makes: everything [`crate::net::Server::start`] needs.
+pub struct Prepared {
+    /// The network setup.
+    pub net: NetSetup,
+    /// The round engine, at the resumed round.
+    pub engine: Engine,
+    /// The checkpoint store.
+    pub store: Store,
+    /// The newest committed round (0 for a fresh federation).
+    pub start_round: Round,
+    /// The checkpoint resumed from; `None` for a fresh federation (its initial pool was just
+    /// written as round 0).
+    pub resumed_from: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// Reads and checks a configuration file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { problem, .. } => ConfigError::Parse { path: path.into(), problem },
+            other => other,
+        })
+    }
+
+    /// Parses configuration text, resolving relative paths against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut c: ServerConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::from("(text)"), problem: e.to_string() })?;
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rebase(&mut c.state_dir);
+        rebase(&mut c.ca_cert);
+        rebase(&mut c.server_cert);
+        rebase(&mut c.server_key);
+        for p in [&mut c.revocation_list, &mut c.backbone_dir, &mut c.spec_file].into_iter().flatten() {
+            rebase(p);
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks the fields that can be checked without touching files.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.rounds == 0 {
+            return Err(field("rounds", "must be at least 1"));
+        }
+        if self.clients_per_round == 0 {
+            return Err(field("clients_per_round", "must be at least 1"));
+        }
+        if self.quorum == 0 || self.quorum > self.clients_per_round {
+            return Err(field(
+                "quorum",
+                format!("{} must be in 1..={} (clients_per_round)", self.quorum, self.clients_per_round),
+            ));
+        }
+        if !(self.over_selection.is_finite() && self.over_selection >= 1.0) {
+            return Err(field("over_selection", format!("{} must be a factor >= 1", self.over_selection)));
+        }
+        if self.min_clients_to_start.is_some_and(|m| m < self.quorum) {
+            return Err(field("min_clients_to_start", format!("must be at least the quorum ({})", self.quorum)));
+        }
+        if self.idle_timeout <= self.heartbeat {
+            return Err(field("idle_timeout", format!("must be longer than the heartbeat ({:?})", self.heartbeat)));
+        }
+        if self.local_steps == 0 {
+            return Err(field("local_steps", "must be at least 1"));
+        }
+        if self.deadline.is_zero() {
+            return Err(field("deadline", "must be positive"));
+        }
+        if self.idle_timeout < Duration::from_millis(100) {
+            return Err(field("idle_timeout", "must be at least 100ms"));
+        }
+        if self.keep_alive.is_some_and(|k| k >= self.idle_timeout) {
+            return Err(field("keep_alive", "must be shorter than idle_timeout"));
+        }
+        match (&self.pool, &self.spec_file) {
+            (Some(_), Some(_)) => return Err(field("pool", "give [pool] or spec_file, not both")),
+            (None, None) => return Err(field("pool", "the pool spec is missing: give [pool] or spec_file")),
+            _ => {}
+        }
+        match (&self.backbone_dir, &self.backbone_fingerprint) {
+            (Some(_), Some(_)) => {
+                return Err(field("backbone_dir", "give backbone_dir or backbone_fingerprint, not both"))
+            }
+            (None, None) => {
+                return Err(field("backbone_dir", "the backbone is missing: give backbone_dir or backbone_fingerprint"))
+            }
+            _ => {}
+        }
+        self.download_codec.to_codec()?;
+        self.aggregate.to_config()?;
+        Ok(())
+    }
+
+    /// The revocation list's path: the configured one, else `revoked.txt` beside the CA.
+    pub fn revocation_list_path(&self) -> PathBuf {
+        self.revocation_list
+            .clone()
+            .unwrap_or_else(|| self.ca_cert.parent().unwrap_or(Path::new(".")).join(crate::certs::REVOKED))
+    }
+
+    /// The pool spec, from `[pool]` or `spec_file`, validated.
+    pub fn pool_spec(&self) -> Result<PoolSpec, ConfigError> {
+        let spec = match (&self.pool, &self.spec_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| field("spec_file", format!("{}: {e}", path.display())))?;
+                serde_json::from_str(&text).map_err(|e| field("spec_file", format!("{}: {e}", path.display())))?
+            }
+            (None, None) => return Err(field("pool", "the pool spec is missing")),
+        };
+        spec.validate().map_err(|e| field("pool", e))?;
+        Ok(spec)
+    }
+
+    /// The backbone fingerprint, from `backbone_fingerprint` or by hashing `backbone_dir`.
+    pub fn backbone(&self) -> Result<BackboneFingerprint, ConfigError> {
+        match (&self.backbone_fingerprint, &self.backbone_dir) {
+            (Some(hex), _) => Sha256::from_hex(hex.trim())
+                .map(BackboneFingerprint)
+                .ok_or_else(|| field("backbone_fingerprint", format!("{hex:?} is not 64 hex characters"))),
+            (None, Some(dir)) => BackboneFingerprint::of_model_dir(dir).map_err(|e| field("backbone_dir", e)),
+            (None, None) => Err(field("backbone_dir", "the backbone is missing")),
+        }
+    }
+
+    /// The frame caps.
+    pub fn frame_limits(&self) -> FrameLimits {
+        let d = FrameLimits::default();
+        FrameLimits { control: d.control, bulk: self.max_frame_bytes.unwrap_or(d.bulk) }
+    }
+
+    /// The network setup.
+    pub fn net_setup(&self) -> NetSetup {
+        NetSetup {
+            listen: self.listen,
+            ca_cert: self.ca_cert.clone(),
+            server_cert: self.server_cert.clone(),
+            server_key: self.server_key.clone(),
+            revocation_list: self.revocation_list_path(),
+            limits: self.frame_limits(),
+            idle_timeout: self.idle_timeout,
+            keep_alive: self.keep_alive.unwrap_or(self.idle_timeout / 4),
+            request_timeout: self.request_timeout,
+            metrics_listen: self.metrics_listen,
+        }
+    }
+
+    /// Opens the store, resumes from its newest committed round (or starts a fresh pool at round
+    /// 0), and builds the engine and the network setup.
+    pub fn prepare(&self) -> Result<Prepared, ConfigError> {
+        let spec = self.pool_spec()?;
+        let backbone = self.backbone()?;
+        let download_codec = self.download_codec.to_codec()?;
+        let aggregate = self.aggregate.to_config()?;
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| ConfigError::Store { dir: self.state_dir.clone(), problem: e.to_string() })?;
+        let store_err =
+            |e: crate::store::StoreError| ConfigError::Store { dir: self.state_dir.clone(), problem: e.to_string() };
+        let (mut store, resume) = Store::open(&self.state_dir, spec.clone(), backbone).map_err(store_err)?;
+        for skipped in &resume.skipped {
+            tracing::warn!("skipped a checkpoint that does not verify: {skipped}");
+        }
+        let (start_round, global, resumed_from) = match resume.latest {
+            Some((round, pool)) => (round, pool, resume.path),
+            None => {
+                let pool = AdapterPool::init(&spec, self.seed).map_err(|e| field("pool", e))?;
+                store.write_initial(&pool).map_err(store_err)?;
+                (Round(0), pool, None)
+            }
+        };
+        let max_values = spec.num_params() as u64;
+        let decode_limits = DecodeLimits { max_values, max_raw_bytes: u64::from(self.frame_limits().bulk) * 2 };
+        let engine_config = EngineConfig {
+            total_rounds: self.rounds,
+            clients_per_round: self.clients_per_round,
+            quorum: self.quorum,
+            over_selection: self.over_selection,
+            min_clients_to_start: self.min_clients_to_start.unwrap_or(self.clients_per_round),
+            deadline: self.deadline,
+            local_steps: self.local_steps,
+            seed: self.seed,
+            download_codec,
+            decode_limits,
+            backbone,
+            heartbeat: self.heartbeat,
+            idle_timeout: self.idle_timeout,
+        };
+        let merge = Aggregator::new(spec.clone(), aggregate).map_err(|e| field("aggregate", e))?;
+        let engine = Engine::new(engine_config, spec, Box::new(merge), start_round, global)
+            .map_err(|e| ConfigError::Engine(e.to_string()))?;
+        Ok(Prepared { net: self.net_setup(), engine, store, start_round, resumed_from })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../server.example.toml");
+
+    #[test]
+    fn the_example_file_parses_and_paths_are_rebased() {
+        let c = ServerConfig::parse(EXAMPLE, Path::new("/etc/fedpool")).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/fedpool/state"));
+        assert_eq!(c.revocation_list_path(), Path::new("/etc/fedpool/certs/revoked.txt"));
+        assert!(c.pool_spec().is_ok());
+    }
+
+    #[test]
+    fn every_field_of_the_example_is_documented_in_help() {
+        for line in EXAMPLE.lines() {
+            let line = line.trim_start_matches('#').trim();
+            let Some((key, _)) = line.split_once('=') else { continue };
+            let key = key.trim();
+            if key.is_empty() || key.contains(' ') {
+                continue;
+            }
+            assert!(CONFIG_REFERENCE.contains(key), "field {key:?} is not in CONFIG_REFERENCE");
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let bad = EXAMPLE.replace("quorum = 2", "quorum = 9");
+        let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("quorum"), "{e}");
+        let bad = EXAMPLE.replace("rounds = 20", "rounds = 20\nsurprise = 1");
+        let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("surprise"), "{e}");
+        let bad = EXAMPLE.replace("strategy = \"fedavg\"", "strategy = \"median\"");
+        let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("aggregate.strategy"), "{e}");
+    }
+}

@@ -1,0 +1,244 @@
+//! Prometheus metrics: counters and gauges updated by the network layer, served as text on
+//! `GET /metrics` by a tiny HTTP/1.1 responder on its own TCP port (off unless configured).
+//!
+//! | metric | type | meaning |
+//! | --- | --- | --- |
+//! | `fedpool_round` | gauge | the engine's current round |
+//! | `fedpool_committed_round` | gauge | the newest round committed to disk |
+//! | `fedpool_connected_clients` | gauge | authenticated clients with an open connection |
+//! | `fedpool_bytes_in_total` | counter | frame bytes received from clients (headers + bodies) |
+//! | `fedpool_bytes_out_total` | counter | frame bytes sent to clients |
+//! | `fedpool_updates_rejected_total{reason}` | counter | refusals sent, by `RejectReason` (snake case); `protocol` also counts connections closed for a bad frame |
+//! | `fedpool_connections_refused_total{reason}` | counter | connections refused after the handshake (`revoked`, `no_identity`) |
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedpool_common::wire::RejectReason;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The server's metrics; cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    round: AtomicU64,
+    committed_round: AtomicU64,
+    connected: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// The label value for a reject reason.
+pub fn reason_label(reason: RejectReason) -> &'static str {
+    use RejectReason::*;
+    match reason {
+        ProtocolVersion => "protocol_version",
+        BackboneMismatch => "backbone_mismatch",
+        SpecMismatch => "spec_mismatch",
+        UnknownTask => "unknown_task",
+        WrongRound => "wrong_round",
+        WrongNonce => "wrong_nonce",
+        Duplicate => "duplicate",
+        Late => "late",
+        InvalidDelta => "invalid_delta",
+        NonFinite => "non_finite",
+        Corrupt => "corrupt",
+        Protocol => "protocol",
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics, all zero.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Sets the current round.
+    pub fn set_round(&self, round: u64) {
+        self.round.store(round, Ordering::Relaxed);
+    }
+
+    /// Sets the newest committed round.
+    pub fn set_committed_round(&self, round: u64) {
+        self.committed_round.store(round, Ordering::Relaxed);
+    }
+
+    /// Sets the number of connected clients.
+    pub fn set_connected(&self, n: u64) {
+        self.connected.store(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes received.
+    pub fn add_bytes_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes sent.
+    pub fn add_bytes_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one refusal.
+    pub fn count_reject(&self, reason: RejectReason) {
+        if let Ok(mut m) = self.rejected.lock() {
+            *m.entry(reason_label(reason)).or_default() += 1;
+        }
+    }
+
+    /// Counts one connection refused after the handshake.
+    pub fn count_refused(&self, reason: &'static str) {
+        if let Ok(mut m) = self.refused.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// The current round.
+    pub fn round(&self) -> u64 {
+        self.round.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sent so far.
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed)
+    }
+
+    /// The metrics in Prometheus' text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one("fedpool_round", "gauge", "The round the engine is in.", self.round.load(Ordering::Relaxed));
+        one(
+            "fedpool_committed_round",
+            "gauge",
+            "The newest round committed to disk.",
+            self.committed_round.load(Ordering::Relaxed),
+        );
+        one(
+            "fedpool_connected_clients",
+            "gauge",
+            "Authenticated clients with an open connection.",
+            self.connected.load(Ordering::Relaxed),
+        );
+        one("fedpool_bytes_in_total", "counter", "Frame bytes received from clients.", self.bytes_in());
+        one("fedpool_bytes_out_total", "counter", "Frame bytes sent to clients.", self.bytes_out());
+        let mut labelled = |name: &str, help: &str, m: &Mutex<BTreeMap<&'static str, u64>>| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            if let Ok(m) = m.lock() {
+                for (reason, v) in m.iter() {
+                    let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {v}");
+                }
+            }
+        };
+        labelled("fedpool_updates_rejected_total", "Refusals sent to clients, by reason.", &self.rejected);
+        labelled(
+            "fedpool_connections_refused_total",
+            "Connections refused after the TLS handshake, by reason.",
+            &self.refused,
+        );
+        s
+    }
+}
+
+/// Most bytes of a request read before answering.
+const MAX_REQUEST: usize = 8 << 10;
+/// How long a metrics request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the metrics endpoint on `addr` and returns the bound address and the task serving it
+/// (it runs until aborted).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("metrics endpoint on {addr}: {e}")))?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let metrics = metrics.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &metrics)).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("metrics endpoint: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok((local, task))
+}
+
+async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body, ctype) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => ("200 OK", metrics.render(), "text/plain; version=0.0.4; charset=utf-8"),
+        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".to_string(), "text/plain; charset=utf-8"),
+        _ => ("405 Method Not Allowed", "only GET\n".to_string(), "text/plain; charset=utf-8"),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoint_serves_prometheus_text() {
+        let m = Metrics::new();
+        m.set_round(3);
+        m.add_bytes_in(100);
+        m.count_reject(RejectReason::WrongNonce);
+        m.count_reject(RejectReason::WrongNonce);
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), m.clone()).await.unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains("\nfedpool_round 3\n"), "{out}");
+        assert!(out.contains("\nfedpool_bytes_in_total 100\n"), "{out}");
+        assert!(out.contains("fedpool_updates_rejected_total{reason=\"wrong_nonce\"} 2\n"), "{out}");
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        out.clear();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+        task.abort();
+    }
+}

@@ -1,6 +1,13 @@
-//! fedpool's client library: frozen backbones with explicit adapter hooks ([`model`]) and text
-//! tokenization ([`tokenize`]). Local training, instance-adaptive selection and the daemon build
-//! on these.
+//! fedpool's client library: frozen backbones with explicit adapter hooks ([`model`]), text
+//! tokenization ([`tokenize`]), datasets ([`data`]), pool specs for a backbone ([`spec`]), FedIns
+//! instance-adaptive selection ([`select`]), local training ([`train`]), device choice
+//! ([`device`]) and the `fedpool-client` command line ([`cli`]). The daemon is not built yet.
 
+pub mod cli;
+pub mod data;
+pub mod device;
 pub mod model;
+pub mod select;
+pub mod spec;
 pub mod tokenize;
+pub mod train;

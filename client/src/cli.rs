@@ -1,0 +1,438 @@
+//! The `fedpool-client` command line: argument definitions and the commands as library calls
+//! (the binary only parses and calls [`run_train`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use fedpool_common::adapter::{AdapterPool, InitOptions, PoolSpec};
+use fedpool_common::checkpoint::{read_tensors, write_pool, write_tensors, CheckpointError, CheckpointMeta};
+use fedpool_common::ids::{BackboneFingerprint, Round, Sha256};
+use fedpool_common::tensor::HostTensor;
+use fedpool_common::wire::TripletImportance;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::data::{assets_dir, load_spec, DataError, DataOptions};
+use crate::device::{self, DeviceChoice, DeviceError};
+use crate::model::{BertEncoder, ModelError};
+use crate::spec::{pool_spec, AdapterChoice, AdapterOptions, OptionsError, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK};
+use crate::train::{
+    self, encode_examples, tokenizer_for_training, Encoded, Observer, Phase, QueryCache, Schedule, SlotReport,
+    TrainConfig, TrainData, TrainError, TrainReport,
+};
+
+/// fedpool's client: local fine-tuning of adapters on a frozen backbone.
+#[derive(Debug, Parser)]
+#[command(name = "fedpool-client", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fine-tune an adapter locally (no server) and write DIR/adapter.safetensors and
+    /// DIR/metrics.json.
+    Train(TrainArgs),
+}
+
+/// `fedpool-client train` options.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// HF model folder (config.json, model.safetensors, tokenizer.json) [default:
+    /// $FEDPOOL_ASSETS/minilm, else ./assets/minilm]
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Data SPEC: a CSV/TSV/JSONL file with text and label columns, or a built-in name (vader,
+    /// vader:tweets,amazonReviewSnippets, trec, trec-fine, sms)
+    #[arg(long, value_name = "SPEC")]
+    pub data: String,
+    /// Adapter: ssf-pool (FedIns SSF pool, per-instance selection), ssf (plain SSF), lora (AdaLoRA
+    /// SVD form) or linear-probe (head only, frozen backbone)
+    #[arg(long, default_value = "ssf-pool")]
+    pub adapter: AdapterChoice,
+    /// Slots per SSF pool (ssf-pool)
+    #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_POOL_SIZE)]
+    pub pool_size: usize,
+    /// Slots mixed per example (ssf-pool)
+    #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_TOP_K)]
+    pub top_k: usize,
+    /// LoRA rank r (lora)
+    #[arg(long, default_value_t = DEFAULT_LORA_RANK)]
+    pub rank: usize,
+    /// LoRA alpha: the update is scaled by alpha / r (lora)
+    #[arg(long, default_value_t = DEFAULT_LORA_ALPHA)]
+    pub alpha: f32,
+    /// LoRA modules within each layer, comma-separated (lora)
+    #[arg(long, value_delimiter = ',', default_value = "attention.self.query,attention.self.value")]
+    pub lora_modules: Vec<String>,
+    /// Optimizer steps
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Examples per step
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate of AdamW [default: 5e-3 for SSF, 2e-3 for LoRA, 1e-2 for the linear probe]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Peak learning rate of the classification head [default: --lr]
+    #[arg(long)]
+    pub head_lr: Option<f64>,
+    /// Linear warmup steps [default: 10% of --steps]
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Learning-rate decay after warmup: linear, cosine or constant
+    #[arg(long, default_value = "linear")]
+    pub schedule: Schedule,
+    /// Longest input in tokens (longer texts are truncated)
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// Fraction of the data held out for evaluation (stratified by label)
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Seed of the split, the initialisation and the batch order
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device: cpu, cuda:N, or auto (a GPU if built with --features cuda and present)
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Weight of the key-matching term in the loss (FedIns' lambda; ssf-pool)
+    #[arg(long, default_value_t = train::FEDINS_LAMBDA)]
+    pub lambda_match: f64,
+    /// Text column of a data file
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Label column of a data file
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// The labels of a data file in index order, comma-separated (others are an error)
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// Folder to cache the frozen features (queries) in, keyed by model and data
+    #[arg(long, value_name = "DIR")]
+    pub query_cache: Option<PathBuf>,
+    /// Output folder (created): adapter.safetensors and metrics.json
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// A command that failed; each variant's message is one line naming what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The model folder does not exist.
+    #[error("model folder {} not found (pass --model DIR or set FEDPOOL_ASSETS)", .0.display())]
+    ModelNotFound(PathBuf),
+    /// Loading the model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Loading the data failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The data has no example, or no example left for training or evaluation.
+    #[error("{0}")]
+    EmptyData(String),
+    /// The adapter options do not fit the model.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The device cannot be used.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// A checkpoint could not be written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A bad option value.
+    #[error("{0}")]
+    Input(String),
+}
+
+/// What `metrics.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsFile {
+    /// The adapter trained.
+    pub adapter: String,
+    /// The data SPEC.
+    pub data: String,
+    /// The model folder.
+    pub model: String,
+    /// The device, as opened.
+    pub device: String,
+    /// Trainable values in the pool.
+    pub trainable_values: usize,
+    /// Values in the upload (the delta).
+    pub delta_values: usize,
+    /// Accuracy, macro-F1, examples, timing.
+    #[serde(flatten)]
+    pub report: TrainReport,
+    /// The training configuration.
+    pub config: TrainConfig,
+    /// Per-slot usage and its entropy (ssf-pool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_usage: Option<SlotReport>,
+    /// AdaLoRA triplet importance per target (lora).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub importance: Vec<ImportanceEntry>,
+}
+
+/// One target's triplet scores in `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportanceEntry {
+    /// The LoRA target.
+    pub target: String,
+    /// Score per rank index.
+    pub scores: Vec<f32>,
+}
+
+impl From<&TripletImportance> for ImportanceEntry {
+    fn from(t: &TripletImportance) -> Self {
+        Self { target: t.target.clone(), scores: t.scores.clone() }
+    }
+}
+
+/// The default model folder: `$FEDPOOL_ASSETS/minilm`, else `./assets/minilm` (via
+/// [`assets_dir`]).
+pub fn default_model_dir() -> PathBuf {
+    assets_dir().join("minilm")
+}
+
+/// The learning rate used when `--lr` is not given.
+pub fn default_lr(adapter: AdapterChoice) -> f64 {
+    match adapter {
+        AdapterChoice::SsfPool | AdapterChoice::Ssf => 5e-3,
+        AdapterChoice::Lora => 2e-3,
+        AdapterChoice::LinearProbe => 1e-2,
+    }
+}
+
+/// Runs `fedpool-client train`: loads model and data, trains, writes `adapter.safetensors` and
+/// `metrics.json` into `args.out`, and returns what it wrote to `metrics.json`.
+pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<MetricsFile, CliError> {
+    if !(0.0..1.0).contains(&args.test_fraction) {
+        return Err(CliError::Input(format!("--test-fraction {} must be in [0, 1)", args.test_fraction)));
+    }
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    if !model_dir.is_dir() {
+        return Err(CliError::ModelNotFound(model_dir));
+    }
+    let (device, device_said) = device::open(args.device)?;
+    tracing::info!("device: {device_said}");
+    let model = BertEncoder::load(&model_dir, &device)?;
+
+    let options = DataOptions {
+        text_column: args.text_column.clone(),
+        label_column: args.label_column.clone(),
+        labels: args.labels.clone(),
+        ..DataOptions::default()
+    };
+    let dataset = load_spec(&args.data, &options)?;
+    if dataset.is_empty() {
+        return Err(CliError::EmptyData(format!("dataset {} has no examples", args.data)));
+    }
+    let (train_set, test_set) = dataset.split(args.test_fraction, args.seed);
+    if train_set.is_empty() {
+        return Err(CliError::EmptyData(format!("dataset {} leaves no training example", args.data)));
+    }
+    tracing::info!(
+        "data {}: {} train, {} held out, {} labels",
+        args.data,
+        train_set.len(),
+        test_set.len(),
+        dataset.num_labels()
+    );
+
+    let tokenizer = tokenizer_for_training(&model_dir.join("tokenizer.json"), args.max_len)?;
+    let pad_id = tokenizer.inner().get_padding().map_or(0, |p| p.pad_id);
+    let encode = |set: &crate::data::Dataset| {
+        encode_examples(&tokenizer, set.examples.iter().map(|e| (e.id, e.text.as_str(), e.label)))
+    };
+    let (train_rows, eval_rows) = (encode(&train_set)?, encode(&test_set)?);
+
+    let adapter_options = AdapterOptions {
+        choice: args.adapter,
+        pool_size: args.pool_size,
+        top_k: args.top_k,
+        rank: args.rank,
+        alpha: args.alpha,
+        lora_modules: args.lora_modules.clone(),
+    };
+    let spec = pool_spec(model.config(), &adapter_options, dataset.num_labels())?;
+    let init = if args.adapter.head_only() {
+        InitOptions { ssf_std: 0.0, ..Default::default() }
+    } else {
+        InitOptions::default()
+    };
+    let start = AdapterPool::init_with(&spec, args.seed, &init).map_err(TrainError::from)?;
+
+    let config = TrainConfig {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr.unwrap_or_else(|| default_lr(args.adapter)),
+        head_lr: args.head_lr,
+        warmup_steps: args.warmup_steps.unwrap_or(args.steps / 10),
+        schedule: args.schedule,
+        max_len: args.max_len,
+        seed: args.seed,
+        lambda_match: args.lambda_match,
+        head_only: args.adapter.head_only(),
+        ..TrainConfig::default()
+    };
+    let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
+        .map_err(|source| CliError::Io { path: model_dir.clone(), source })?;
+    let needs_queries = spec.has_keys() || config.head_only;
+    let cache_file = match (&args.query_cache, needs_queries) {
+        (Some(dir), true) => Some(dir.join(query_cache_name(&fingerprint, args.max_len, &train_rows, &eval_rows))),
+        _ => None,
+    };
+    let mut queries = match &cache_file {
+        Some(path) if path.is_file() => read_query_cache(path, model.config().hidden_size)?,
+        _ => QueryCache::new(model.config().hidden_size),
+    };
+    let cached_before = queries.len();
+
+    let data = TrainData { train: &train_rows, eval: &eval_rows, pad_id };
+    let outcome = train::train(&model, &spec, &start, data, &mut queries, &config, observer)?;
+    if let Some(path) = &cache_file {
+        if queries.len() > cached_before {
+            write_query_cache(path, &queries)?;
+        }
+    }
+
+    std::fs::create_dir_all(&args.out).map_err(|source| CliError::Io { path: args.out.clone(), source })?;
+    let meta = CheckpointMeta::now(Round(0), spec.clone(), fingerprint);
+    write_pool(&args.out.join("adapter.safetensors"), &outcome.pool, &meta)?;
+    let metrics = MetricsFile {
+        adapter: args.adapter.name().to_string(),
+        data: args.data.clone(),
+        model: model_dir.display().to_string(),
+        device: device_said,
+        trainable_values: trainable_values(&spec, args.adapter),
+        delta_values: outcome.delta.num_values(),
+        report: outcome.metrics.clone(),
+        config,
+        slot_usage: outcome.slot_usage.clone(),
+        importance: outcome.importance.iter().map(ImportanceEntry::from).collect(),
+    };
+    let path = args.out.join("metrics.json");
+    let json = serde_json::to_vec_pretty(&metrics).map_err(|e| CliError::Input(format!("metrics.json: {e}")))?;
+    fedpool_common::checkpoint::atomic_write(&path, &json).map_err(|source| CliError::Io { path, source })?;
+    Ok(metrics)
+}
+
+/// The number of values the optimizer updates.
+fn trainable_values(spec: &PoolSpec, adapter: AdapterChoice) -> usize {
+    spec.layout()
+        .iter()
+        .filter(|l| !adapter.head_only() || l.name.starts_with("classifier."))
+        .map(|l| l.shape.iter().product::<usize>())
+        .sum()
+}
+
+/// The cache file name for these examples on this backbone: a digest of the fingerprint, the
+/// truncation and every example's id and token ids.
+fn query_cache_name(fingerprint: &BackboneFingerprint, max_len: usize, a: &[Encoded], b: &[Encoded]) -> String {
+    let mut rows: Vec<&Encoded> = a.iter().chain(b).collect();
+    rows.sort_by_key(|e| e.id);
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&fingerprint.0 .0);
+    bytes.extend_from_slice(&(max_len as u64).to_le_bytes());
+    for e in rows {
+        bytes.extend_from_slice(&e.id.to_le_bytes());
+        bytes.extend_from_slice(&(e.tokens.len() as u64).to_le_bytes());
+        e.tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+    }
+    format!("queries-{}.safetensors", &Sha256::of(&bytes).to_hex()[..16])
+}
+
+/// Reads a query cache written by [`write_query_cache`].
+fn read_query_cache(path: &Path, dim: usize) -> Result<QueryCache, CliError> {
+    let (tensors, meta) = read_tensors(path)?;
+    let bad = |m: &str| CliError::Input(format!("query cache {}: {m}", path.display()));
+    let ids: Vec<u64> =
+        serde_json::from_str(meta.get("ids").ok_or_else(|| bad("no ids"))?).map_err(|_| bad("bad ids"))?;
+    let features = tensors.get("queries").ok_or_else(|| bad("no queries tensor"))?;
+    if features.shape() != [ids.len(), dim] {
+        return Err(bad("shape does not match the ids and the model"));
+    }
+    let mut cache = QueryCache::new(dim);
+    for (i, id) in ids.iter().enumerate() {
+        cache.insert(*id, features.row(i).to_vec())?;
+    }
+    tracing::info!("read {} cached queries from {}", ids.len(), path.display());
+    Ok(cache)
+}
+
+/// Writes the whole cache to `path` (ids in the metadata).
+fn write_query_cache(path: &Path, cache: &QueryCache) -> Result<(), CliError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| CliError::Io { path: dir.to_path_buf(), source })?;
+    }
+    let mut ids: Vec<u64> = cache.ids().collect();
+    ids.sort_unstable();
+    let mut data = Vec::with_capacity(ids.len() * cache.dim());
+    for id in &ids {
+        data.extend_from_slice(cache.get(*id).unwrap_or_default());
+    }
+    let tensor = HostTensor::new(vec![ids.len(), cache.dim()], data).map_err(|e| CliError::Input(e.to_string()))?;
+    let tensors = BTreeMap::from([("queries".to_string(), tensor)]);
+    let ids_json = serde_json::to_string(&ids).map_err(|e| CliError::Input(e.to_string()))?;
+    write_tensors(path, &tensors, BTreeMap::from([("ids".to_string(), ids_json)]))?;
+    Ok(())
+}
+
+/// An [`Observer`] that draws an indicatif progress bar on stderr (for the binary).
+#[derive(Default)]
+pub struct ProgressObserver {
+    bar: Option<ProgressBar>,
+}
+
+impl ProgressObserver {
+    /// No bar until the first phase starts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Observer for ProgressObserver {
+    fn phase(&mut self, phase: Phase, total: usize) {
+        let (name, unit) = match phase {
+            Phase::Queries => ("queries", "examples"),
+            Phase::Train => ("train", "steps"),
+            Phase::Eval => ("eval", "examples"),
+        };
+        let bar = ProgressBar::new(total as u64);
+        let template = format!("{{prefix:>7}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}<{{eta}} {{msg}}");
+        if let Ok(style) = ProgressStyle::with_template(&template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix(name);
+        self.bar = Some(bar);
+    }
+
+    fn progress(&mut self, done: usize, loss: Option<f32>) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+            if let Some(loss) = loss {
+                bar.set_message(format!("loss {loss:.4}"));
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The local trainer: a frozen backbone, a pool of adapters, AdamW, and back a delta with metrics
+//! and (for LoRA) AdaLoRA importance scores.
+//!
+//! ```text
+//! train(model, spec, start pool, TrainData, TrainConfig, observer)
+//!   → TrainOutcome { pool, delta (vs start, only used slots), metrics, importance, slot_usage }
+//! ```
+//! Library use is silent: progress goes to the [`Observer`] the caller passes ([`Silent`] for
+//! none). The backbone's weights are plain tensors and never reach the optimizer.
+
+mod batches;
+mod forward;
+mod importance;
+mod metrics;
+mod params;
+mod queries;
+mod schedule;
+mod trainer;
+
+pub use batches::{encode_examples, length_sorted_chunks, tokenizer_for_training, Batch, BatchOrder, Encoded};
+pub use forward::{forward, Forward};
+pub use importance::{orthogonality, ImportanceTracker, ADALORA_BETA1, ADALORA_BETA2, ORTH_REG_WEIGHT};
+pub use metrics::{accuracy, macro_f1, EvalMetrics};
+pub use params::{AdapterTensors, TrainableParams};
+pub use queries::QueryCache;
+pub use schedule::{Schedule, UnknownSchedule};
+pub use trainer::{evaluate, train};
+
+use fedpool_common::adapter::{AdapterPool, PoolDelta, PoolError, SlotUsage};
+use fedpool_common::wire::{TrainMetrics, TripletImportance};
+
+use crate::model::ModelError;
+use crate::tokenize::TokenizeError;
+
+/// FedIns' weight of the key-matching surrogate in the loss (Feng et al. 2023, following L2P's
+/// `pull_constraint_coeff`): λ = 0.1.
+pub const FEDINS_LAMBDA: f64 = 0.1;
+
+/// What went wrong while training or evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The backbone failed (bad input or hook shapes).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Tokenization failed.
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
+    /// The pool does not fit its spec.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// A computation failed.
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// No training (or evaluation) examples.
+    #[error("the {0} set is empty")]
+    EmptyData(&'static str),
+    /// An example's label is outside the head's classes.
+    #[error("example {id} has label {label}, but the head has {num_labels} classes")]
+    UnknownLabel {
+        /// The example's id.
+        id: u64,
+        /// Its label.
+        label: usize,
+        /// The head's number of classes.
+        num_labels: usize,
+    },
+    /// An example's query was not in the cache.
+    #[error("no cached query for example {0}")]
+    MissingQuery(u64),
+    /// The loss became NaN or infinite.
+    #[error("the loss is not finite at step {0} (learning rate too high?)")]
+    Diverged(usize),
+    /// Anything else malformed in the inputs or the configuration.
+    #[error("{0}")]
+    Input(String),
+}
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate of AdamW for the adapters (weight decay 0: decay would pull SSF's γ
+    /// toward 0).
+    pub lr: f64,
+    /// Peak learning rate of the classification head (None: `lr`). A head learns at its own pace
+    /// whatever the adapter, so comparisons between adapters can hold it fixed.
+    pub head_lr: Option<f64>,
+    /// Steps of linear warmup from 0.
+    pub warmup_steps: usize,
+    /// Decay after warmup.
+    pub schedule: Schedule,
+    /// Longest input in tokens (truncation; every example must fit).
+    pub max_len: usize,
+    /// Seed of the batch order.
+    pub seed: u64,
+    /// FedIns' λ for the key-matching term (SSF pools with selection).
+    pub lambda_match: f64,
+    /// Weight of AdaLoRA's orthogonality regulariser (LoRA).
+    pub orth_reg_weight: f64,
+    /// Examples per evaluation batch (and per query-cache batch).
+    pub eval_batch_size: usize,
+    /// Train the head only (the linear probe): the backbone runs without adapters.
+    pub head_only: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 32,
+            lr: 5e-3,
+            head_lr: None,
+            warmup_steps: 30,
+            schedule: Schedule::Linear,
+            max_len: 64,
+            seed: 0,
+            lambda_match: FEDINS_LAMBDA,
+            orth_reg_weight: ORTH_REG_WEIGHT,
+            eval_batch_size: 64,
+            head_only: false,
+        }
+    }
+}
+
+/// The examples to train and evaluate on.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainData<'a> {
+    /// Training examples.
+    pub train: &'a [Encoded],
+    /// Held-out examples (may be empty: no evaluation).
+    pub eval: &'a [Encoded],
+    /// The token id padding uses (masked, so any valid id works).
+    pub pad_id: u32,
+}
+
+/// A phase of a training run, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Computing the frozen queries (features) of examples not cached yet.
+    Queries,
+    /// Optimizer steps.
+    Train,
+    /// Evaluation on the held-out examples.
+    Eval,
+}
+
+/// Receives progress; every method has an empty default.
+pub trait Observer {
+    /// A phase starts with `total` units of work (examples or steps).
+    fn phase(&mut self, _phase: Phase, _total: usize) {}
+    /// `done` units of the current phase are finished; `loss` is the last step's loss in training.
+    fn progress(&mut self, _done: usize, _loss: Option<f32>) {}
+    /// The current phase is finished.
+    fn finish(&mut self) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+/// Which slots an SSF pool used and how evenly.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SlotReport {
+    /// Selections per slot over training (all slots, unused ones 0); sums to samples seen × k.
+    pub counts: Vec<u64>,
+    /// Entropy of the usage distribution in bits (log2 P if even; log2 k if collapsed).
+    pub entropy_bits: f64,
+    /// log2 P, the entropy of perfectly even use.
+    pub max_entropy_bits: f64,
+    /// Slots used at least once.
+    pub used_slots: usize,
+    /// Selections per slot over the held-out set with the trained keys.
+    pub eval_counts: Vec<u64>,
+}
+
+/// Numbers from one training run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainReport {
+    /// Held-out accuracy (0 when there is no held-out set).
+    pub accuracy: f64,
+    /// Held-out macro-F1.
+    pub macro_f1: f64,
+    /// Held-out mean cross-entropy.
+    pub eval_loss: f64,
+    /// Held-out examples.
+    pub eval_examples: usize,
+    /// Training examples available.
+    pub examples: usize,
+    /// Mean training loss over the steps.
+    pub train_loss: f64,
+    /// Training accuracy over the steps (on the batches as they were trained).
+    pub train_accuracy: f64,
+    /// Optimizer steps run.
+    pub steps: usize,
+    /// Training rows processed (steps × batch).
+    pub samples_seen: usize,
+    /// Seconds of the whole call (queries, training, evaluation).
+    pub wall_seconds: f64,
+    /// Seconds computing frozen queries (held-out ones before training, new training rows' during it).
+    pub query_seconds: f64,
+    /// Seconds of the training loop (batches, the queries of new rows, forward, backward, update).
+    pub train_seconds: f64,
+    /// Seconds of evaluation.
+    pub eval_seconds: f64,
+    /// Training rows per second of `train_seconds`.
+    pub samples_per_second: f64,
+}
+
+impl TrainReport {
+    /// The metrics a client reports with its update.
+    pub fn to_wire(&self) -> TrainMetrics {
+        TrainMetrics {
+            loss: self.train_loss as f32,
+            accuracy: self.train_accuracy as f32,
+            steps: self.steps as u32,
+            seconds: self.train_seconds as f32,
+        }
+    }
+}
+
+/// Everything a training run produces.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The trained pool (all slots, full ranks).
+    pub pool: AdapterPool,
+    /// `pool − start`, restricted to the used slots in SSF pools (ready to encode and send).
+    pub delta: PoolDelta,
+    /// Loss, accuracy, timing.
+    pub metrics: TrainReport,
+    /// AdaLoRA triplet scores, one entry per LoRA target (empty for SSF).
+    pub importance: Vec<TripletImportance>,
+    /// Slot usage of SSF pools with selection.
+    pub slot_usage: Option<SlotReport>,
+    /// The used slots and their counts as the delta carries them (SSF specs).
+    pub usage: Option<SlotUsage>,
+}

@@ -1,0 +1,247 @@
+//! The training loop and evaluation.
+
+use std::time::Instant;
+
+use candle_core::D;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolSpec, SlotUsage};
+
+use super::batches::{length_sorted_chunks, Batch, BatchOrder, Encoded};
+use super::forward::forward;
+use super::importance::{orthogonality, ImportanceTracker};
+use super::metrics::{accuracy, macro_f1, EvalMetrics};
+use super::params::{AdapterTensors, TrainableParams};
+use super::queries::QueryCache;
+use super::{Observer, Phase, SlotReport, TrainConfig, TrainData, TrainError, TrainOutcome, TrainReport};
+use crate::model::BertEncoder;
+use crate::select::SlotCounter;
+
+/// Checks labels and lengths of `examples` against the head and the configuration.
+fn check_examples(examples: &[Encoded], num_labels: usize, max_len: usize) -> Result<(), TrainError> {
+    for e in examples {
+        if e.label >= num_labels {
+            return Err(TrainError::UnknownLabel { id: e.id, label: e.label, num_labels });
+        }
+        if e.tokens.is_empty() || e.tokens.len() > max_len {
+            return Err(TrainError::Input(format!(
+                "example {} has {} tokens, expected 1..={max_len}",
+                e.id,
+                e.tokens.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Trains the adapters of `start` (which follows `spec`) on `data.train` for `config.steps`
+/// steps and evaluates on `data.eval`. `queries` is filled with any frozen features the run needs
+/// (SSF pools with selection, the linear probe) that it does not hold yet.
+pub fn train(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    start: &AdapterPool,
+    data: TrainData<'_>,
+    queries: &mut QueryCache,
+    config: &TrainConfig,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome, TrainError> {
+    let t0 = Instant::now();
+    start.validate(spec)?;
+    let head = spec.head.ok_or_else(|| TrainError::Input("the pool spec has no classification head".into()))?;
+    if data.train.is_empty() {
+        return Err(TrainError::EmptyData("training"));
+    }
+    if config.steps == 0 || config.batch_size == 0 || !(config.lr.is_finite() && config.lr > 0.0) {
+        return Err(TrainError::Input(format!(
+            "steps ({}), batch size ({}) and learning rate ({}) must be positive",
+            config.steps, config.batch_size, config.lr
+        )));
+    }
+    let max_len = config.max_len.min(model.config().max_position_embeddings);
+    check_examples(data.train, head.num_labels, max_len)?;
+    check_examples(data.eval, head.num_labels, max_len)?;
+    if config.head_only && spec.kind != AdapterKind::SsfPool {
+        return Err(TrainError::Input("the linear probe uses an SSF spec left at the identity".into()));
+    }
+    let device = model.device();
+
+    // Queries are computed lazily, only for the examples a run touches: the held-out set now, each
+    // training batch's new rows when it comes.
+    let need_queries = spec.has_keys() || config.head_only;
+    let mut query_seconds = 0.0;
+    if need_queries && !data.eval.is_empty() {
+        let t = Instant::now();
+        observer.phase(Phase::Queries, data.eval.len());
+        queries.fill(model, data.eval, config.eval_batch_size, data.pad_id)?;
+        observer.progress(data.eval.len(), None);
+        observer.finish();
+        query_seconds += t.elapsed().as_secs_f64();
+    }
+
+    let params = TrainableParams::new(start, config.head_only, device)?;
+    let head_lr = config.head_lr.unwrap_or(config.lr);
+    if !(head_lr.is_finite() && head_lr > 0.0) {
+        return Err(TrainError::Input(format!("head learning rate {head_lr} must be positive")));
+    }
+    let (adapter_vars, head_vars) = params.trainable_vars_by_group();
+    let adamw = |lr| ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() };
+    let mut optimizer = AdamW::new(adapter_vars, adamw(config.lr))?;
+    let mut head_optimizer = AdamW::new(head_vars, adamw(head_lr))?;
+    let mut order = BatchOrder::new(data.train.len(), config.batch_size, config.seed);
+    let mut counter = SlotCounter::new(spec.pool_size);
+    let mut last_selection: std::collections::HashMap<u64, Vec<u32>> = std::collections::HashMap::new();
+    let mut tracker = ImportanceTracker::new(spec);
+    let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+
+    let t_train = Instant::now();
+    observer.phase(Phase::Train, config.steps);
+    for step in 0..config.steps {
+        optimizer.set_learning_rate(config.schedule.lr(config.lr, step, config.warmup_steps, config.steps));
+        head_optimizer.set_learning_rate(config.schedule.lr(head_lr, step, config.warmup_steps, config.steps));
+        let rows: Vec<&Encoded> = order.next_batch().into_iter().map(|i| &data.train[i]).collect();
+        let batch = Batch::pad(&rows, data.pad_id, device)?;
+        let q = if need_queries {
+            let t = Instant::now();
+            queries.fill(model, rows.iter().copied(), config.batch_size, data.pad_id)?;
+            query_seconds += t.elapsed().as_secs_f64();
+            Some(queries.batch(&batch.example_ids, device)?)
+        } else {
+            None
+        };
+        let adapters = params.tracked(spec, config.head_only);
+        let out = forward(model, &adapters, &batch, q.as_ref(), config.lambda_match)?;
+        let mut loss = out.loss()?;
+        if spec.kind == AdapterKind::Lora && config.orth_reg_weight > 0.0 {
+            loss = (loss + (orthogonality(&adapters)? * config.orth_reg_weight)?)?;
+        }
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !loss_value.is_finite() {
+            return Err(TrainError::Diverged(step));
+        }
+        let grads = loss.backward()?;
+        if let Some(t) = tracker.as_mut() {
+            t.update(&params, &grads)?;
+        }
+        optimizer.step(&grads)?;
+        head_optimizer.step(&grads)?;
+
+        for (i, &id) in batch.example_ids.iter().enumerate() {
+            last_selection.insert(id, out.selection.row(i).to_vec());
+        }
+        let predictions = out.predictions()?;
+        correct += predictions.iter().zip(&batch.label_values).filter(|(p, l)| p == l).count();
+        seen += batch.len();
+        loss_sum += f64::from(loss_value);
+        observer.progress(step + 1, Some(loss_value));
+    }
+    observer.finish();
+    let train_seconds = t_train.elapsed().as_secs_f64();
+
+    let t_eval = Instant::now();
+    let detached = params.detached(spec, config.head_only);
+    let (eval, eval_counts) = if data.eval.is_empty() {
+        (EvalMetrics::default(), vec![0; spec.pool_size])
+    } else {
+        observer.phase(Phase::Eval, data.eval.len());
+        let r = evaluate_with_usage(model, &detached, data.eval, queries, config, data.pad_id, observer)?;
+        observer.finish();
+        r
+    };
+    let eval_seconds = t_eval.elapsed().as_secs_f64();
+
+    // Usage counts what each distinct example selected at its last visit: a count is a number of
+    // examples (the server refuses counts above the example count), whatever the number of epochs.
+    for slots in last_selection.values() {
+        counter.record_row(slots);
+    }
+    let pool = params.to_pool()?;
+    let full_delta = pool.delta_from(start)?;
+    let usage = match spec.kind {
+        AdapterKind::SsfPool => Some(if spec.pool_size == 1 {
+            SlotUsage { slots: vec![0], counts: vec![last_selection.len() as u64] }
+        } else {
+            counter.usage().ok_or_else(|| TrainError::Input("no slot was selected".into()))?
+        }),
+        AdapterKind::Lora => None,
+    };
+    let delta = match &usage {
+        Some(u) => full_delta.restrict_to_slots(u.clone())?,
+        None => full_delta,
+    };
+    let slot_usage = spec.has_keys().then(|| SlotReport {
+        counts: counter.counts().to_vec(),
+        entropy_bits: counter.entropy_bits(),
+        max_entropy_bits: (spec.pool_size as f64).log2(),
+        used_slots: counter.counts().iter().filter(|&&c| c > 0).count(),
+        eval_counts,
+    });
+    let metrics = TrainReport {
+        accuracy: eval.accuracy,
+        macro_f1: eval.macro_f1,
+        eval_loss: eval.loss,
+        eval_examples: eval.examples,
+        examples: data.train.len(),
+        train_loss: loss_sum / config.steps as f64,
+        train_accuracy: correct as f64 / seen.max(1) as f64,
+        steps: config.steps,
+        samples_seen: seen,
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        query_seconds,
+        train_seconds,
+        eval_seconds,
+        samples_per_second: seen as f64 / train_seconds.max(1e-9),
+    };
+    let importance = tracker.map(|t| t.scores()).unwrap_or_default();
+    Ok(TrainOutcome { pool, delta, metrics, importance, slot_usage, usage })
+}
+
+/// Accuracy, macro-F1 and mean loss of `adapters` on `examples`, in length-sorted batches with
+/// no gradient. `queries` must hold the examples' queries when the adapter needs them.
+pub fn evaluate(
+    model: &BertEncoder,
+    adapters: &AdapterTensors<'_>,
+    examples: &[Encoded],
+    queries: &QueryCache,
+    config: &TrainConfig,
+    pad_id: u32,
+) -> Result<EvalMetrics, TrainError> {
+    Ok(evaluate_with_usage(model, adapters, examples, queries, config, pad_id, &mut super::Silent)?.0)
+}
+
+/// [`evaluate`], also counting the slots the examples select.
+fn evaluate_with_usage(
+    model: &BertEncoder,
+    adapters: &AdapterTensors<'_>,
+    examples: &[Encoded],
+    queries: &QueryCache,
+    config: &TrainConfig,
+    pad_id: u32,
+    observer: &mut dyn Observer,
+) -> Result<(EvalMetrics, Vec<u64>), TrainError> {
+    if examples.is_empty() {
+        return Err(TrainError::EmptyData("evaluation"));
+    }
+    let spec = adapters.spec();
+    let need_queries = spec.has_keys() || adapters.head_only();
+    let mut counter = SlotCounter::new(spec.pool_size);
+    let (mut predictions, mut labels, mut loss_sum) = (Vec::new(), Vec::new(), 0.0f64);
+    for chunk in length_sorted_chunks(examples, config.eval_batch_size) {
+        let rows: Vec<&Encoded> = chunk.iter().map(|&i| &examples[i]).collect();
+        let batch = Batch::pad(&rows, pad_id, adapters.device())?;
+        let q = if need_queries { Some(queries.batch(&batch.example_ids, adapters.device())?) } else { None };
+        let out = forward(model, adapters, &batch, q.as_ref(), config.lambda_match)?;
+        loss_sum += f64::from(out.cross_entropy.sum_all()?.to_scalar::<f32>()?);
+        predictions.extend(out.logits.argmax(D::Minus1)?.to_vec1::<u32>()?.into_iter().map(|p| p as usize));
+        labels.extend_from_slice(&batch.label_values);
+        counter.record(&out.selection);
+        observer.progress(labels.len(), None);
+    }
+    let num_labels = spec.head.map_or(0, |h| h.num_labels);
+    let metrics = EvalMetrics {
+        accuracy: accuracy(&predictions, &labels),
+        macro_f1: macro_f1(&predictions, &labels, num_labels),
+        loss: loss_sum / labels.len() as f64,
+        examples: labels.len(),
+    };
+    Ok((metrics, counter.counts().to_vec()))
+}

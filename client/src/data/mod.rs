@@ -24,6 +24,7 @@ mod error;
 mod file;
 mod spec;
 
+use crate::rng::SplitMix64;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -242,36 +243,6 @@ impl fmt::Display for Summary {
             }
         }
         Ok(())
-    }
-}
-
-/// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast and fixed forever, so that a seed names the
-/// same split whatever `rand` version the workspace uses.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (multiply-shift; the bias is below n / 2^64).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-
-    /// Fisher–Yates.
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
     }
 }
 

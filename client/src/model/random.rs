@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use super::{BertConfig, ModelError, Result};
+use crate::rng::SplitMix64;
 
 /// Writes a random BERT with `config` to `dir` (created if needed) as `config.json` and
 /// `model.safetensors`, with HF tensor names: a stand-in for a real checkpoint in tests, loaded
@@ -20,7 +21,7 @@ pub fn write_random_model(dir: impl AsRef<Path>, config: &BertConfig, seed: u64)
         .map_err(|e| ModelError::Config { path: config_path.clone(), message: e.to_string() })?;
     std::fs::write(&config_path, json).map_err(io(config_path.clone()))?;
 
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut tensors = HashMap::new();
     for (name, shape) in config.tensor_shapes() {
         let n: usize = shape.iter().product();
@@ -41,22 +42,4 @@ pub fn write_random_model(dir: impl AsRef<Path>, config: &BertConfig, seed: u64)
     candle_core::safetensors::save(&tensors, &weights_path)
         .map_err(|e| ModelError::Weights { files: weights_path.display().to_string(), message: e.to_string() })?;
     Ok(())
-}
-
-/// SplitMix64 (Steele et al. 2014): a tiny deterministic generator for random test models.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn next_symmetric(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
 }

@@ -1,25 +1,30 @@
 //! The `fedpool-client` command line: argument definitions and the commands as library calls
-//! (the binary only parses and calls [`run_train`]).
+//! (the binary only parses and calls [`run_train`], [`run_eval`] and [`run_spec`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::time::Instant;
+
 use clap::{Args, Parser, Subcommand};
-use fedpool_common::adapter::{AdapterPool, InitOptions, PoolSpec};
-use fedpool_common::checkpoint::{read_tensors, write_pool, write_tensors, CheckpointError, CheckpointMeta};
+use fedpool_common::adapter::{AdapterKind, AdapterPool, InitOptions, PoolSpec};
+use fedpool_common::checkpoint::{
+    atomic_write, read_pool, read_tensors, write_pool, write_tensors, CheckpointError, CheckpointMeta,
+};
 use fedpool_common::ids::{BackboneFingerprint, Round, Sha256};
 use fedpool_common::tensor::HostTensor;
 use fedpool_common::wire::TripletImportance;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::data::{assets_dir, load_spec, DataError, DataOptions};
+use crate::data::{assets_dir, load_spec, DataError, DataOptions, Dataset, Example};
 use crate::device::{self, DeviceChoice, DeviceError};
-use crate::model::{BertEncoder, ModelError};
+use crate::model::{BertConfig, BertEncoder, ModelError};
 use crate::spec::{pool_spec, AdapterChoice, AdapterOptions, OptionsError, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK};
+use crate::tokenize::TextTokenizer;
 use crate::train::{
-    self, encode_examples, tokenizer_for_training, Encoded, Observer, Phase, QueryCache, Schedule, SlotReport,
-    TrainConfig, TrainData, TrainError, TrainReport,
+    self, encode_examples, tokenizer_for_training, Encoded, EvalMetrics, Observer, Phase, QueryCache, Schedule,
+    SlotReport, TrainConfig, TrainData, TrainError, TrainReport,
 };
 
 /// fedpool's client: local fine-tuning of adapters on a frozen backbone.
@@ -37,6 +42,23 @@ pub enum Command {
     /// Fine-tune an adapter locally (no server) and write DIR/adapter.safetensors and
     /// DIR/metrics.json.
     Train(TrainArgs),
+    /// Evaluate an adapter checkpoint on a dataset: accuracy, macro-F1, loss.
+    Eval(EvalArgs),
+    /// Write the pool spec (JSON) that `train` uses for a model and adapter options, e.g. for the
+    /// server's spec_file.
+    Spec(SpecArgs),
+    /// Run the client daemon: join the federation in client.toml, train and evaluate on the
+    /// server's tasks, upload compressed deltas; reconnects by itself; stops on SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+/// `fedpool-client run` options.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = crate::session::CONFIG_HELP)]
+pub struct RunArgs {
+    /// The daemon's configuration file (see client/client.example.toml and below)
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 /// `fedpool-client train` options.
@@ -50,25 +72,9 @@ pub struct TrainArgs {
     /// vader:tweets,amazonReviewSnippets, trec, trec-fine, sms)
     #[arg(long, value_name = "SPEC")]
     pub data: String,
-    /// Adapter: ssf-pool (FedIns SSF pool, per-instance selection), ssf (plain SSF), lora (AdaLoRA
-    /// SVD form) or linear-probe (head only, frozen backbone)
-    #[arg(long, default_value = "ssf-pool")]
-    pub adapter: AdapterChoice,
-    /// Slots per SSF pool (ssf-pool)
-    #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_POOL_SIZE)]
-    pub pool_size: usize,
-    /// Slots mixed per example (ssf-pool)
-    #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_TOP_K)]
-    pub top_k: usize,
-    /// LoRA rank r (lora)
-    #[arg(long, default_value_t = DEFAULT_LORA_RANK)]
-    pub rank: usize,
-    /// LoRA alpha: the update is scaled by alpha / r (lora)
-    #[arg(long, default_value_t = DEFAULT_LORA_ALPHA)]
-    pub alpha: f32,
-    /// LoRA modules within each layer, comma-separated (lora)
-    #[arg(long, value_delimiter = ',', default_value = "attention.self.query,attention.self.value")]
-    pub lora_modules: Vec<String>,
+    /// The adapter and its sizes.
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// Optimizer steps
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
@@ -102,6 +108,58 @@ pub struct TrainArgs {
     /// Weight of the key-matching term in the loss (FedIns' lambda; ssf-pool)
     #[arg(long, default_value_t = train::FEDINS_LAMBDA)]
     pub lambda_match: f64,
+    /// The columns and labels of a data file.
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+    /// Folder to cache the frozen features (queries) in, keyed by model and data
+    #[arg(long, value_name = "DIR")]
+    pub query_cache: Option<PathBuf>,
+    /// Output folder (created): adapter.safetensors and metrics.json
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// The adapter options of `fedpool-client train` and `fedpool-client spec`.
+#[derive(Debug, Clone, Args)]
+pub struct AdapterArgs {
+    /// Adapter: ssf-pool (FedIns SSF pool, per-instance selection), ssf (plain SSF), lora (AdaLoRA
+    /// SVD form) or linear-probe (head only, frozen backbone)
+    #[arg(long = "adapter", value_name = "ADAPTER", default_value = "ssf-pool")]
+    pub choice: AdapterChoice,
+    /// Slots per SSF pool (ssf-pool)
+    #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_POOL_SIZE)]
+    pub pool_size: usize,
+    /// Slots mixed per example (ssf-pool)
+    #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_TOP_K)]
+    pub top_k: usize,
+    /// LoRA rank r (lora)
+    #[arg(long, default_value_t = DEFAULT_LORA_RANK)]
+    pub rank: usize,
+    /// LoRA alpha: the update is scaled by alpha / r (lora)
+    #[arg(long, default_value_t = DEFAULT_LORA_ALPHA)]
+    pub alpha: f32,
+    /// LoRA modules within each layer, comma-separated (lora)
+    #[arg(long, value_delimiter = ',', default_value = "attention.self.query,attention.self.value")]
+    pub lora_modules: Vec<String>,
+}
+
+impl AdapterArgs {
+    /// The options [`pool_spec`] takes.
+    pub fn options(&self) -> AdapterOptions {
+        AdapterOptions {
+            choice: self.choice,
+            pool_size: self.pool_size,
+            top_k: self.top_k,
+            rank: self.rank,
+            alpha: self.alpha,
+            lora_modules: self.lora_modules.clone(),
+        }
+    }
+}
+
+/// The columns and labels of a data file (`train` and `eval`; the built-in datasets ignore them).
+#[derive(Debug, Clone, Args)]
+pub struct ColumnArgs {
     /// Text column of a data file
     #[arg(long, default_value = "text")]
     pub text_column: String,
@@ -111,12 +169,76 @@ pub struct TrainArgs {
     /// The labels of a data file in index order, comma-separated (others are an error)
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
-    /// Folder to cache the frozen features (queries) in, keyed by model and data
+}
+
+impl ColumnArgs {
+    /// The loader options these columns give.
+    pub fn data_options(&self) -> DataOptions {
+        DataOptions {
+            text_column: self.text_column.clone(),
+            label_column: self.label_column.clone(),
+            labels: self.labels.clone(),
+            ..DataOptions::default()
+        }
+    }
+}
+
+/// `fedpool-client eval` options.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// HF model folder (config.json, model.safetensors, tokenizer.json) [default:
+    /// $FEDPOOL_ASSETS/minilm, else ./assets/minilm]
     #[arg(long, value_name = "DIR")]
-    pub query_cache: Option<PathBuf>,
-    /// Output folder (created): adapter.safetensors and metrics.json
+    pub model: Option<PathBuf>,
+    /// Pool checkpoint to evaluate: a server's state/round-NNNNNN.safetensors or the
+    /// adapter.safetensors of `fedpool-client train`
+    #[arg(long, value_name = "FILE")]
+    pub adapter: PathBuf,
+    /// Data SPEC, as in `train`
+    #[arg(long, value_name = "SPEC")]
+    pub data: String,
+    /// Longest input in tokens (longer texts are truncated)
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// Examples per evaluation batch
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Device: cpu, cuda:N, or auto (a GPU if built with --features cuda and present)
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Evaluate on the part `train` holds out with this fraction and --seed (0: the whole data)
+    #[arg(long, default_value_t = 0.0)]
+    pub test_fraction: f64,
+    /// Seed of the split (as given to `train`)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate at most the first N examples of the set
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// The columns and labels of a data file.
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fedpool-client spec` options.
+#[derive(Debug, Clone, Args)]
+pub struct SpecArgs {
+    /// HF model folder (only config.json is read) [default: $FEDPOOL_ASSETS/minilm, else
+    /// ./assets/minilm]
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    pub model: Option<PathBuf>,
+    /// The adapter and its sizes.
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    /// Classes of the classification head
+    #[arg(long, value_name = "N")]
+    pub num_labels: usize,
+    /// Write the spec to FILE instead of stdout
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// A command that failed; each variant's message is one line naming what and where.
@@ -153,6 +275,22 @@ pub enum CliError {
         path: PathBuf,
         /// What went wrong.
         source: std::io::Error,
+    },
+    /// An adapter checkpoint was trained on another backbone than the model given.
+    #[error(
+        "adapter {} was trained on backbone {checkpoint}, but model {} is backbone {model}",
+        adapter.display(),
+        model_dir.display()
+    )]
+    BackboneMismatch {
+        /// The checkpoint file.
+        adapter: PathBuf,
+        /// Its backbone fingerprint (short hex).
+        checkpoint: String,
+        /// The model folder.
+        model_dir: PathBuf,
+        /// The model's fingerprint (short hex).
+        model: String,
     },
     /// A bad option value.
     #[error("{0}")]
@@ -231,13 +369,7 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
     tracing::info!("device: {device_said}");
     let model = BertEncoder::load(&model_dir, &device)?;
 
-    let options = DataOptions {
-        text_column: args.text_column.clone(),
-        label_column: args.label_column.clone(),
-        labels: args.labels.clone(),
-        ..DataOptions::default()
-    };
-    let dataset = load_spec(&args.data, &options)?;
+    let dataset = load_spec(&args.data, &args.columns.data_options())?;
     if dataset.is_empty() {
         return Err(CliError::EmptyData(format!("dataset {} has no examples", args.data)));
     }
@@ -253,40 +385,27 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
         dataset.num_labels()
     );
 
-    let tokenizer = tokenizer_for_training(&model_dir.join("tokenizer.json"), args.max_len)?;
-    let pad_id = tokenizer.inner().get_padding().map_or(0, |p| p.pad_id);
-    let encode = |set: &crate::data::Dataset| {
-        encode_examples(&tokenizer, set.examples.iter().map(|e| (e.id, e.text.as_str(), e.label)))
-    };
+    let (tokenizer, pad_id) = open_tokenizer(&model_dir, args.max_len)?;
+    let encode = |set: &Dataset| encode_set(&tokenizer, &set.examples);
     let (train_rows, eval_rows) = (encode(&train_set)?, encode(&test_set)?);
 
-    let adapter_options = AdapterOptions {
-        choice: args.adapter,
-        pool_size: args.pool_size,
-        top_k: args.top_k,
-        rank: args.rank,
-        alpha: args.alpha,
-        lora_modules: args.lora_modules.clone(),
-    };
-    let spec = pool_spec(model.config(), &adapter_options, dataset.num_labels())?;
-    let init = if args.adapter.head_only() {
-        InitOptions { ssf_std: 0.0, ..Default::default() }
-    } else {
-        InitOptions::default()
-    };
+    let choice = args.adapter.choice;
+    let spec = pool_spec(model.config(), &args.adapter.options(), dataset.num_labels())?;
+    let init =
+        if choice.head_only() { InitOptions { ssf_std: 0.0, ..Default::default() } } else { InitOptions::default() };
     let start = AdapterPool::init_with(&spec, args.seed, &init).map_err(TrainError::from)?;
 
     let config = TrainConfig {
         steps: args.steps,
         batch_size: args.batch_size,
-        lr: args.lr.unwrap_or_else(|| default_lr(args.adapter)),
+        lr: args.lr.unwrap_or_else(|| default_lr(choice)),
         head_lr: args.head_lr,
         warmup_steps: args.warmup_steps.unwrap_or(args.steps / 10),
         schedule: args.schedule,
         max_len: args.max_len,
         seed: args.seed,
         lambda_match: args.lambda_match,
-        head_only: args.adapter.head_only(),
+        head_only: choice.head_only(),
         ..TrainConfig::default()
     };
     let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
@@ -314,11 +433,11 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
     let meta = CheckpointMeta::now(Round(0), spec.clone(), fingerprint);
     write_pool(&args.out.join("adapter.safetensors"), &outcome.pool, &meta)?;
     let metrics = MetricsFile {
-        adapter: args.adapter.name().to_string(),
+        adapter: choice.name().to_string(),
         data: args.data.clone(),
         model: model_dir.display().to_string(),
         device: device_said,
-        trainable_values: trainable_values(&spec, args.adapter),
+        trainable_values: trainable_values(&spec, choice),
         delta_values: outcome.delta.num_values(),
         report: outcome.metrics.clone(),
         config,
@@ -327,8 +446,201 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
     };
     let path = args.out.join("metrics.json");
     let json = serde_json::to_vec_pretty(&metrics).map_err(|e| CliError::Input(format!("metrics.json: {e}")))?;
-    fedpool_common::checkpoint::atomic_write(&path, &json).map_err(|source| CliError::Io { path, source })?;
+    atomic_write(&path, &json).map_err(|source| CliError::Io { path, source })?;
     Ok(metrics)
+}
+
+/// What `fedpool-client eval` reports (the JSON object of `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalFile {
+    /// The adapter checkpoint evaluated.
+    pub adapter: String,
+    /// The adapter as `train` names it: ssf-pool, ssf, lora, or linear-probe (SSF at the identity).
+    pub kind: String,
+    /// The round the checkpoint holds (0 for the output of `train`).
+    pub round: u64,
+    /// The hash of the checkpoint's pool spec (hex).
+    pub spec_hash: String,
+    /// The data SPEC.
+    pub data: String,
+    /// The model folder.
+    pub model: String,
+    /// The device, as opened.
+    pub device: String,
+    /// The held-out fraction evaluated (0: the whole data).
+    pub test_fraction: f64,
+    /// The seed of the split.
+    pub seed: u64,
+    /// Accuracy, macro-F1, mean cross-entropy and the number of examples.
+    #[serde(flatten)]
+    pub metrics: EvalMetrics,
+    /// Seconds of the evaluation itself (frozen queries and forward passes; loading excluded).
+    pub wall_seconds: f64,
+}
+
+impl EvalFile {
+    /// A short human-readable table, one quantity a line.
+    pub fn table(&self) -> String {
+        let m = &self.metrics;
+        let set = if self.test_fraction > 0.0 {
+            format!("{} (held out: fraction {}, seed {})", self.data, self.test_fraction, self.seed)
+        } else {
+            self.data.clone()
+        };
+        [
+            format!("adapter   {} ({}, round {})", self.adapter, self.kind, self.round),
+            format!("data      {set}"),
+            format!("accuracy  {:.4}", m.accuracy),
+            format!("macro-F1  {:.4}", m.macro_f1),
+            format!("loss      {:.4}", m.loss),
+            format!("examples  {}", m.examples),
+            format!("seconds   {:.2}", self.wall_seconds),
+        ]
+        .join("\n")
+    }
+}
+
+/// Runs `fedpool-client eval`: checks the adapter checkpoint against the model's backbone, loads
+/// the data (the held-out part of `train`'s split when `--test-fraction` > 0, at most `--limit`
+/// examples) and evaluates the pool on it.
+pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
+    if !(0.0..1.0).contains(&args.test_fraction) {
+        return Err(CliError::Input(format!("--test-fraction {} must be in [0, 1)", args.test_fraction)));
+    }
+    if args.batch_size == 0 || args.limit == Some(0) {
+        return Err(CliError::Input("--batch-size and --limit must be positive".into()));
+    }
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    if !model_dir.is_dir() {
+        return Err(CliError::ModelNotFound(model_dir));
+    }
+    let (pool, meta) = read_pool(&args.adapter)?;
+    let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
+        .map_err(|source| CliError::Io { path: model_dir.clone(), source })?;
+    if fingerprint != meta.backbone {
+        return Err(CliError::BackboneMismatch {
+            adapter: args.adapter.clone(),
+            checkpoint: short_hex(&meta.backbone),
+            model_dir,
+            model: short_hex(&fingerprint),
+        });
+    }
+    let spec = &meta.spec;
+    let head = spec.head.ok_or_else(|| {
+        CliError::Input(format!("adapter {}: the pool has no classification head", args.adapter.display()))
+    })?;
+
+    let dataset = load_spec(&args.data, &args.columns.data_options())?;
+    if dataset.num_labels() > head.num_labels {
+        return Err(CliError::Input(format!(
+            "dataset {} has {} labels, but the head of adapter {} has {} classes",
+            args.data,
+            dataset.num_labels(),
+            args.adapter.display(),
+            head.num_labels
+        )));
+    }
+    let mut examples = if args.test_fraction > 0.0 {
+        dataset.split(args.test_fraction, args.seed).1.examples
+    } else {
+        dataset.examples
+    };
+    examples.truncate(args.limit.unwrap_or(usize::MAX));
+    if examples.is_empty() {
+        return Err(CliError::EmptyData(format!(
+            "dataset {} leaves no example to evaluate (--test-fraction {})",
+            args.data, args.test_fraction
+        )));
+    }
+
+    let (device, device_said) = device::open(args.device)?;
+    tracing::info!("device: {device_said}");
+    let model = BertEncoder::load(&model_dir, &device)?;
+    let (tokenizer, pad_id) = open_tokenizer(&model_dir, args.max_len)?;
+    let rows = encode_set(&tokenizer, &examples)?;
+    let head_only = is_identity_ssf(spec, &pool);
+    let config = TrainConfig {
+        max_len: args.max_len,
+        eval_batch_size: args.batch_size,
+        seed: args.seed,
+        head_only,
+        ..TrainConfig::default()
+    };
+    let t0 = Instant::now();
+    let mut queries = QueryCache::new(model.config().hidden_size);
+    let metrics = train::evaluate_pool(&model, spec, &pool, &rows, &mut queries, &config, pad_id)?;
+    let kind = match spec.kind {
+        AdapterKind::Lora => AdapterChoice::Lora,
+        AdapterKind::SsfPool if spec.pool_size > 1 => AdapterChoice::SsfPool,
+        AdapterKind::SsfPool if head_only => AdapterChoice::LinearProbe,
+        AdapterKind::SsfPool => AdapterChoice::Ssf,
+    };
+    Ok(EvalFile {
+        adapter: args.adapter.display().to_string(),
+        kind: kind.name().to_string(),
+        round: meta.round.0,
+        spec_hash: pool.spec_hash.to_string(),
+        data: args.data.clone(),
+        model: model_dir.display().to_string(),
+        device: device_said,
+        test_fraction: args.test_fraction,
+        seed: args.seed,
+        metrics,
+        wall_seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs `fedpool-client spec`: the pool spec `train` would use for this model (only its
+/// `config.json` is read), these adapter options and `--num-labels` classes, written to `--out`
+/// when given (as [`spec_json`]).
+pub fn run_spec(args: &SpecArgs) -> Result<PoolSpec, CliError> {
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    if !model_dir.is_dir() {
+        return Err(CliError::ModelNotFound(model_dir));
+    }
+    let config = BertConfig::from_file(model_dir.join("config.json"))?;
+    let spec = pool_spec(&config, &args.adapter.options(), args.num_labels)?;
+    if let Some(path) = &args.out {
+        let json = spec_json(&spec)?;
+        atomic_write(path, json.as_bytes()).map_err(|source| CliError::Io { path: path.clone(), source })?;
+    }
+    Ok(spec)
+}
+
+/// `spec` as pretty JSON with a final newline: what `fedpool-client spec` writes and the server's
+/// `spec_file` reads.
+pub fn spec_json(spec: &PoolSpec) -> Result<String, CliError> {
+    let json = serde_json::to_string_pretty(spec).map_err(|e| CliError::Input(format!("pool spec: {e}")))?;
+    Ok(json + "\n")
+}
+
+/// The first 16 hex digits of a fingerprint (enough to tell two backbones apart in a message).
+fn short_hex(fingerprint: &BackboneFingerprint) -> String {
+    fingerprint.0.to_hex()[..16].to_string()
+}
+
+/// True for a plain SSF pool whose every scale is 1 and every shift 0: the linear probe, which
+/// then runs head only on the frozen features (the same numbers, without a second backbone pass).
+fn is_identity_ssf(spec: &PoolSpec, pool: &AdapterPool) -> bool {
+    let all = |name: String, value: f32| pool.tensors.get(&name).is_some_and(|t| t.data().iter().all(|&x| x == value));
+    spec.kind == AdapterKind::SsfPool
+        && spec.pool_size == 1
+        && spec
+            .targets
+            .iter()
+            .all(|t| all(format!("{}.ssf_scale", t.name), 1.0) && all(format!("{}.ssf_shift", t.name), 0.0))
+}
+
+/// The model's tokenizer, truncating at `max_len`, and its padding id.
+fn open_tokenizer(model_dir: &Path, max_len: usize) -> Result<(TextTokenizer, u32), CliError> {
+    let tokenizer = tokenizer_for_training(&model_dir.join("tokenizer.json"), max_len)?;
+    let pad_id = tokenizer.inner().get_padding().map_or(0, |p| p.pad_id);
+    Ok((tokenizer, pad_id))
+}
+
+/// Token ids of `examples`, ids and labels kept.
+fn encode_set(tokenizer: &TextTokenizer, examples: &[Example]) -> Result<Vec<Encoded>, CliError> {
+    Ok(encode_examples(tokenizer, examples.iter().map(|e| (e.id, e.text.as_str(), e.label)))?)
 }
 
 /// The number of values the optimizer updates.

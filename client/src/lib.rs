@@ -1,7 +1,8 @@
 //! fedpool's client library: frozen backbones with explicit adapter hooks ([`model`]), text
 //! tokenization ([`tokenize`]), datasets ([`data`]), pool specs for a backbone ([`spec`]), FedIns
 //! instance-adaptive selection ([`select`]), local training ([`train`]), device choice
-//! ([`device`]) and the `fedpool-client` command line ([`cli`]). The daemon is not built yet.
+//! ([`device`]), the daemon that joins a federation ([`session`]), test fixtures ([`testkit`]) and
+//! the `fedpool-client` command line ([`cli`]).
 
 pub mod cli;
 pub mod data;
@@ -9,6 +10,8 @@ pub mod device;
 pub mod model;
 mod rng;
 pub mod select;
+pub mod session;
 pub mod spec;
+pub mod testkit;
 pub mod tokenize;
 pub mod train;

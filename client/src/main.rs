@@ -1,13 +1,19 @@
 //! `fedpool-client`: parses the command line and calls the library (`fedpool_client::cli`).
 
 use clap::Parser;
-use fedpool_client::cli::{run_train, Cli, Command, ProgressObserver};
+use fedpool_client::cli::{run_eval, run_spec, run_train, spec_json, Cli, Command, ProgressObserver};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -33,5 +39,83 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Eval(args) => {
+            let eval = run_eval(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&eval)?);
+            } else {
+                println!("{}", eval.table());
+            }
+            Ok(())
+        }
+        Command::Run(args) => run_daemon(&args.config),
+        Command::Spec(args) => {
+            let spec = run_spec(&args)?;
+            match &args.out {
+                Some(path) => eprintln!("wrote {} (spec hash {})", path.display(), spec.hash()),
+                None => print!("{}", spec_json(&spec)?),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `fedpool-client run`: the daemon on a tokio runtime, stopped cleanly by SIGINT or SIGTERM.
+fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use fedpool_client::session::{self, DaemonConfig, DaemonOptions};
+
+    let config = DaemonConfig::load(config)?;
+    let options = DaemonOptions { tap: None, faults: faults_from_env()? };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: stopping");
+            let _ = stop_tx.send(true);
+        });
+        match session::run(config, options, stop).await? {
+            session::Outcome::Finished => tracing::info!("the federation has finished; exiting"),
+            session::Outcome::Stopped => tracing::info!("stopped"),
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}
+
+/// Faults for the fault tests, from `FEDPOOL_FAULT_STALL_UPLOAD` (a duration) and
+/// `FEDPOOL_FAULT_STALL_ROUND` (the round from which uploads stall). Unset: none.
+fn faults_from_env() -> anyhow::Result<fedpool_client::session::Faults> {
+    let mut f = fedpool_client::session::Faults::default();
+    if let Ok(v) = std::env::var("FEDPOOL_FAULT_STALL_UPLOAD") {
+        f.stall_upload =
+            Some(humantime::parse_duration(&v).map_err(|e| anyhow::anyhow!("FEDPOOL_FAULT_STALL_UPLOAD={v:?}: {e}"))?);
+    }
+    if let Ok(v) = std::env::var("FEDPOOL_FAULT_STALL_ROUND") {
+        f.stall_from_round = v.parse().map_err(|e| anyhow::anyhow!("FEDPOOL_FAULT_STALL_ROUND={v:?}: {e}"))?;
+    }
+    Ok(f)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -65,6 +65,58 @@ impl Default for CodecConfig {
     }
 }
 
+/// Codec settings as people write them in a TOML config (`[download_codec]` of the server,
+/// `[upload_codec]` of the client): `quantization = "fp32" | "int8" | "int4"`, `top_k`,
+/// `block_size`, `zstd_level`. Every field has a default (lossless fp32).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecSettings {
+    /// `fp32`, `int8` or `int4`.
+    #[serde(default = "default_quantization_name")]
+    pub quantization: String,
+    /// Fraction of values kept (None: all).
+    #[serde(default)]
+    pub top_k: Option<f32>,
+    /// Values per quantization block.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// zstd level (None: no zstd).
+    #[serde(default)]
+    pub zstd_level: Option<i32>,
+}
+
+fn default_quantization_name() -> String {
+    "fp32".into()
+}
+
+fn default_block_size() -> u32 {
+    DEFAULT_BLOCK
+}
+
+impl Default for CodecSettings {
+    fn default() -> Self {
+        Self { quantization: default_quantization_name(), top_k: None, block_size: DEFAULT_BLOCK, zstd_level: None }
+    }
+}
+
+impl CodecSettings {
+    /// The checked codec configuration.
+    pub fn to_codec(&self) -> Result<CodecConfig, CodecError> {
+        let quantization = match self.quantization.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Quantization::F32,
+            "int8" => Quantization::Int8,
+            "int4" => Quantization::Int4,
+            other => {
+                return Err(CodecError::Config(format!("quantization {other:?} is not fp32, int8 or int4")));
+            }
+        };
+        let c =
+            CodecConfig { top_k: self.top_k, quantization, block_size: self.block_size, zstd_level: self.zstd_level };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 impl CodecConfig {
     /// Checks the settings are usable.
     pub fn validate(&self) -> Result<(), CodecError> {

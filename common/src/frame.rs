@@ -35,18 +35,24 @@ pub enum MessageKind {
     Reject = 6,
     /// Either way: liveness.
     Heartbeat = 7,
+    /// Server → client: evaluate a committed global pool on the held-out data.
+    EvalTask = 8,
+    /// Client → server: the metrics of an evaluation.
+    EvalReport = 9,
 }
 
 impl MessageKind {
     /// The kind for a header byte, if it names one.
     pub fn from_byte(b: u8) -> Option<Self> {
         use MessageKind::*;
-        [Enroll, Welcome, Task, Update, Ack, Reject, Heartbeat].into_iter().find(|k| *k as u8 == b)
+        [Enroll, Welcome, Task, Update, Ack, Reject, Heartbeat, EvalTask, EvalReport]
+            .into_iter()
+            .find(|k| *k as u8 == b)
     }
 
     /// True for the kinds that carry a pool or a delta.
     pub fn is_bulk(self) -> bool {
-        matches!(self, MessageKind::Task | MessageKind::Update)
+        matches!(self, MessageKind::Task | MessageKind::Update | MessageKind::EvalTask)
     }
 }
 

@@ -168,6 +168,65 @@ pub struct Reject {
     pub detail: String,
 }
 
+/// Server → client: evaluate a committed global pool on the client's held-out data (federated
+/// evaluation: the server has no data, so every connected client measures the new global model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalTask {
+    /// The committed round whose global pool this is.
+    pub round: Round,
+    /// This evaluation task's id (echoed in the report).
+    pub task_id: TaskId,
+    /// The global pool, encoded as in [`RoundTask::global`].
+    pub global: EncodedDelta,
+    /// Milliseconds from receipt until the server stops waiting for the report.
+    pub deadline_ms: u64,
+}
+
+/// Held-out metrics of one client for one global pool.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Fraction of held-out examples predicted correctly, in [0, 1].
+    pub accuracy: f32,
+    /// Macro-averaged F1 over the classes present, in [0, 1].
+    pub macro_f1: f32,
+    /// Mean cross-entropy.
+    pub loss: f32,
+    /// Held-out examples evaluated (the weight of these metrics).
+    pub examples: u64,
+}
+
+impl EvalMetrics {
+    /// Checks the numbers are possible: accuracy and F1 in [0, 1], a finite non-negative loss, at
+    /// least one example.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let unit = |v: f32| v.is_finite() && (0.0..=1.0).contains(&v);
+        if !(unit(self.accuracy) && unit(self.macro_f1)) {
+            return Err(Invalid::new(
+                RejectReason::NonFinite,
+                format!("accuracy {} and macro-F1 {} must be in [0, 1]", self.accuracy, self.macro_f1),
+            ));
+        }
+        if !(self.loss.is_finite() && self.loss >= 0.0) {
+            return Err(Invalid::new(RejectReason::NonFinite, format!("loss {} must be finite and ≥ 0", self.loss)));
+        }
+        if self.examples == 0 {
+            return Err(Invalid::new(RejectReason::Protocol, "an evaluation of 0 examples"));
+        }
+        Ok(())
+    }
+}
+
+/// Client → server: the result of an [`EvalTask`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The evaluated round.
+    pub round: Round,
+    /// The evaluation task's id.
+    pub task_id: TaskId,
+    /// What the client measured.
+    pub metrics: EvalMetrics,
+}
+
 /// Liveness, either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -184,6 +243,8 @@ pub enum ClientMessage {
     Update(Update),
     /// Liveness.
     Heartbeat(Heartbeat),
+    /// Metrics of a global pool on held-out data.
+    EvalReport(EvalReport),
 }
 
 /// What the server sends.
@@ -199,6 +260,8 @@ pub enum ServerMessage {
     Reject(Reject),
     /// Liveness.
     Heartbeat(Heartbeat),
+    /// Evaluate a committed global pool.
+    EvalTask(Box<EvalTask>),
 }
 
 impl ClientMessage {
@@ -208,6 +271,7 @@ impl ClientMessage {
             ClientMessage::Enroll(m) => frame::frame(MessageKind::Enroll, &frame::to_bytes(m)?),
             ClientMessage::Update(m) => frame::frame(MessageKind::Update, &frame::to_bytes(m)?),
             ClientMessage::Heartbeat(m) => frame::frame(MessageKind::Heartbeat, &frame::to_bytes(m)?),
+            ClientMessage::EvalReport(m) => frame::frame(MessageKind::EvalReport, &frame::to_bytes(m)?),
         }
     }
 
@@ -217,6 +281,7 @@ impl ClientMessage {
             MessageKind::Enroll => ClientMessage::Enroll(frame::from_bytes(body)?),
             MessageKind::Update => ClientMessage::Update(frame::from_bytes(body)?),
             MessageKind::Heartbeat => ClientMessage::Heartbeat(frame::from_bytes(body)?),
+            MessageKind::EvalReport => ClientMessage::EvalReport(frame::from_bytes(body)?),
             other => return Err(FrameError::UnexpectedKind(other)),
         })
     }
@@ -231,6 +296,7 @@ impl ServerMessage {
             ServerMessage::Ack(m) => frame::frame(MessageKind::Ack, &frame::to_bytes(m)?),
             ServerMessage::Reject(m) => frame::frame(MessageKind::Reject, &frame::to_bytes(m)?),
             ServerMessage::Heartbeat(m) => frame::frame(MessageKind::Heartbeat, &frame::to_bytes(m)?),
+            ServerMessage::EvalTask(m) => frame::frame(MessageKind::EvalTask, &frame::to_bytes(m)?),
         }
     }
 
@@ -242,6 +308,7 @@ impl ServerMessage {
             MessageKind::Ack => ServerMessage::Ack(frame::from_bytes(body)?),
             MessageKind::Reject => ServerMessage::Reject(frame::from_bytes(body)?),
             MessageKind::Heartbeat => ServerMessage::Heartbeat(frame::from_bytes(body)?),
+            MessageKind::EvalTask => ServerMessage::EvalTask(Box::new(frame::from_bytes(body)?)),
             other => return Err(FrameError::UnexpectedKind(other)),
         })
     }

@@ -24,7 +24,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The CA certificate's file name.
@@ -399,23 +398,22 @@ pub fn subject_common_name(der: &[u8]) -> Result<String, CertError> {
     Ok(cn.to_string())
 }
 
-/// Reads every certificate of a PEM file.
+/// Reads every certificate of a PEM file (see [`fedpool_transport::tls::load_certs`]).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertError::Parse { path: path.to_path_buf(), problem: format!("bad PEM: {e}") })?;
-    if certs.is_empty() {
-        return Err(CertError::Parse { path: path.to_path_buf(), problem: "no CERTIFICATE in the file".into() });
-    }
-    Ok(certs)
+    fedpool_transport::tls::load_certs(path).map_err(|e| pem_error(path, e))
 }
 
-/// Reads the first private key of a PEM file.
+/// Reads the first private key of a PEM file (see [`fedpool_transport::tls::load_key`]).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| CertError::Parse { path: path.to_path_buf(), problem: format!("no usable private key: {e}") })
+    fedpool_transport::tls::load_key(path).map_err(|e| pem_error(path, e))
+}
+
+fn pem_error(path: &Path, e: fedpool_transport::tls::TlsError) -> CertError {
+    let problem = match e {
+        fedpool_transport::tls::TlsError::Pem { problem, .. } => problem,
+        other => other.to_string(),
+    };
+    CertError::Parse { path: path.to_path_buf(), problem }
 }
 
 /// Writes a private key: created with mode 0600 (never readable by others, not even briefly).

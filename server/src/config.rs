@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedpool_common::codec::{CodecConfig, DecodeLimits, Quantization, DEFAULT_BLOCK};
+use fedpool_common::codec::DecodeLimits;
 use fedpool_common::frame::FrameLimits;
 use fedpool_common::{AdapterPool, BackboneFingerprint, PoolSpec, Round, Sha256};
 use serde::{Deserialize, Deserializer};
@@ -56,6 +56,10 @@ Rounds:
                                  clients_per_round.
   deadline = \"5m\"                How long a round waits for updates (humantime: 500ms, 30s, 5m). Required.
   local_steps = 100              Local optimisation steps each client runs. Required.
+  evaluate = true                Federated evaluation: after each commit every connected client evaluates
+                                 the new global pool on its held-out data; the example-weighted accuracy,
+                                 macro-F1 and loss go into that round's line of rounds.jsonl. Default true.
+  eval_deadline = \"2m\"           How long an evaluation waits for reports. Default: deadline.
   seed = 0                       Seed of the initial pool and of client selection. Default 0.
   heartbeat = \"10s\"              Heartbeat interval clients are told. Default 10s.
   idle_timeout = \"60s\"           A connection silent this long is closed and its client lost. Default 60s.
@@ -124,52 +128,9 @@ fn field(field: &'static str, problem: impl ToString) -> ConfigError {
     ConfigError::Field { field, problem: problem.to_string() }
 }
 
-/// `[download_codec]`: how tasks carry the global pool.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CodecSection {
-    /// `fp32`, `int8` or `int4`.
-    #[serde(default = "default_quantization")]
-    pub quantization: String,
-    /// Fraction of values kept (None: all).
-    #[serde(default)]
-    pub top_k: Option<f32>,
-    /// Values per quantization block.
-    #[serde(default = "default_block")]
-    pub block_size: u32,
-    /// zstd level (None: no zstd).
-    #[serde(default)]
-    pub zstd_level: Option<i32>,
-}
-
-fn default_quantization() -> String {
-    "fp32".into()
-}
-fn default_block() -> u32 {
-    DEFAULT_BLOCK
-}
-
-impl Default for CodecSection {
-    fn default() -> Self {
-        Self { quantization: default_quantization(), top_k: None, block_size: DEFAULT_BLOCK, zstd_level: None }
-    }
-}
-
-impl CodecSection {
-    /// The codec settings.
-    pub fn to_codec(&self) -> Result<CodecConfig, ConfigError> {
-        let quantization = match self.quantization.to_ascii_lowercase().as_str() {
-            "fp32" | "f32" => Quantization::F32,
-            "int8" => Quantization::Int8,
-            "int4" => Quantization::Int4,
-            other => return Err(field("download_codec.quantization", format!("{other:?} is not fp32, int8 or int4"))),
-        };
-        let c =
-            CodecConfig { top_k: self.top_k, quantization, block_size: self.block_size, zstd_level: self.zstd_level };
-        c.validate().map_err(|e| field("download_codec", e))?;
-        Ok(c)
-    }
-}
+/// `[download_codec]`: how tasks carry the global pool (the same settings as the client's
+/// `[upload_codec]`).
+pub use fedpool_common::codec::CodecSettings as CodecSection;
 
 /// `[aggregate]`: how a round's updates are merged.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -309,6 +270,12 @@ pub struct ServerConfig {
     pub deadline: Duration,
     /// Local steps per task.
     pub local_steps: u32,
+    /// Federated evaluation after each commit.
+    #[serde(default = "default_true")]
+    pub evaluate: bool,
+    /// How long an evaluation waits for reports (default: `deadline`).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub eval_deadline: Option<Duration>,
     /// Seed of the initial pool and of selection.
     #[serde(default)]
     pub seed: u64,
@@ -338,6 +305,11 @@ pub struct ServerConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
+
+fn default_true() -> bool {
+    true
+}
+
 fn default_over_selection() -> f64 {
     1.0
 }
@@ -460,7 +432,7 @@ impl ServerConfig {
             }
             _ => {}
         }
-        self.download_codec.to_codec()?;
+        self.download_codec.to_codec().map_err(|e| field("download_codec", e))?;
         self.aggregate.to_config()?;
         Ok(())
     }
@@ -525,7 +497,7 @@ impl ServerConfig {
     pub fn prepare(&self) -> Result<Prepared, ConfigError> {
         let spec = self.pool_spec()?;
         let backbone = self.backbone()?;
-        let download_codec = self.download_codec.to_codec()?;
+        let download_codec = self.download_codec.to_codec().map_err(|e| field("download_codec", e))?;
         let aggregate = self.aggregate.to_config()?;
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| ConfigError::Store { dir: self.state_dir.clone(), problem: e.to_string() })?;
@@ -559,10 +531,17 @@ impl ServerConfig {
             backbone,
             heartbeat: self.heartbeat,
             idle_timeout: self.idle_timeout,
+            eval_deadline: self.evaluate.then(|| self.eval_deadline.unwrap_or(self.deadline)),
         };
         let merge = Aggregator::new(spec.clone(), aggregate).map_err(|e| field("aggregate", e))?;
-        let engine = Engine::new(engine_config, spec, Box::new(merge), start_round, global)
+        let mut engine = Engine::new(engine_config, spec, Box::new(merge), start_round, global)
             .map_err(|e| ConfigError::Engine(e.to_string()))?;
+        // A crash after a commit but before its evaluation was logged: evaluate that pool first.
+        let evaluated =
+            store.rounds().iter().rev().find(|r| r.round == start_round.0).is_some_and(|r| r.eval.is_some());
+        if self.evaluate && start_round.0 > 0 && !evaluated {
+            engine.resume_evaluation();
+        }
         Ok(Prepared { net: self.net_setup(), engine, store, start_round, resumed_from })
     }
 }

@@ -33,6 +33,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the round log of a state folder as a table: per round the global model's federated
+    /// evaluation (accuracy, macro-F1), clients, bytes up/down and seconds.
+    Report {
+        /// The server's state folder (holding rounds.jsonl).
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +106,7 @@ fn main() -> ExitCode {
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Certs(c) => certs_command(c),
+        Command::Report { state } => report(&state),
         Command::Run { config } => {
             init_logging();
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -213,4 +221,18 @@ async fn wait_for_signal() {
         _ = interrupt => {}
         _ = terminate => {}
     }
+}
+
+/// `fedpool-server report`: the round log as a table on stdout.
+fn report(state: &Path) -> anyhow::Result<()> {
+    let path = state.join(fedpool_server::store::ROUND_LOG);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let r: fedpool_server::round::RoundRecord =
+            serde_json::from_str(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        records.push(r);
+    }
+    print!("{}", fedpool_server::round::round_table(&records));
+    Ok(())
 }

@@ -44,7 +44,6 @@
 
 pub mod conn;
 pub mod driver;
-pub mod framing;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -63,27 +62,8 @@ use crate::metrics::{self, Metrics};
 use crate::round::Engine;
 use crate::store::Store;
 
-/// QUIC application error codes the server closes connections with.
-pub mod close {
-    /// Normal end.
-    pub const NORMAL: u32 = 0;
-    /// A bad frame: oversized, truncated, garbage, wrong kind, or too slow.
-    pub const PROTOCOL: u32 = 1;
-    /// The client's certificate subject is on the revocation list.
-    pub const REVOKED: u32 = 2;
-    /// The client's certificate has no usable subject CN.
-    pub const NO_IDENTITY: u32 = 3;
-    /// A newer connection with the same identity took over.
-    pub const REPLACED: u32 = 4;
-    /// The round engine dropped the client.
-    pub const DROPPED: u32 = 5;
-    /// The server is shutting down.
-    pub const SHUTDOWN: u32 = 6;
-    /// The federation has run all its rounds.
-    pub const FINISHED: u32 = 7;
-    /// The server failed (e.g. it cannot read the revocation list or write a checkpoint).
-    pub const INTERNAL: u32 = 8;
-}
+pub use fedpool_transport::close;
+pub use fedpool_transport::framing;
 
 /// Where and how the endpoint listens.
 #[derive(Debug, Clone)]

@@ -25,6 +25,15 @@
 //!    and too few updates were good) starts the round again: attempt + 1, new tasks and nonces,
 //!    `merge.begin` again. A round never hangs.
 //!
+//! 5. with `eval_deadline` set (federated evaluation, the default of `server.toml`), each commit
+//!    is followed by an evaluation: every connected client gets an [`EvalTask`] with the new global
+//!    pool, evaluates it on its own held-out split and answers with an [`EvalReport`] (accuracy,
+//!    macro-F1, loss, examples; checked for range). Once every asked client reported or the
+//!    evaluation deadline passed, [`Action::RecordEval`] carries the example-weighted means (an
+//!    [`EvalRecord`]) to that round's line of the log, and only then does the next round start
+//!    (its tasks reuse the evaluation's encoding of the pool). The last round finishes after its
+//!    evaluation. A restart that lost an evaluation runs it first ([`Engine::resume_evaluation`]).
+//!
 //! Sampling is deterministic (ChaCha8 seeded from `seed`, the round and the attempt, over the
 //! connected clients in identity order). Nonces are not: they come from the operating system's
 //! secure random source (`Nonce::random`), since a predictable nonce would allow forged replays;
@@ -44,7 +53,7 @@
 //! counted in the round it arrived in). `clients`, `examples` and the metrics are those of the
 //! committing attempt's accepted updates.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::Duration;
 
@@ -52,7 +61,7 @@ use fedpool_common::adapter::PoolSpec;
 use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
 use fedpool_common::wire::{
-    Ack, Enroll, ExpectedTask, Reject, RejectReason, RoundTask, Update, Welcome, PROTOCOL_VERSION,
+    Ack, Enroll, EvalReport, EvalTask, ExpectedTask, Reject, RejectReason, RoundTask, Update, Welcome, PROTOCOL_VERSION,
 };
 use fedpool_common::{AdapterPool, BackboneFingerprint, Nonce, Round, TaskId};
 use rand::SeedableRng;
@@ -155,6 +164,9 @@ pub struct EngineConfig {
     pub heartbeat: Duration,
     /// A connected client not heard from for this long is dropped (> `heartbeat`).
     pub idle_timeout: Duration,
+    /// Federated evaluation: after each commit every connected client evaluates the new global
+    /// pool on its held-out data and has this long to report (`None`: no evaluation).
+    pub eval_deadline: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -196,6 +208,9 @@ impl EngineConfig {
                 "idle_timeout {:?} must be longer than the heartbeat {:?}",
                 self.idle_timeout, self.heartbeat
             ));
+        }
+        if self.eval_deadline.is_some_and(|d| d.is_zero()) {
+            return bad("eval_deadline must be positive".into());
         }
         self.download_codec.validate().map_err(|e| EngineError::Config(format!("download codec: {e}")))?;
         Ok(())
@@ -241,6 +256,15 @@ pub enum Event {
         /// Who.
         client: ClientId,
     },
+    /// A client reported how a global pool did on its held-out data.
+    EvalReport {
+        /// Who.
+        client: ClientId,
+        /// The report (not yet believed).
+        report: EvalReport,
+        /// Bytes the report took on the wire.
+        wire_bytes: u64,
+    },
     /// Time passed (send one no later than [`Engine::next_wakeup`]).
     Tick,
 }
@@ -282,6 +306,21 @@ pub enum Action {
         client: ClientId,
         /// Why, for the log.
         reason: String,
+    },
+    /// Ask a client to evaluate a committed global pool.
+    SendEval {
+        /// To whom.
+        client: ClientId,
+        /// The task, with the encoded global pool.
+        task: Box<EvalTask>,
+    },
+    /// The federated evaluation of a committed round is complete: add it to that round's line of
+    /// the round log.
+    RecordEval {
+        /// The evaluated round.
+        round: Round,
+        /// The example-weighted metrics.
+        eval: EvalRecord,
     },
     /// A round is complete: persist it (`store::Store::commit`) before carrying out the actions
     /// after it, which may already send the next round's tasks.
@@ -335,6 +374,62 @@ pub struct RoundRecord {
     /// other fields are then unknown and zero).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recovered: bool,
+    /// The federated evaluation of the round's global pool (added once the clients reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalRecord>,
+}
+
+/// The round log as a fixed-width table: round, the global model's accuracy and macro-F1
+/// (federated evaluation; `-` where none), clients, bytes up and down (training and evaluation),
+/// seconds of the round.
+pub fn round_table(records: &[RoundRecord]) -> String {
+    let mut s = format!(
+        "{:>5} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>8}\n",
+        "round", "accuracy", "macro-F1", "eval n", "clients", "bytes up", "bytes down", "seconds"
+    );
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+    for r in records {
+        let e = r.eval.as_ref();
+        let up = r.bytes_up + e.map_or(0, |e| e.bytes_up);
+        let down = r.bytes_down + e.map_or(0, |e| e.bytes_down);
+        s.push_str(&format!(
+            "{:>5} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>8.1}\n",
+            r.round,
+            pct(e.and_then(|e| e.accuracy)),
+            pct(e.and_then(|e| e.macro_f1)),
+            e.map_or(0, |e| e.examples),
+            r.clients.len(),
+            up,
+            down,
+            (r.committed_at_secs - r.started_at_secs).max(0.0) + e.map_or(0.0, |e| e.seconds),
+        ));
+    }
+    s
+}
+
+/// The federated evaluation of one global pool: every reporting client's held-out metrics,
+/// weighted by its held-out examples. The accuracy of a round is this one (the global model's),
+/// not the clients' training accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Example-weighted mean accuracy (None: no client reported).
+    pub accuracy: Option<f64>,
+    /// Example-weighted mean of the clients' macro-F1.
+    pub macro_f1: Option<f64>,
+    /// Example-weighted mean loss.
+    pub loss: Option<f64>,
+    /// Held-out examples behind the numbers.
+    pub examples: u64,
+    /// Clients that reported, sorted.
+    pub clients: Vec<String>,
+    /// Clients asked that did not report in time, sorted.
+    pub missing: Vec<String>,
+    /// Bytes of the evaluation task frames sent (the global pool, once per client).
+    pub bytes_down: u64,
+    /// Bytes of the reports received.
+    pub bytes_up: u64,
+    /// Seconds from the tasks to the last report (or the deadline).
+    pub seconds: f64,
 }
 
 /// Why an engine could not be built or run.
@@ -398,6 +493,23 @@ struct RoundAccount {
     rejected: BTreeMap<String, u64>,
 }
 
+/// A running federated evaluation of a committed round.
+#[derive(Debug)]
+struct Evaluation {
+    round: Round,
+    started_at: Time,
+    deadline_at: Time,
+    tasks: BTreeMap<ClientId, TaskId>,
+    pending: BTreeSet<ClientId>,
+    reported: Vec<String>,
+    examples: u64,
+    accuracy_sum: f64,
+    f1_sum: f64,
+    loss_sum: f64,
+    bytes_down: u64,
+    bytes_up: u64,
+}
+
 /// The running attempt of a round.
 #[derive(Debug)]
 struct Attempt {
@@ -432,6 +544,10 @@ pub struct Engine {
     attempts_started: u32,
     /// The global pool encoded for the current round's tasks, and the task frame size.
     encoded: Option<(Round, EncodedDelta)>,
+    /// A committed round whose federated evaluation is still to start.
+    eval_owed: Option<Round>,
+    /// The federated evaluation running, if any (no round starts meanwhile).
+    evaluation: Option<Evaluation>,
     now: Time,
     finished: bool,
     finished_announced: bool,
@@ -496,11 +612,28 @@ impl Engine {
             attempt: None,
             attempts_started: 0,
             encoded: None,
+            eval_owed: None,
+            evaluation: None,
             now: Time::ZERO,
             finished,
             finished_announced: false,
             fatal: false,
         })
+    }
+
+    /// Asks for the federated evaluation of the newest committed round before the next round
+    /// starts: for a restart after a crash that lost it (the round log's line has no `eval`).
+    /// Does nothing without `eval_deadline` or before round 1.
+    pub fn resume_evaluation(&mut self) {
+        if self.config.eval_deadline.is_some() && self.committed.0 > 0 {
+            self.eval_owed = Some(self.committed);
+            self.finished = false;
+        }
+    }
+
+    /// The round being evaluated, if a federated evaluation is running.
+    pub fn evaluating(&self) -> Option<Round> {
+        self.evaluation.as_ref().map(|e| e.round)
     }
 
     /// The newest committed round.
@@ -535,7 +668,8 @@ impl Engine {
         if self.finished || self.fatal {
             return None;
         }
-        let deadline = self.attempt.as_ref().map(|a| a.deadline_at);
+        let deadline =
+            self.attempt.as_ref().map(|a| a.deadline_at).or_else(|| self.evaluation.as_ref().map(|e| e.deadline_at));
         let idle = self.clients.values().filter(|c| c.connected).map(|c| c.last_heard + self.config.idle_timeout).min();
         match (deadline, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -566,6 +700,9 @@ impl Engine {
                 }
             }
             Event::Update { client, update, wire_bytes } => self.on_update(now, client, update, wire_bytes, &mut out),
+            Event::EvalReport { client, report, wire_bytes } => {
+                self.on_eval_report(now, client, report, wire_bytes, &mut out)
+            }
             Event::Heartbeat { client } => {
                 if let Some(c) = self.clients.get_mut(&client) {
                     if c.connected {
@@ -634,7 +771,12 @@ impl Engine {
             client: client.clone(),
             welcome: Welcome { client_name: client.0.clone(), round: self.committed, heartbeat_secs },
         });
-        // A client that comes back keeps its place: its open task is sent again, unchanged.
+        // A client that comes back keeps its place: its open evaluation or task is sent again.
+        let eval_open = self.evaluation.as_ref().filter(|e| e.pending.contains(&client)).map(|e| e.round);
+        if let Some(round) = eval_open {
+            tracing::info!(%client, %round, "re-sending the open evaluation task to a returning client");
+            self.send_eval(now, client.clone(), out);
+        }
         let open = self.attempt.as_ref().and_then(|a| a.by_client.get(&client).copied());
         if let Some(task_id) = open {
             if self.tasks.get(&task_id).is_some_and(|t| t.state == TaskState::Open) {
@@ -786,9 +928,29 @@ impl Engine {
 
     /// Commits, retries or starts rounds as far as the state allows at `now`.
     fn progress(&mut self, now: Time, out: &mut Vec<Action>) {
-        // Each pass changes the phase (commit, retry or start), so this ends; the bound is a guard.
-        for _ in 0..4 {
-            if self.finished || self.fatal {
+        // Each pass changes the phase (evaluate, commit, retry or start), so this ends; the bound
+        // is a guard.
+        for _ in 0..6 {
+            if self.fatal {
+                return;
+            }
+            if let Some(e) = self.evaluation.as_ref() {
+                if e.pending.is_empty() || now >= e.deadline_at {
+                    self.finish_evaluation(now, out);
+                    continue;
+                }
+                return;
+            }
+            if let Some(round) = self.eval_owed {
+                // Like a round, an evaluation waits for enough connected clients (after a restart).
+                if self.connected_clients() < self.config.min_clients_to_start {
+                    return;
+                }
+                self.eval_owed = None;
+                self.start_evaluation(now, round, out);
+                continue;
+            }
+            if self.finished {
                 return;
             }
             match self.attempt.as_ref() {
@@ -985,6 +1147,7 @@ impl Engine {
             started_at_secs: acc.started_at.as_secs_f64(),
             committed_at_secs: now.as_secs_f64(),
             recovered: false,
+            eval: None,
         };
         tracing::info!(
             %round,
@@ -1003,6 +1166,156 @@ impl Engine {
         self.attempts_started = 0;
         self.encoded = None;
         out.push(Action::Commit(Box::new(Commit { round, pool, record })));
+        if self.config.eval_deadline.is_some() {
+            self.eval_owed = Some(round);
+        } else if self.committed.0 >= self.config.total_rounds {
+            self.finished = true;
+            tracing::info!(rounds = self.committed.0, "training finished");
+        }
+    }
+
+    // ---- federated evaluation ------------------------------------------------------------------
+
+    /// Sends every connected client an evaluation task for the global pool of `round` (the
+    /// newest commit). The encoding is kept for the next round's tasks, which carry the same pool.
+    fn start_evaluation(&mut self, now: Time, round: Round, out: &mut Vec<Action>) {
+        let Some(deadline) = self.config.eval_deadline else { return };
+        let next = Round(round.0 + 1);
+        if self.encoded.as_ref().map(|(r, _)| *r) != Some(next) {
+            match self.encode_global(next) {
+                Ok(enc) => self.encoded = Some((next, enc)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the evaluation");
+                    self.fatal = true;
+                    out.push(Action::Fatal(e));
+                    return;
+                }
+            }
+        }
+        let mut tasks = BTreeMap::new();
+        for (client, _) in self.clients.iter().filter(|(_, c)| c.connected) {
+            tasks.insert(client.clone(), TaskId(self.next_task));
+            self.next_task = self.next_task.wrapping_add(1);
+        }
+        tracing::info!(%round, clients = tasks.len(), "federated evaluation started");
+        let pending: BTreeSet<ClientId> = tasks.keys().cloned().collect();
+        self.evaluation = Some(Evaluation {
+            round,
+            started_at: now,
+            deadline_at: now + deadline,
+            tasks,
+            pending: pending.clone(),
+            reported: Vec::new(),
+            examples: 0,
+            accuracy_sum: 0.0,
+            f1_sum: 0.0,
+            loss_sum: 0.0,
+            bytes_down: 0,
+            bytes_up: 0,
+        });
+        for client in pending {
+            self.send_eval(now, client, out);
+        }
+    }
+
+    /// Sends (or re-sends) `client`'s evaluation task with the time left until its deadline.
+    fn send_eval(&mut self, now: Time, client: ClientId, out: &mut Vec<Action>) {
+        let (Some(e), Some((_, global))) = (self.evaluation.as_mut(), &self.encoded) else { return };
+        let Some(&task_id) = e.tasks.get(&client) else { return };
+        let left = e.deadline_at.since(now);
+        let task = Box::new(EvalTask {
+            round: e.round,
+            task_id,
+            global: global.clone(),
+            deadline_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+        });
+        let size = frame::encoded_len(task.as_ref()).map(|n| (n + HEADER_LEN) as u64).unwrap_or(0);
+        e.bytes_down = e.bytes_down.saturating_add(size);
+        out.push(Action::SendEval { client, task });
+    }
+
+    fn on_eval_report(
+        &mut self,
+        now: Time,
+        client: ClientId,
+        report: EvalReport,
+        wire_bytes: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(c) = self.clients.get_mut(&client) {
+            if c.connected {
+                c.last_heard = now;
+            }
+        }
+        let refusal = match self.evaluation.as_mut() {
+            None => Some((RejectReason::Late, format!("no evaluation is open (report for round {})", report.round))),
+            Some(e) => {
+                e.bytes_up = e.bytes_up.saturating_add(wire_bytes);
+                if report.round != e.round {
+                    Some((
+                        RejectReason::WrongRound,
+                        format!("evaluation of round {}, the open one is round {}", report.round, e.round),
+                    ))
+                } else if e.tasks.get(&client) != Some(&report.task_id) {
+                    Some((
+                        RejectReason::UnknownTask,
+                        format!("evaluation task {} was not given to this client", report.task_id),
+                    ))
+                } else if !e.pending.contains(&client) {
+                    Some((RejectReason::Duplicate, format!("evaluation task {} already reported", report.task_id)))
+                } else if let Err(invalid) = report.metrics.validate() {
+                    Some((invalid.reason, invalid.detail))
+                } else {
+                    let m = report.metrics;
+                    let w = m.examples as f64;
+                    e.pending.remove(&client);
+                    e.reported.push(client.0.clone());
+                    e.examples = e.examples.saturating_add(m.examples);
+                    e.accuracy_sum += w * f64::from(m.accuracy);
+                    e.f1_sum += w * f64::from(m.macro_f1);
+                    e.loss_sum += w * f64::from(m.loss);
+                    None
+                }
+            }
+        };
+        match refusal {
+            None => out.push(Action::Ack { client, ack: Ack { round: report.round, task_id: report.task_id } }),
+            Some((reason, detail)) => {
+                tracing::info!(%client, round = %report.round, ?reason, %detail, "evaluation report refused");
+                out.push(Action::Reject {
+                    client,
+                    reject: Reject { round: Some(report.round), task_id: Some(report.task_id), reason, detail },
+                });
+            }
+        }
+    }
+
+    fn finish_evaluation(&mut self, now: Time, out: &mut Vec<Action>) {
+        let Some(e) = self.evaluation.take() else { return };
+        let w = e.examples as f64;
+        let mean = |sum: f64| if e.examples > 0 { Some(sum / w) } else { None };
+        let mut clients = e.reported.clone();
+        clients.sort();
+        let eval = EvalRecord {
+            accuracy: mean(e.accuracy_sum),
+            macro_f1: mean(e.f1_sum),
+            loss: mean(e.loss_sum),
+            examples: e.examples,
+            clients,
+            missing: e.pending.iter().map(|c| c.0.clone()).collect(),
+            bytes_down: e.bytes_down,
+            bytes_up: e.bytes_up,
+            seconds: now.since(e.started_at).as_secs_f64(),
+        };
+        tracing::info!(
+            round = %e.round,
+            accuracy = eval.accuracy,
+            macro_f1 = eval.macro_f1,
+            examples = eval.examples,
+            missing = eval.missing.len(),
+            "federated evaluation finished"
+        );
+        out.push(Action::RecordEval { round: e.round, eval });
         if self.committed.0 >= self.config.total_rounds {
             self.finished = true;
             tracing::info!(rounds = self.committed.0, "training finished");
@@ -1032,6 +1345,7 @@ mod tests {
             backbone: BackboneFingerprint(fedpool_common::Sha256::of(b"m")),
             heartbeat: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3),
+            eval_deadline: None,
         };
         assert_eq!(c.selected_per_round(), 13);
         c.over_selection = 1.0;

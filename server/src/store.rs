@@ -236,6 +236,34 @@ impl Store {
         Ok(path)
     }
 
+    /// Adds the federated evaluation of `round` to that round's line of the log: the log is
+    /// rewritten atomically (temp file, fsync, rename), so a crash leaves the old or the new log.
+    pub fn record_eval(&mut self, round: Round, eval: &crate::round::EvalRecord) -> Result<(), StoreError> {
+        let Some(i) = self.records.iter().rposition(|r| r.round == round.0) else {
+            return Err(StoreError::Order(format!(
+                "no line for round {round} in {} to add its evaluation to",
+                self.log_path.display()
+            )));
+        };
+        let mut records = self.records.clone();
+        records[i].eval = Some(eval.clone());
+        let mut text = String::new();
+        for (n, r) in records.iter().enumerate() {
+            let line = serde_json::to_string(r).map_err(|e| StoreError::Log {
+                path: self.log_path.clone(),
+                line: n + 1,
+                problem: format!("cannot serialise the record: {e}"),
+            })?;
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let path = self.log_path.clone();
+        fedpool_common::checkpoint::atomic_write(&path, text.as_bytes()).map_err(io(&path))?;
+        self.log = OpenOptions::new().read(true).append(true).open(&path).map_err(io(&path))?;
+        self.records = records;
+        Ok(())
+    }
+
     /// The round log, oldest first (as read at open, plus the lines appended since).
     pub fn rounds(&self) -> &[RoundRecord] {
         &self.records
@@ -287,6 +315,7 @@ fn recovered_record(round: Round) -> RoundRecord {
         started_at_secs: 0.0,
         committed_at_secs: 0.0,
         recovered: true,
+        eval: None,
     }
 }
 

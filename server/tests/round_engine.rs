@@ -46,6 +46,7 @@ fn config() -> EngineConfig {
         backbone: backbone(),
         heartbeat: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(3600),
+        eval_deadline: None,
     }
 }
 
@@ -864,4 +865,131 @@ proptest! {
             }
         }
     }
+}
+
+// ---- federated evaluation -----------------------------------------------------------------------
+
+fn eval_tasks(actions: &[Action]) -> BTreeMap<String, fedpool_common::wire::EvalTask> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendEval { client, task } => Some((client.0.clone(), (**task).clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn recorded_evals(actions: &[Action]) -> Vec<(Round, fedpool_server::round::EvalRecord)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RecordEval { round, eval } => Some((*round, eval.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn report(
+    task: &fedpool_common::wire::EvalTask,
+    accuracy: f32,
+    macro_f1: f32,
+    examples: u64,
+) -> fedpool_common::wire::EvalReport {
+    fedpool_common::wire::EvalReport {
+        round: task.round,
+        task_id: task.task_id,
+        metrics: fedpool_common::wire::EvalMetrics { accuracy, macro_f1, loss: 0.5, examples },
+    }
+}
+
+fn send_report(h: &mut Harness, name: &str, r: fedpool_common::wire::EvalReport) -> Vec<Action> {
+    h.event(Event::EvalReport { client: name.into(), report: r, wire_bytes: 60 })
+}
+
+fn eval_config() -> EngineConfig {
+    EngineConfig { total_rounds: 2, eval_deadline: Some(Duration::from_secs(20)), ..config() }
+}
+
+#[test]
+fn each_commit_is_evaluated_by_every_connected_client_before_the_next_round() {
+    let mut h = Harness::new(eval_config());
+    let t = enroll_all(&mut h, &["a", "b"]);
+    h.enroll("c"); // connected but not selected (clients_per_round 2): it evaluates too
+    h.at(1).send("a", honest(&t["a"]));
+    let r = h.at(2).send("b", honest(&t["b"]));
+    let committed = commits(&r)[0].pool.clone();
+    let ev = eval_tasks(&r);
+    assert_eq!(ev.keys().collect::<Vec<_>>(), ["a", "b", "c"], "every connected client is asked");
+    assert!(tasks(&r).is_empty(), "round 2 waits for the evaluation");
+    assert_eq!(h.engine.evaluating(), Some(Round(1)));
+    // The evaluation carries the committed pool, and round 2's tasks will carry the same bytes.
+    let e = &ev["a"];
+    assert_eq!((e.round, e.deadline_ms), (Round(1), 20_000));
+    let decoded = codec::decode(&e.global, &DecodeLimits::default()).unwrap();
+    let mut pool = AdapterPool::zeros(&h.spec);
+    pool.apply_delta(&decoded).unwrap();
+    assert_eq!(pool.tensors, committed.tensors);
+
+    // Weighted by examples: (100·0.9 + 300·0.5) / 400 = 0.6 accuracy.
+    assert_eq!(acks(&send_report(&mut h, "a", report(&ev["a"], 0.9, 0.8, 100))), ["a"]);
+    assert_eq!(acks(&send_report(&mut h, "b", report(&ev["b"], 0.5, 0.4, 300))), ["b"]);
+    let r = send_report(&mut h, "c", report(&ev["c"], 0.6, 0.6, 0)); // zero examples: refused
+    assert_eq!(rejects(&r)[0].1, RejectReason::Protocol);
+    let r = h.at(25).tick(); // the deadline passes without c
+    let rec = recorded_evals(&r);
+    assert_eq!(rec.len(), 1);
+    let (round, eval) = &rec[0];
+    assert_eq!(*round, Round(1));
+    assert!((eval.accuracy.unwrap() - 0.6).abs() < 1e-6, "{eval:?}");
+    assert!((eval.macro_f1.unwrap() - 0.5).abs() < 1e-6, "{eval:?}");
+    assert_eq!(eval.examples, 400);
+    assert_eq!((eval.clients.clone(), eval.missing.clone()), (vec!["a".into(), "b".into()], vec!["c".to_string()]));
+    assert!(eval.bytes_down > 3 * e.global.wire_len() as u64, "three task frames counted");
+    let t2 = tasks(&r);
+    assert_eq!(t2.len(), 2, "round 2 starts after the evaluation: {r:?}");
+    assert_eq!(t2.values().next().unwrap().global, e.global, "the next round reuses the encoding");
+}
+
+#[test]
+fn evaluation_reports_are_checked_and_the_last_round_finishes_after_its_evaluation() {
+    let mut h = Harness::new(EngineConfig { total_rounds: 1, ..eval_config() });
+    let t = enroll_all(&mut h, &["a", "b"]);
+    h.at(1).send("a", honest(&t["a"]));
+    let r = h.at(2).send("b", honest(&t["b"]));
+    assert!(!r.iter().any(|a| matches!(a, Action::Finished)), "not finished before the evaluation");
+    assert!(!h.engine.is_finished());
+    let ev = eval_tasks(&r);
+    let wrong_round = fedpool_common::wire::EvalReport { round: Round(7), ..report(&ev["a"], 0.5, 0.5, 10) };
+    assert_eq!(rejects(&send_report(&mut h, "a", wrong_round))[0].1, RejectReason::WrongRound);
+    assert_eq!(rejects(&send_report(&mut h, "a", report(&ev["b"], 0.5, 0.5, 10)))[0].1, RejectReason::UnknownTask);
+    assert_eq!(rejects(&send_report(&mut h, "a", report(&ev["a"], f32::NAN, 0.5, 10)))[0].1, RejectReason::NonFinite);
+    assert_eq!(rejects(&send_report(&mut h, "a", report(&ev["a"], 1.5, 0.5, 10)))[0].1, RejectReason::NonFinite);
+    assert_eq!(acks(&send_report(&mut h, "a", report(&ev["a"], 0.5, 0.5, 10))), ["a"]);
+    assert_eq!(rejects(&send_report(&mut h, "a", report(&ev["a"], 0.5, 0.5, 10)))[0].1, RejectReason::Duplicate);
+    // b reconnects and gets its evaluation task again; its report completes the evaluation.
+    h.event(Event::Lost { client: "b".into() });
+    let again = eval_tasks(&h.at(3).enroll("b"));
+    assert_eq!(again["b"].task_id, ev["b"].task_id);
+    let r = send_report(&mut h, "b", report(&ev["b"], 0.7, 0.7, 10));
+    assert_eq!(recorded_evals(&r).len(), 1);
+    assert!(r.iter().any(|a| matches!(a, Action::Finished)), "{r:?}");
+    assert!(h.engine.is_finished());
+}
+
+#[test]
+fn a_restart_that_lost_an_evaluation_runs_it_before_the_next_round() {
+    let mut h = Harness::resumed(eval_config(), Round(2), None);
+    assert!(h.engine.is_finished(), "round 2 of 2 is committed");
+    h.engine.resume_evaluation();
+    assert!(!h.engine.is_finished());
+    assert!(eval_tasks(&h.enroll("a")).is_empty(), "it waits for min_clients_to_start like a round");
+    let r = h.enroll("b");
+    let ev = eval_tasks(&r);
+    assert_eq!(ev.keys().collect::<Vec<_>>(), ["a", "b"], "{r:?}");
+    assert!(ev.values().all(|e| e.round == Round(2)));
+    assert!(tasks(&r).is_empty(), "no round 3: the federation has run its 2 rounds");
+    send_report(&mut h, "a", report(&ev["a"], 0.5, 0.5, 10));
+    let r = send_report(&mut h, "b", report(&ev["b"], 0.5, 0.5, 10));
+    assert_eq!(recorded_evals(&r)[0].0, Round(2));
+    assert!(r.iter().any(|a| matches!(a, Action::Finished)));
 }

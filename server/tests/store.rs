@@ -36,6 +36,7 @@ fn record(round: u64) -> RoundRecord {
         started_at_secs: round as f64 * 10.0,
         committed_at_secs: round as f64 * 10.0 + 7.5,
         recovered: false,
+        eval: None,
     }
 }
 
@@ -243,4 +244,32 @@ fn a_folder_whose_only_checkpoints_are_corrupt_is_refused_not_restarted() {
 fn the_store_can_move_to_a_blocking_thread() {
     fn assert_send<T: Send>() {}
     assert_send::<Store>();
+}
+
+#[test]
+fn an_evaluation_is_added_to_its_rounds_line_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with(dir.path(), 2);
+    let eval = fedpool_server::round::EvalRecord {
+        accuracy: Some(0.75),
+        macro_f1: Some(0.7),
+        loss: Some(0.5),
+        examples: 300,
+        clients: vec!["a".into(), "b".into()],
+        missing: vec![],
+        bytes_down: 1000,
+        bytes_up: 120,
+        seconds: 2.5,
+    };
+    store.record_eval(Round(1), &eval).unwrap();
+    assert!(store.record_eval(Round(9), &eval).is_err(), "no line for round 9");
+    store.commit(&commit(3)).unwrap(); // appending still works after the rewrite
+    drop(store);
+    let text = fs::read_to_string(dir.path().join(ROUND_LOG)).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let (store, _) = Store::open(dir.path(), spec(), backbone()).unwrap();
+    let rounds = store.rounds();
+    assert_eq!(rounds[0].eval.as_ref(), Some(&eval));
+    assert_eq!((rounds[1].eval.as_ref(), rounds[2].round), (None, 3));
+    assert_eq!(rounds[1], record(2), "other lines unchanged");
 }

@@ -148,6 +148,19 @@ impl Dataset {
         Ok(self.with_examples(self.examples.iter().filter(|e| wanted.contains(&e.id)).cloned().collect()))
     }
 
+    /// Shard `index` of `count` disjoint shards: each example belongs to exactly one shard,
+    /// chosen by a hash of its id and `seed`, so clients that load the same source and pick
+    /// different indices hold disjoint data (about `1/count` of it each). `None` if
+    /// `index >= count`.
+    pub fn shard(&self, index: usize, count: usize, seed: u64) -> Option<Dataset> {
+        if index >= count {
+            return None;
+        }
+        let salt = SplitMix64::new(seed).next_u64();
+        let keep = |e: &&Example| SplitMix64::new(e.id ^ salt).below(count) == index;
+        Some(self.with_examples(self.examples.iter().filter(keep).cloned().collect()))
+    }
+
     /// A deterministic train/test split, stratified by label: `(train, test)`.
     ///
     /// Within each label, the examples are shuffled by a generator seeded with `seed` and the
@@ -281,6 +294,26 @@ mod tests {
         let mut rng = SplitMix64::new(1234567);
         assert_eq!(rng.next_u64(), 6457827717110365317);
         assert_eq!(rng.next_u64(), 3203168211198807973);
+    }
+
+    #[test]
+    fn shards_are_disjoint_cover_everything_and_depend_on_the_seed() {
+        let examples = (0..1000u64)
+            .map(|id| Example { id: id * 7 + 3, text: format!("t{id}"), label: (id % 2) as usize, group: None })
+            .collect();
+        let d = Dataset {
+            examples,
+            label_names: vec!["a".into(), "b".into()],
+            group_names: vec![],
+            source: "synthetic".into(),
+        };
+        let shards: Vec<Dataset> = (0..4).map(|i| d.shard(i, 4, 9).unwrap()).collect();
+        let mut ids: Vec<u64> = shards.iter().flat_map(|s| s.examples.iter().map(|e| e.id)).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, d.examples.iter().map(|e| e.id).collect::<Vec<_>>(), "each example in exactly one shard");
+        assert!(shards.iter().all(|s| (180..320).contains(&s.len())), "about a quarter each");
+        assert_ne!(d.shard(0, 4, 10).unwrap().examples, shards[0].examples, "another seed, another shard");
+        assert!(d.shard(4, 4, 9).is_none());
     }
 
     #[test]

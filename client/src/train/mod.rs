@@ -24,7 +24,7 @@ pub use metrics::{accuracy, macro_f1, EvalMetrics};
 pub use params::{AdapterTensors, TrainableParams};
 pub use queries::QueryCache;
 pub use schedule::{Schedule, UnknownSchedule};
-pub use trainer::{evaluate, train};
+pub use trainer::{evaluate, evaluate_pool, train};
 
 use fedpool_common::adapter::{AdapterPool, PoolDelta, PoolError, SlotUsage};
 use fedpool_common::wire::{TrainMetrics, TripletImportance};

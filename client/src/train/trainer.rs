@@ -208,6 +208,37 @@ pub fn evaluate(
     Ok(evaluate_with_usage(model, adapters, examples, queries, config, pad_id, &mut super::Silent)?.0)
 }
 
+/// Accuracy, macro-F1 and mean loss of a finished `pool` on `examples`: checks the pool against
+/// `spec` and the examples against its head and `config.max_len`, computes the frozen queries the
+/// spec needs (those not in `queries` yet), and runs [`evaluate`].
+pub fn evaluate_pool(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    pool: &AdapterPool,
+    examples: &[Encoded],
+    queries: &mut QueryCache,
+    config: &TrainConfig,
+    pad_id: u32,
+) -> Result<EvalMetrics, TrainError> {
+    pool.validate(spec)?;
+    let head = spec.head.ok_or_else(|| TrainError::Input("the pool spec has no classification head".into()))?;
+    if examples.is_empty() {
+        return Err(TrainError::EmptyData("evaluation"));
+    }
+    if config.eval_batch_size == 0 {
+        return Err(TrainError::Input("the evaluation batch size must be positive".into()));
+    }
+    check_examples(examples, head.num_labels, config.max_len.min(model.config().max_position_embeddings))?;
+    if config.head_only && spec.kind != AdapterKind::SsfPool {
+        return Err(TrainError::Input("the linear probe uses an SSF spec left at the identity".into()));
+    }
+    if spec.has_keys() || config.head_only {
+        queries.fill(model, examples, config.eval_batch_size, pad_id)?;
+    }
+    let adapters = AdapterTensors::from_pool(spec, pool, config.head_only, model.device())?;
+    evaluate(model, &adapters, examples, queries, config, pad_id)
+}
+
 /// [`evaluate`], also counting the slots the examples select.
 fn evaluate_with_usage(
     model: &BertEncoder,
@@ -244,4 +275,85 @@ fn evaluate_with_usage(
         examples: labels.len(),
     };
     Ok((metrics, counter.counts().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::{write_random_model, BertConfig};
+    use crate::rng::SplitMix64;
+    use crate::spec::{pool_spec, AdapterChoice, AdapterOptions};
+    use crate::train::Silent;
+
+    /// `n` examples of 2 classes: `[CLS]`, 3 to 9 tokens from a range of the tiny vocabulary that
+    /// only its class uses, `[SEP]`; labels alternate.
+    fn separable(n: usize, seed: u64) -> Vec<Encoded> {
+        let mut rng = SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                let label = i % 2;
+                let mut tokens = vec![2];
+                for _ in 0..3 + rng.below(7) {
+                    tokens.push((4 + 50 * label + rng.below(8)) as u32);
+                }
+                tokens.push(3);
+                Encoded { id: i as u64, tokens, label }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn evaluate_pool_on_the_trained_pool_equals_the_training_report() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &BertConfig::tiny(), 3).unwrap();
+        let model = BertEncoder::load(dir.path(), &Device::Cpu).unwrap();
+        let examples = separable(40, 7);
+        let (train_rows, eval_rows) = examples.split_at(28);
+        for choice in [AdapterChoice::SsfPool, AdapterChoice::Lora, AdapterChoice::LinearProbe] {
+            let options = AdapterOptions { choice, pool_size: 4, top_k: 2, rank: 2, ..AdapterOptions::default() };
+            let spec = pool_spec(model.config(), &options, 2).unwrap();
+            let start = AdapterPool::init(&spec, 1).unwrap();
+            let config = TrainConfig {
+                steps: 4,
+                batch_size: 8,
+                warmup_steps: 1,
+                lr: 2e-2,
+                eval_batch_size: 5,
+                head_only: choice.head_only(),
+                ..TrainConfig::default()
+            };
+            let data = TrainData { train: train_rows, eval: eval_rows, pad_id: 0 };
+            let mut train_queries = QueryCache::new(model.config().hidden_size);
+            let outcome = train(&model, &spec, &start, data, &mut train_queries, &config, &mut Silent).unwrap();
+
+            let mut queries = QueryCache::new(model.config().hidden_size);
+            let got = evaluate_pool(&model, &spec, &outcome.pool, eval_rows, &mut queries, &config, 0).unwrap();
+            let report = &outcome.metrics;
+            assert_eq!(
+                (got.accuracy, got.macro_f1, got.loss, got.examples),
+                (report.accuracy, report.macro_f1, report.eval_loss, report.eval_examples),
+                "{choice}"
+            );
+            let untrained = evaluate_pool(&model, &spec, &start, eval_rows, &mut queries, &config, 0).unwrap();
+            assert_ne!(untrained.loss, got.loss, "{choice}: the metrics depend on the pool evaluated");
+        }
+    }
+
+    #[test]
+    fn evaluate_pool_refuses_a_pool_of_another_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &BertConfig::tiny(), 3).unwrap();
+        let model = BertEncoder::load(dir.path(), &Device::Cpu).unwrap();
+        let options = AdapterOptions { pool_size: 4, top_k: 2, ..AdapterOptions::default() };
+        let spec = pool_spec(model.config(), &options, 2).unwrap();
+        let other = pool_spec(model.config(), &AdapterOptions { pool_size: 5, ..options }, 2).unwrap();
+        let pool = AdapterPool::init(&other, 1).unwrap();
+        let mut queries = QueryCache::new(model.config().hidden_size);
+        let config = TrainConfig::default();
+        let err = evaluate_pool(&model, &spec, &pool, &separable(6, 1), &mut queries, &config, 0).unwrap_err();
+        assert!(matches!(err, TrainError::Pool(_)), "{err}");
+        assert!(queries.is_empty(), "nothing is computed for a refused pool");
+    }
 }

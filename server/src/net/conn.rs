@@ -82,7 +82,7 @@ impl Pending {
                 }
                 self.updates.pop_front().or_else(|| self.enrolls.pop_front()).map(|w| w.send)
             }
-            ServerMessage::Task(_) | ServerMessage::Heartbeat(_) => None,
+            ServerMessage::Task(_) | ServerMessage::EvalTask(_) | ServerMessage::Heartbeat(_) => None,
         }
     }
 }
@@ -214,6 +214,7 @@ async fn run(
                         match &msg {
                             ClientMessage::Enroll(_) => pending.enrolls.push_back(Waiting { send, task_id: None }),
                             ClientMessage::Update(u) => pending.updates.push_back(Waiting { send, task_id: Some(u.task_id) }),
+                            ClientMessage::EvalReport(r) => pending.updates.push_back(Waiting { send, task_id: Some(r.task_id) }),
                             ClientMessage::Heartbeat(h) => {
                                 let reply = ServerMessage::Heartbeat(Heartbeat { seq: h.seq });
                                 writers.spawn(write_reply(send, reply, shared.metrics.clone()));

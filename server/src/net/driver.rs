@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{close, NetError, Outcome, ToConn, ToEngine};
 use crate::metrics::Metrics;
-use crate::round::{Action, ClientId, Commit, Engine, Event, RoundRecord, Time};
+use crate::round::{Action, ClientId, Commit, Engine, EvalRecord, Event, RoundRecord, Time};
 use crate::store::Store;
 
 /// A registered connection: its id and outbox.
@@ -106,6 +106,7 @@ impl Driver {
                     ClientMessage::Enroll(enroll) => Event::Enroll { client: id, enroll },
                     ClientMessage::Update(update) => Event::Update { client: id, update, wire_bytes },
                     ClientMessage::Heartbeat(_) => Event::Heartbeat { client: id },
+                    ClientMessage::EvalReport(report) => Event::EvalReport { client: id, report, wire_bytes },
                 };
                 self.engine.handle(self.now(), event)
             }
@@ -145,6 +146,8 @@ impl Driver {
             match action {
                 Action::Welcome { client, welcome } => self.send_to(&client, ServerMessage::Welcome(welcome)),
                 Action::SendTask { client, task } => self.send_to(&client, ServerMessage::Task(task)),
+                Action::SendEval { client, task } => self.send_to(&client, ServerMessage::EvalTask(task)),
+                Action::RecordEval { round, eval } => self.record_eval(round, eval).await,
                 Action::Ack { client, ack } => self.send_to(&client, ServerMessage::Ack(ack)),
                 Action::Reject { client, reject } => {
                     info!("client {:?}: rejected ({:?}): {}", client.0, reject.reason, reject.detail);
@@ -212,6 +215,47 @@ impl Driver {
             }
         }
     }
+}
+
+impl Driver {
+    /// Adds a round's federated evaluation to its log line (off the async threads). A failure is
+    /// logged and the federation goes on: the checkpoint, which is what must not be lost, is
+    /// already on disk.
+    async fn record_eval(&mut self, round: Round, eval: EvalRecord) {
+        let Some(mut store) = self.store.take() else { return };
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = store.record_eval(round, &eval);
+            (store, eval, r)
+        })
+        .await;
+        match joined {
+            Ok((store, eval, result)) => {
+                self.store = Some(store);
+                match result {
+                    Ok(()) => info!("{}", eval_line(round, &eval)),
+                    Err(e) => warn!("round {round}: could not log its evaluation: {e}"),
+                }
+            }
+            Err(e) => error!("round {round}: the evaluation log task failed: {e}"),
+        }
+    }
+}
+
+/// One line per federated evaluation for the operator's log.
+fn eval_line(round: Round, e: &EvalRecord) -> String {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+    let mut s = format!(
+        "round {round} evaluated by {} clients on {} held-out examples: accuracy {}, macro-F1 {}, loss {}",
+        e.clients.len(),
+        e.examples,
+        pct(e.accuracy),
+        pct(e.macro_f1),
+        e.loss.map_or("-".to_string(), |v| format!("{v:.4}")),
+    );
+    if !e.missing.is_empty() {
+        s.push_str(&format!(", no report from {}", e.missing.join(",")));
+    }
+    s
 }
 
 /// One line per committed round for the operator's log.

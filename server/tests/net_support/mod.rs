@@ -82,6 +82,7 @@ local_steps = 1
 seed = 7
 heartbeat = "1s"
 idle_timeout = "10s"
+evaluate = false
 {extra}
 "#,
             backbone = backbone().0.to_hex()

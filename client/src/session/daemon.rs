@@ -1,0 +1,425 @@
+//! The daemon's loop: connect, enroll, take tasks, train or evaluate on a blocking thread,
+//! upload, and after any loss of the connection reconnect with exponential backoff and jitter.
+//!
+//! ```text
+//!          ┌──────────── backoff (doubling from reconnect_initial to reconnect_max, ×U(0.5,1.5)) ──┐
+//!          ▼                                                                                        │
+//!   connect + Enroll ──Reject(backbone/spec/protocol)──▶ stop with the server's words               │
+//!          │ Welcome                                                                                │
+//!          ▼                                                                                        │
+//!   serve: pushed Task / EvalTask ─▶ queue ─▶ one job at a time (spawn_blocking) ─▶ result ─▶ send  │
+//!          heartbeats every heartbeat_secs; connection lost ─────────────────────────────────────────┘
+//!          closed with FINISHED ─▶ done;   SIGINT/SIGTERM ─▶ abandon the upload, close, done
+//! ```
+//! A job keeps running while the connection is down; its result waits and is sent when the server,
+//! after the client enrolls again, re-sends the same task (the engine does that while the round is
+//! open). A result for a task the server no longer offers is dropped. The residual is saved only
+//! after the server acknowledges the update ([`super::residual`]).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedpool_common::wire::{ClientMessage, EvalTask, Heartbeat, RejectReason, RoundTask, ServerMessage};
+use fedpool_common::TaskId;
+use fedpool_transport::close;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::config::{ConfigError, DaemonConfig};
+use super::connection::{Connection, Dialer, Faults, FrameTap, LinkError};
+use super::local::{LocalError, LocalWork, Trained};
+
+/// How the daemon ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server closed the federation (all rounds run).
+    Finished,
+    /// Stopped on request (a signal).
+    Stopped,
+}
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Loading, training or evaluating failed.
+    #[error(transparent)]
+    Local(#[from] LocalError),
+    /// The transport could not be set up.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The server refused this client for good (another backbone, spec or protocol; revoked).
+    #[error("the server refused this client ({reason}): {detail}")]
+    Refused {
+        /// The reason.
+        reason: String,
+        /// The server's words.
+        detail: String,
+    },
+    /// A blocking job panicked.
+    #[error("a local job failed: {0}")]
+    Job(String),
+}
+
+/// Optional hooks for tests and debugging.
+#[derive(Clone, Default)]
+pub struct DaemonOptions {
+    /// Sees every frame written to the server.
+    pub tap: Option<FrameTap>,
+    /// Injected faults.
+    pub faults: Faults,
+}
+
+/// A task received and not yet done.
+#[derive(Debug, Clone)]
+enum Job {
+    Train(Box<RoundTask>),
+    Eval(Box<EvalTask>),
+}
+
+impl Job {
+    fn task_id(&self) -> TaskId {
+        match self {
+            Job::Train(t) => t.task_id,
+            Job::Eval(t) => t.task_id,
+        }
+    }
+}
+
+/// A finished job's result, waiting to be sent.
+#[derive(Debug, Clone)]
+enum Ready {
+    Update(Box<Trained>),
+    Eval(fedpool_common::wire::EvalReport),
+}
+
+impl Ready {
+    fn task_id(&self) -> TaskId {
+        match self {
+            Ready::Update(t) => t.update.task_id,
+            Ready::Eval(r) => r.task_id,
+        }
+    }
+}
+
+type Running = (TaskId, JoinHandle<Result<Ready, LocalError>>);
+
+/// The daemon's state across connections.
+struct Daemon {
+    config: DaemonConfig,
+    options: DaemonOptions,
+    local: Arc<Mutex<LocalWork>>,
+    queue: VecDeque<Job>,
+    running: Option<Running>,
+    ready: Option<Ready>,
+}
+
+/// How one connection ended.
+enum ConnEnd {
+    Lost(String),
+    Finished,
+    Stopped,
+}
+
+/// Runs the daemon until the federation finishes, `stop` turns true, or a fatal error.
+pub async fn run(
+    config: DaemonConfig,
+    options: DaemonOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Outcome, DaemonError> {
+    let load_config = config.clone();
+    let local = tokio::task::spawn_blocking(move || LocalWork::load(&load_config))
+        .await
+        .map_err(|e| DaemonError::Job(e.to_string()))??;
+    let dialer = Dialer::new(&config.ca_cert, &config.cert, &config.key, &config.server_name, config.idle_timeout)?;
+    let mut d = Daemon {
+        config,
+        options,
+        local: Arc::new(Mutex::new(local)),
+        queue: VecDeque::new(),
+        running: None,
+        ready: None,
+    };
+    let mut failures: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            return Ok(Outcome::Stopped);
+        }
+        match d.session(&dialer, &mut stop).await {
+            Ok(ConnEnd::Finished) => return Ok(Outcome::Finished),
+            Ok(ConnEnd::Stopped) => return Ok(Outcome::Stopped),
+            Ok(ConnEnd::Lost(why)) => {
+                tracing::warn!("connection lost: {why}");
+                failures = 0; // it had enrolled: start the backoff again from the beginning
+            }
+            Err(SessionError::Fatal(e)) => return Err(e),
+            Err(SessionError::Retry(why)) => {
+                tracing::warn!("cannot reach the server: {why}");
+                failures = failures.saturating_add(1);
+            }
+        }
+        let wait = backoff(d.config.reconnect_initial, d.config.reconnect_max, failures);
+        tracing::info!("reconnecting in {:.1} s", wait.as_secs_f64());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return Ok(Outcome::Stopped),
+        }
+    }
+}
+
+/// The delay before reconnection attempt `failures` (0 after a session that had enrolled):
+/// `initial · 2^failures`, at most `max`, times a uniform jitter in [0.5, 1.5).
+pub fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let base = initial.saturating_mul(1u32 << failures.min(16)).min(max);
+    base.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+enum SessionError {
+    Retry(String),
+    Fatal(DaemonError),
+}
+
+impl Daemon {
+    /// One connection: connect, enroll, serve until it ends.
+    async fn session(&mut self, dialer: &Dialer, stop: &mut watch::Receiver<bool>) -> Result<ConnEnd, SessionError> {
+        let addr = self.config.server_addr().map_err(|e| SessionError::Retry(e.to_string()))?;
+        let conn = dialer
+            .connect(addr, self.options.tap.clone(), self.options.faults)
+            .await
+            .map_err(|e| SessionError::Retry(e.to_string()))?;
+        let enroll = self.local.lock().map_err(|_| fatal_poison())?.enroll_message();
+        let heartbeat_secs = match conn.exchange(&ClientMessage::Enroll(enroll)).await {
+            Ok(ServerMessage::Welcome(w)) => {
+                tracing::info!(name = %w.client_name, round = %w.round, "enrolled with {addr}");
+                w.heartbeat_secs
+            }
+            Ok(ServerMessage::Reject(r)) => {
+                return Err(SessionError::Fatal(DaemonError::Refused {
+                    reason: format!("{:?}", r.reason),
+                    detail: r.detail,
+                }));
+            }
+            Ok(other) => return Err(SessionError::Retry(format!("unexpected answer to enrollment: {other:?}"))),
+            Err(e) => return Err(classify(&conn, e)),
+        };
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(heartbeat_secs.max(1))));
+        heartbeat.tick().await;
+        let mut seq = 0u64;
+        let mut pushes = conn.pushes();
+        loop {
+            self.start_next_job();
+            let job_done = async {
+                match self.running.as_mut() {
+                    Some((_, handle)) => Some(handle.await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(Ok(ServerMessage::Task(task))) => self.offer(Job::Train(task), &conn, stop).await?,
+                    Some(Ok(ServerMessage::EvalTask(task))) => self.offer(Job::Eval(task), &conn, stop).await?,
+                    Some(Ok(other)) => tracing::debug!("ignoring a pushed {other:?}"),
+                    Some(Err(e)) => return end_of(&conn, e),
+                    None => return end_of(&conn, LinkError::Stream("the push reader stopped".into())),
+                },
+                done = job_done => {
+                    let Some(joined) = done else { continue };
+                    self.running = None;
+                    match joined {
+                        Ok(Ok(ready)) => {
+                            self.ready = Some(ready);
+                            if let Some(end) = self.send_ready(&conn, stop).await? {
+                                return Ok(end);
+                            }
+                        }
+                        Ok(Err(e @ LocalError::BadGlobal { .. })) => tracing::error!("task abandoned: {e}"),
+                        Ok(Err(e)) => return Err(SessionError::Fatal(e.into())),
+                        Err(e) => return Err(SessionError::Fatal(DaemonError::Job(e.to_string()))),
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    let c = conn.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = c.exchange(&ClientMessage::Heartbeat(Heartbeat { seq })).await {
+                            tracing::debug!("heartbeat {seq}: {e}");
+                        }
+                    });
+                }
+                _ = stop.changed() => {
+                    conn.close(close::NORMAL, "client stopping");
+                    return Ok(ConnEnd::Stopped);
+                }
+            }
+        }
+    }
+
+    /// A task arrived: send the waiting result if it is for this task, else queue it (a newer
+    /// training task replaces older queued ones and a stale result).
+    async fn offer(
+        &mut self,
+        job: Job,
+        conn: &Connection,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        let id = job.task_id();
+        if self.ready.as_ref().is_some_and(|r| r.task_id() == id) {
+            tracing::info!(task = %id, "the server still wants task {id}: sending the result again");
+            if let Some(ConnEnd::Stopped) = self.send_ready(conn, stop).await? {
+                return Ok(());
+            }
+            return Ok(());
+        }
+        if self.running.as_ref().is_some_and(|(r, _)| *r == id) || self.queue.iter().any(|j| j.task_id() == id) {
+            return Ok(()); // already being done
+        }
+        if let Job::Train(t) = &job {
+            tracing::info!(round = %t.round, task = %id, steps = t.local_steps, "training task received");
+            self.queue.retain(|j| !matches!(j, Job::Train(_)));
+        } else if let Job::Eval(t) = &job {
+            tracing::info!(round = %t.round, task = %id, "evaluation task received");
+        }
+        self.ready = None;
+        self.queue.push_back(job);
+        Ok(())
+    }
+
+    fn start_next_job(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let Some(job) = self.queue.pop_front() else { return };
+        let local = self.local.clone();
+        let id = job.task_id();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut local = local.lock().map_err(|_| LocalError::Setup("local state poisoned".into()))?;
+            match job {
+                Job::Train(task) => local.train_task(&task).map(|t| Ready::Update(Box::new(t))),
+                Job::Eval(task) => local.evaluate_task(&task).map(Ready::Eval),
+            }
+        });
+        self.running = Some((id, handle));
+    }
+
+    /// Sends the waiting result. On an ack an update's residual is saved; on a reject the result
+    /// is dropped; on a lost connection it is kept for the next connection.
+    async fn send_ready(
+        &mut self,
+        conn: &Connection,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<ConnEnd>, SessionError> {
+        let Some(ready) = self.ready.clone() else { return Ok(None) };
+        let msg = match &ready {
+            Ready::Update(t) => ClientMessage::Update(t.update.clone()),
+            Ready::Eval(r) => ClientMessage::EvalReport(*r),
+        };
+        let answer = tokio::select! {
+            a = conn.exchange(&msg) => a,
+            _ = stop.changed() => {
+                tracing::info!("stopping: the upload in flight is abandoned (it will be redone if the server asks)");
+                conn.close(close::NORMAL, "client stopping");
+                return Ok(Some(ConnEnd::Stopped));
+            }
+        };
+        match answer {
+            Ok(ServerMessage::Ack(a)) => {
+                self.ready = None;
+                if let Ready::Update(t) = ready {
+                    let local = self.local.clone();
+                    let residual = t.residual.clone();
+                    let saved = tokio::task::spawn_blocking(move || {
+                        local
+                            .lock()
+                            .map_err(|_| LocalError::Setup("local state poisoned".into()))?
+                            .commit_residual(residual)
+                    })
+                    .await
+                    .map_err(|e| SessionError::Fatal(DaemonError::Job(e.to_string())))?;
+                    saved.map_err(|e| SessionError::Fatal(e.into()))?;
+                    tracing::info!(round = %a.round, task = %a.task_id, bytes = t.update.delta.wire_len(), "update accepted");
+                } else {
+                    tracing::info!(round = %a.round, "evaluation accepted");
+                }
+                Ok(None)
+            }
+            Ok(ServerMessage::Reject(r)) => {
+                self.ready = None;
+                let level_late = matches!(r.reason, RejectReason::Late | RejectReason::Duplicate);
+                if level_late {
+                    tracing::info!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
+                } else {
+                    tracing::warn!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
+                }
+                Ok(None)
+            }
+            Ok(other) => {
+                tracing::warn!("unexpected answer to an upload: {other:?}");
+                Ok(None)
+            }
+            Err(e) => match end_of(conn, e) {
+                Ok(end) => Ok(Some(end)),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+fn fatal_poison() -> SessionError {
+    SessionError::Fatal(DaemonError::Job("local state poisoned".into()))
+}
+
+/// What a failed exchange on `conn` means for the daemon.
+fn classify(conn: &Connection, e: LinkError) -> SessionError {
+    match conn.quic().close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            let code = c.error_code.into_inner();
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            if code == u64::from(close::REVOKED) || code == u64::from(close::NO_IDENTITY) {
+                SessionError::Fatal(DaemonError::Refused { reason: "certificate".into(), detail: reason })
+            } else {
+                SessionError::Retry(format!("closed by the server (code {code}): {reason}"))
+            }
+        }
+        Some(quinn::ConnectionError::ConnectionClosed(c)) if c.error_code.to_string().contains("certificate") => {
+            SessionError::Fatal(DaemonError::Refused { reason: "TLS".into(), detail: c.to_string() })
+        }
+        _ => SessionError::Retry(e.to_string()),
+    }
+}
+
+/// The end of a serving connection: finished, refused for good, or lost (reconnect).
+fn end_of(conn: &Connection, e: LinkError) -> Result<ConnEnd, SessionError> {
+    if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.quic().close_reason() {
+        if c.error_code.into_inner() == u64::from(close::FINISHED) {
+            tracing::info!("the federation has finished");
+            return Ok(ConnEnd::Finished);
+        }
+    }
+    match classify(conn, e) {
+        SessionError::Fatal(f) => Err(SessionError::Fatal(f)),
+        SessionError::Retry(why) => Ok(ConnEnd::Lost(why)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        for failures in 0..30 {
+            let want = (100u64 << failures.min(16)).min(2000) as f64;
+            for _ in 0..50 {
+                let got = backoff(i, m, failures).as_secs_f64() * 1000.0;
+                assert!(got >= 0.5 * want - 1e-6 && got < 1.5 * want + 1e-6, "failures {failures}: {got} vs {want}");
+            }
+        }
+        let draws: std::collections::BTreeSet<u128> = (0..20).map(|_| backoff(i, m, 3).as_micros()).collect();
+        assert!(draws.len() > 10, "jittered: {draws:?}");
+    }
+}

@@ -1,1 +1,279 @@
-//! Virtual clients as slices of stacked adapters over one shared backbone. Not built yet.
+//! Virtual clients as slices of stacked adapters over one shared backbone (issue "Simulator",
+//! item 1): K clients' FedIns SSF pools are stacked into one pool of K·P slots; every step takes a
+//! batch from each active client, runs **one** forward/backward over the frozen backbone, where
+//! each row may select only among its own client's P slots (a slot bias on the query–key
+//! similarities, [`fedpool_client::train::forward_masked`]), and the loss is the sum of the
+//! clients' own mean losses, so each client's slots get exactly the gradient of its own loss.
+//! [`MaskedAdamW`] keeps AdamW's moments per element and its step count per client, and updates
+//! only the rows of the clients that took part in the step: a client whose steps are done drops
+//! out without changing the others. The result equals training each client alone with
+//! [`fedpool_client::train::train`] (the equivalence test in `tests/tenancy.rs`).
+//!
+//! Memory: the backbone once; per client its adapters and two AdamW moments.
+//! Not built yet: LoRA in lockstep (per-row low-rank factors need batched hooks in the model).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, Var};
+use fedpool_client::model::BertEncoder;
+use fedpool_client::select::SlotCounter;
+use fedpool_client::train::{
+    forward_masked, Batch, BatchOrder, Encoded, QueryCache, TrainConfig, TrainError, TrainableParams,
+};
+use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta, PoolSpec, SlotUsage};
+use fedpool_common::tensor::HostTensor;
+
+/// Bits of an example id left for the example: the client index goes above them, so ids of
+/// different clients never collide in the shared query cache.
+const CLIENT_SHIFT: u32 = 40;
+
+/// Why lockstep training could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    /// Training failed (shapes, data, numerics).
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// A tensor computation failed.
+    #[error("tensor computation: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The setup cannot run in lockstep.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// One virtual client's work for a lockstep run.
+#[derive(Debug, Clone)]
+pub struct VirtualClient<'a> {
+    /// Its training examples.
+    pub train: &'a [Encoded],
+    /// The pool it starts from (the global pool it received).
+    pub start: &'a AdapterPool,
+    /// Its local training settings (steps, batch size, learning rates, schedule, seed).
+    pub config: TrainConfig,
+}
+
+/// What one virtual client's training produced.
+#[derive(Debug, Clone)]
+pub struct ClientOutcome {
+    /// The trained pool.
+    pub pool: AdapterPool,
+    /// `pool − start`, restricted to the used slots, with their usage counts (ready to encode).
+    pub delta: PoolDelta,
+    /// Mean training loss over its steps.
+    pub train_loss: f64,
+    /// Steps it took.
+    pub steps: usize,
+    /// Training rows it processed.
+    pub samples: usize,
+}
+
+/// AdamW (decoupled weight decay 0, as the trainer uses) over tensors whose leading axis is made
+/// of per-client blocks of rows: moments per element, step count and learning rate per client,
+/// and only the rows of the clients active in a step move. Its update is candle's `AdamW`
+/// formula, element by element.
+#[derive(Debug)]
+pub struct MaskedAdamW {
+    vars: Vec<(Var, Tensor, Tensor, bool)>,
+    rows_per_client: usize,
+    steps: Vec<u32>,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+}
+
+impl MaskedAdamW {
+    /// An optimizer for `vars` (leading axis `clients × rows_per_client`); `is_head[i]` says
+    /// whether var i learns at the head's rate. β and ε are candle's `ParamsAdamW` defaults.
+    pub fn new(vars: Vec<(Var, bool)>, clients: usize, rows_per_client: usize) -> Result<Self, TenancyError> {
+        let mut out = Vec::new();
+        for (v, head) in vars {
+            let zeros = v.as_tensor().zeros_like()?;
+            if v.dims().first() != Some(&(clients * rows_per_client)) {
+                return Err(TenancyError::Unsupported(format!(
+                    "a stacked tensor of shape {:?} does not lead with {clients} × {rows_per_client} rows",
+                    v.dims()
+                )));
+            }
+            out.push((v, zeros.clone(), zeros, head));
+        }
+        let d = candle_nn::ParamsAdamW::default();
+        Ok(Self { vars: out, rows_per_client, steps: vec![0; clients], beta1: d.beta1, beta2: d.beta2, eps: d.eps })
+    }
+
+    /// One step for the clients in `active` (by index), each at its own learning rates
+    /// `(adapter lr, head lr)`.
+    pub fn step(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        active: &[bool],
+        lrs: &[(f64, f64)],
+    ) -> Result<(), TenancyError> {
+        let clients = self.steps.len();
+        for (c, a) in active.iter().enumerate() {
+            if *a {
+                self.steps[c] += 1;
+            }
+        }
+        let per_row = |f: &dyn Fn(usize) -> f64| -> Vec<f32> {
+            (0..clients).flat_map(|c| std::iter::repeat_n(f(c) as f32, self.rows_per_client)).collect()
+        };
+        let mask = per_row(&|c| if active[c] { 1.0 } else { 0.0 });
+        let scale_m = per_row(&|c| 1.0 / (1.0 - self.beta1.powi(self.steps[c].max(1) as i32)));
+        let scale_v = per_row(&|c| 1.0 / (1.0 - self.beta2.powi(self.steps[c].max(1) as i32)));
+        for (var, m, v, head) in self.vars.iter_mut() {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let dims = var.dims().to_vec();
+            let mut col = vec![1usize; dims.len()];
+            col[0] = dims[0];
+            let device = var.device().clone();
+            let column = |values: &[f32]| Tensor::from_slice(values, col.as_slice(), &device);
+            let lr = per_row(&|c| if *head { lrs[c].1 } else { lrs[c].0 });
+            let (mask_t, keep_t) = (column(&mask)?, column(&mask.iter().map(|x| 1.0 - x).collect::<Vec<_>>())?);
+            let next_m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            let next_v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let m_hat = next_m.broadcast_mul(&column(&scale_m)?)?;
+            let v_hat = next_v.broadcast_mul(&column(&scale_v)?)?;
+            let adjusted = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
+            let step = adjusted.broadcast_mul(&column(&lr)?)?.broadcast_mul(&mask_t)?;
+            var.set(&(var.as_tensor() - step)?)?;
+            *m = (next_m.broadcast_mul(&mask_t)? + m.broadcast_mul(&keep_t)?)?;
+            *v = (next_v.broadcast_mul(&mask_t)? + v.broadcast_mul(&keep_t)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Trains `clients` (all on `spec`, a FedIns SSF pool with P > 1 slots) in lockstep over one
+/// shared `model`. `queries` caches frozen features across calls (keyed by client and example).
+pub fn train_lockstep(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    clients: &[VirtualClient<'_>],
+    queries: &mut QueryCache,
+    pad_id: u32,
+) -> Result<Vec<ClientOutcome>, TenancyError> {
+    if spec.kind != AdapterKind::SsfPool || !spec.has_keys() || spec.pool_size < 2 {
+        return Err(TenancyError::Unsupported(
+            "lockstep training is built for FedIns SSF pools with at least two slots (LoRA: not yet)".into(),
+        ));
+    }
+    if clients.is_empty() {
+        return Ok(Vec::new());
+    }
+    let k = clients.len();
+    let p = spec.pool_size;
+    let device = model.device().clone();
+    for (c, vc) in clients.iter().enumerate() {
+        vc.start.validate(spec).map_err(TrainError::from)?;
+        if vc.train.is_empty() || vc.config.batch_size == 0 {
+            return Err(TenancyError::Unsupported(format!("client {c} has no training examples or batch size 0")));
+        }
+        if vc.config.head_only || vc.config.lambda_match != clients[0].config.lambda_match {
+            return Err(TenancyError::Unsupported("all clients must share λ and train adapters, not a probe".into()));
+        }
+    }
+
+    // The stacked pool: every tensor's slot axis concatenated over clients.
+    let stacked_spec = PoolSpec { pool_size: k * p, ..spec.clone() };
+    let mut stacked = AdapterPool::zeros(&stacked_spec);
+    for (name, t) in stacked.tensors.iter_mut() {
+        let data: Vec<f32> = clients.iter().flat_map(|vc| vc.start.tensors[name].data().iter().copied()).collect();
+        *t = HostTensor::new(t.shape().to_vec(), data).map_err(|e| TenancyError::Unsupported(e.to_string()))?;
+    }
+    let params = TrainableParams::new(&stacked, false, &device)?;
+    let (adapter_vars, head_vars) = params.trainable_vars_by_group();
+    let vars: Vec<(Var, bool)> =
+        adapter_vars.into_iter().map(|v| (v, false)).chain(head_vars.into_iter().map(|v| (v, true))).collect();
+    let mut optimizer = MaskedAdamW::new(vars, k, p)?;
+
+    // Examples re-identified per client, batch orders as the solo trainer makes them.
+    let rows: Vec<Vec<Encoded>> = clients
+        .iter()
+        .enumerate()
+        .map(|(c, vc)| {
+            vc.train.iter().map(|e| Encoded { id: ((c as u64) << CLIENT_SHIFT) | e.id, ..e.clone() }).collect()
+        })
+        .collect();
+    let mut orders: Vec<BatchOrder> =
+        clients.iter().map(|vc| BatchOrder::new(vc.train.len(), vc.config.batch_size, vc.config.seed)).collect();
+    let max_steps = clients.iter().map(|vc| vc.config.steps).max().unwrap_or(0);
+    let mut loss_sums = vec![0.0f64; k];
+    let mut samples = vec![0usize; k];
+    let mut last_selection: Vec<HashMap<u64, Vec<u32>>> = vec![HashMap::new(); k];
+    let lambda = clients[0].config.lambda_match;
+
+    for step in 0..max_steps {
+        let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
+        let mut batch_rows: Vec<&Encoded> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for c in (0..k).filter(|&c| active[c]) {
+            for i in orders[c].next_batch() {
+                batch_rows.push(&rows[c][i]);
+                owner.push(c);
+            }
+        }
+        let batch = Batch::pad(&batch_rows, pad_id, &device)?;
+        queries.fill(model, batch_rows.iter().copied(), batch_rows.len(), pad_id)?;
+        let q = queries.batch(&batch.example_ids, &device)?;
+        // Each row may pick only its own client's slots; each client's loss is its own mean.
+        let mut bias = vec![-1.0e4f32; owner.len() * k * p];
+        let mut weights = vec![0f32; owner.len()];
+        let count = |c: usize| owner.iter().filter(|&&o| o == c).count();
+        let counts: Vec<usize> = (0..k).map(count).collect();
+        for (b, &c) in owner.iter().enumerate() {
+            bias[b * k * p + c * p..b * k * p + (c + 1) * p].iter_mut().for_each(|x| *x = 0.0);
+            weights[b] = 1.0 / counts[c] as f32;
+        }
+        let bias = Tensor::from_vec(bias, (owner.len(), k * p), &device)?;
+        let weights = Tensor::from_vec(weights, owner.len(), &device)?;
+        let adapters = params.tracked(&stacked_spec, false);
+        let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
+        let total = (&out.loss_per_example * &weights)?.sum_all()?;
+        let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
+        for (b, &c) in owner.iter().enumerate() {
+            loss_sums[c] += f64::from(per_row[b]) / counts[c] as f64;
+            samples[c] += 1;
+            let local: Vec<u32> = out.selection.row(b).iter().map(|&s| s - (c * p) as u32).collect();
+            last_selection[c].insert(batch.example_ids[b], local);
+        }
+        let grads = total.backward()?;
+        let lrs: Vec<(f64, f64)> = clients
+            .iter()
+            .map(|vc| {
+                let c = &vc.config;
+                let head = c.head_lr.unwrap_or(c.lr);
+                (c.schedule.lr(c.lr, step, c.warmup_steps, c.steps), c.schedule.lr(head, step, c.warmup_steps, c.steps))
+            })
+            .collect();
+        optimizer.step(&grads, &active, &lrs)?;
+    }
+
+    // Slice each client's rows back out.
+    let trained = params.to_pool()?;
+    let mut outcomes = Vec::with_capacity(k);
+    for (c, vc) in clients.iter().enumerate() {
+        let mut pool = AdapterPool::zeros(spec);
+        for (name, t) in pool.tensors.iter_mut() {
+            let all = &trained.tensors[name];
+            let row_len = all.numel() / (k * p);
+            let data = all.data()[c * p * row_len..(c + 1) * p * row_len].to_vec();
+            *t = HostTensor::new(t.shape().to_vec(), data).map_err(|e| TenancyError::Unsupported(e.to_string()))?;
+        }
+        let mut counter = SlotCounter::new(p);
+        for slots in last_selection[c].values() {
+            counter.record_row(slots);
+        }
+        let usage: SlotUsage =
+            counter.usage().ok_or_else(|| TenancyError::Unsupported(format!("client {c} selected no slot")))?;
+        let delta =
+            pool.delta_from(vc.start).map_err(TrainError::from)?.restrict_to_slots(usage).map_err(TrainError::from)?;
+        outcomes.push(ClientOutcome {
+            pool,
+            delta,
+            train_loss: loss_sums[c] / vc.config.steps.max(1) as f64,
+            steps: vc.config.steps,
+            samples: samples[c],
+        });
+    }
+    Ok(outcomes)
+}

@@ -49,11 +49,29 @@ pub fn forward(
     queries: Option<&Tensor>,
     lambda_match: f64,
 ) -> Result<Forward, TrainError> {
+    forward_masked(model, adapters, batch, queries, lambda_match, None)
+}
+
+/// [`forward`] where each row may select only some of the pool's slots: `slot_bias: [B, P]` is
+/// added to the query–key similarities before the top-k (0 for an allowed slot, a large negative
+/// number for a forbidden one). The simulator stacks the pools of many virtual clients into one
+/// and lets each row choose only among its own client's slots.
+pub fn forward_masked(
+    model: &BertEncoder,
+    adapters: &AdapterTensors<'_>,
+    batch: &Batch,
+    queries: Option<&Tensor>,
+    lambda_match: f64,
+    slot_bias: Option<&Tensor>,
+) -> Result<Forward, TrainError> {
     let spec = adapters.spec();
     let need_query = || TrainError::Input("this adapter needs the cached queries of the batch".into());
     let (selection, matched) = if spec.has_keys() {
         let queries = queries.ok_or_else(need_query)?;
-        let similarity = cosine_similarity(queries, adapters.keys()?)?;
+        let mut similarity = cosine_similarity(queries, adapters.keys()?)?;
+        if let Some(bias) = slot_bias {
+            similarity = (similarity + bias)?;
+        }
         let selection = top_k(&similarity, spec.top_k)?;
         let matched = matched_cosine(&similarity, &selection)?;
         (selection, Some(matched))

@@ -18,7 +18,7 @@ mod schedule;
 mod trainer;
 
 pub use batches::{encode_examples, length_sorted_chunks, tokenizer_for_training, Batch, BatchOrder, Encoded};
-pub use forward::{forward, Forward};
+pub use forward::{forward, forward_masked, Forward};
 pub use importance::{orthogonality, ImportanceTracker, ADALORA_BETA1, ADALORA_BETA2, ORTH_REG_WEIGHT};
 pub use metrics::{accuracy, macro_f1, EvalMetrics};
 pub use params::{AdapterTensors, TrainableParams};

@@ -1,0 +1,85 @@
+//! Lockstep tenancy equals training each virtual client alone: K = 4 FedIns SSF-pool clients with
+//! different data, sizes, seeds and step counts (one drops out early), trained in one batched
+//! forward/backward per step over a shared tiny backbone, give the same pools and deltas (within
+//! 1e-5 relative) as `fedpool_client::train::train` on each client by itself.
+
+use candle_core::Device;
+use fedpool_client::model::{BertConfig, BertEncoder};
+use fedpool_client::spec::{pool_spec, AdapterChoice, AdapterOptions};
+use fedpool_client::train::{
+    self, encode_examples, tokenizer_for_training, Encoded, QueryCache, Silent, TrainConfig, TrainData,
+};
+use fedpool_common::adapter::AdapterPool;
+use fedpool_sim::tenancy::{train_lockstep, VirtualClient};
+
+fn examples(dir: &std::path::Path, n: usize, seed: u64) -> Vec<Encoded> {
+    let tokenizer = tokenizer_for_training(&dir.join("tokenizer.json"), 32).unwrap();
+    let texts = fedpool_client::testkit::separable_texts(n, 2, seed);
+    encode_examples(&tokenizer, texts.iter().map(|(id, t, l)| (*id, t.as_str(), *l))).unwrap()
+}
+
+/// max |a − b| / max |b| over a tensor.
+fn relative(a: &[f32], b: &[f32]) -> f64 {
+    let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+    let scale = b.iter().map(|y| f64::from(y.abs())).fold(0.0, f64::max).max(1e-12);
+    diff / scale
+}
+
+#[test]
+fn four_clients_in_lockstep_equal_four_clients_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    fedpool_client::testkit::write_tiny_model(dir.path(), 3).unwrap();
+    let model = BertEncoder::load(dir.path(), &Device::Cpu).unwrap();
+    let options =
+        AdapterOptions { choice: AdapterChoice::SsfPool, pool_size: 5, top_k: 2, ..AdapterOptions::default() };
+    let spec = pool_spec(&BertConfig::tiny(), &options, 2).unwrap();
+    let data: Vec<Vec<Encoded>> =
+        [(24, 1), (40, 2), (17, 3), (31, 4)].iter().map(|&(n, s)| examples(dir.path(), n, s)).collect();
+    let starts: Vec<AdapterPool> = (0..4).map(|c| AdapterPool::init(&spec, 10 + c).unwrap()).collect();
+    let configs: Vec<TrainConfig> = [6, 6, 3, 5]
+        .iter()
+        .enumerate()
+        .map(|(c, &steps)| TrainConfig {
+            steps,
+            batch_size: 4 + c,
+            lr: 5e-3,
+            head_lr: Some(1e-2),
+            warmup_steps: 2,
+            seed: 100 + c as u64,
+            ..TrainConfig::default()
+        })
+        .collect();
+
+    let clients: Vec<VirtualClient> =
+        (0..4).map(|c| VirtualClient { train: &data[c], start: &starts[c], config: configs[c].clone() }).collect();
+    let mut shared = QueryCache::new(model.config().hidden_size);
+    let lockstep = train_lockstep(&model, &spec, &clients, &mut shared, 0).unwrap();
+
+    for c in 0..4 {
+        let mut own = QueryCache::new(model.config().hidden_size);
+        let alone = train::train(
+            &model,
+            &spec,
+            &starts[c],
+            TrainData { train: &data[c], eval: &[], pad_id: 0 },
+            &mut own,
+            &configs[c],
+            &mut Silent,
+        )
+        .unwrap();
+        let got = &lockstep[c];
+        assert_eq!(got.steps, configs[c].steps);
+        assert_eq!(got.delta.slots, alone.delta.slots, "client {c}: same slots used, same counts");
+        let mut worst = (0.0, String::new());
+        for (name, want) in &alone.pool.tensors {
+            let r = relative(got.pool.tensors[name].data(), want.data());
+            if r > worst.0 {
+                worst = (r, name.clone());
+            }
+        }
+        println!("client {c}: worst relative difference {:.2e} ({})", worst.0, worst.1);
+        assert!(worst.0 <= 1e-5, "client {c}: {} differs by {:.2e} relative", worst.1, worst.0);
+        assert!((got.train_loss - alone.metrics.train_loss).abs() <= 1e-5 * alone.metrics.train_loss.abs().max(1.0));
+        assert_ne!(got.pool.tensors, starts[c].tensors, "client {c} trained");
+    }
+}

@@ -9,8 +9,12 @@
 //! out without changing the others. The result equals training each client alone with
 //! [`fedpool_client::train::train`] (the equivalence test in `tests/tenancy.rs`).
 //!
-//! Memory: the backbone once; per client its adapters and two AdamW moments.
-//! Not built yet: LoRA in lockstep (per-row low-rank factors need batched hooks in the model).
+//! LoRA (AdaLoRA's SVD form) runs the same way: each factor is stacked with a leading client axis
+//! `[K, ...]`, each row gathers its client's P, λ, Q and head (per-row factors in the model's
+//! hooks, batched matmuls), and each client's loss adds its own orthogonality term.
+//!
+//! Memory: the backbone once; per client its adapters and two AdamW moments. AdaLoRA's importance
+//! scores are not tracked in lockstep (they do not change the adapters).
 
 use std::collections::HashMap;
 
@@ -152,26 +156,21 @@ pub fn train_lockstep(
     queries: &mut QueryCache,
     pad_id: u32,
 ) -> Result<Vec<ClientOutcome>, TenancyError> {
-    if spec.kind != AdapterKind::SsfPool || !spec.has_keys() || spec.pool_size < 2 {
-        return Err(TenancyError::Unsupported(
-            "lockstep training is built for FedIns SSF pools with at least two slots (LoRA: not yet)".into(),
-        ));
-    }
     if clients.is_empty() {
         return Ok(Vec::new());
+    }
+    if spec.kind == AdapterKind::Lora {
+        return train_lockstep_lora(model, spec, clients, pad_id);
+    }
+    if !spec.has_keys() || spec.pool_size < 2 {
+        return Err(TenancyError::Unsupported(
+            "lockstep training is built for FedIns SSF pools with at least two slots and for LoRA".into(),
+        ));
     }
     let k = clients.len();
     let p = spec.pool_size;
     let device = model.device().clone();
-    for (c, vc) in clients.iter().enumerate() {
-        vc.start.validate(spec).map_err(TrainError::from)?;
-        if vc.train.is_empty() || vc.config.batch_size == 0 {
-            return Err(TenancyError::Unsupported(format!("client {c} has no training examples or batch size 0")));
-        }
-        if vc.config.head_only || vc.config.lambda_match != clients[0].config.lambda_match {
-            return Err(TenancyError::Unsupported("all clients must share λ and train adapters, not a probe".into()));
-        }
-    }
+    check_clients(spec, clients)?;
 
     // The stacked pool: every tensor's slot axis concatenated over clients.
     let stacked_spec = PoolSpec { pool_size: k * p, ..spec.clone() };
@@ -237,15 +236,7 @@ pub fn train_lockstep(
             last_selection[c].insert(batch.example_ids[b], local);
         }
         let grads = total.backward()?;
-        let lrs: Vec<(f64, f64)> = clients
-            .iter()
-            .map(|vc| {
-                let c = &vc.config;
-                let head = c.head_lr.unwrap_or(c.lr);
-                (c.schedule.lr(c.lr, step, c.warmup_steps, c.steps), c.schedule.lr(head, step, c.warmup_steps, c.steps))
-            })
-            .collect();
-        optimizer.step(&grads, &active, &lrs)?;
+        optimizer.step(&grads, &active, &learning_rates(clients, step))?;
     }
 
     // Slice each client's rows back out.
@@ -267,6 +258,147 @@ pub fn train_lockstep(
             counter.usage().ok_or_else(|| TenancyError::Unsupported(format!("client {c} selected no slot")))?;
         let delta =
             pool.delta_from(vc.start).map_err(TrainError::from)?.restrict_to_slots(usage).map_err(TrainError::from)?;
+        outcomes.push(ClientOutcome {
+            pool,
+            delta,
+            train_loss: loss_sums[c] / vc.config.steps.max(1) as f64,
+            steps: vc.config.steps,
+            samples: samples[c],
+        });
+    }
+    Ok(outcomes)
+}
+
+/// Checks what every lockstep run needs of its clients.
+fn check_clients(spec: &PoolSpec, clients: &[VirtualClient<'_>]) -> Result<(), TenancyError> {
+    for (c, vc) in clients.iter().enumerate() {
+        vc.start.validate(spec).map_err(TrainError::from)?;
+        if vc.train.is_empty() || vc.config.batch_size == 0 {
+            return Err(TenancyError::Unsupported(format!("client {c} has no training examples or batch size 0")));
+        }
+        if vc.config.head_only || vc.config.lambda_match != clients[0].config.lambda_match {
+            return Err(TenancyError::Unsupported("all clients must share λ and train adapters, not a probe".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The learning rates `(adapters, head)` of every client at `step`.
+fn learning_rates(clients: &[VirtualClient<'_>], step: usize) -> Vec<(f64, f64)> {
+    clients
+        .iter()
+        .map(|vc| {
+            let c = &vc.config;
+            let head = c.head_lr.unwrap_or(c.lr);
+            (c.schedule.lr(c.lr, step, c.warmup_steps, c.steps), c.schedule.lr(head, step, c.warmup_steps, c.steps))
+        })
+        .collect()
+}
+
+/// LoRA in lockstep: every tensor stacked `[K, ...]`, per-row factors gathered by client.
+fn train_lockstep_lora(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    clients: &[VirtualClient<'_>],
+    pad_id: u32,
+) -> Result<Vec<ClientOutcome>, TenancyError> {
+    use candle_core::D;
+    use fedpool_client::model::{Hooks, Lora};
+    use fedpool_client::train::{orthogonality, AdapterTensors};
+    use std::collections::BTreeMap;
+
+    check_clients(spec, clients)?;
+    let k = clients.len();
+    let device = model.device().clone();
+    let head = spec.head.ok_or_else(|| TenancyError::Unsupported("the LoRA spec has no head".into()))?;
+    let is_head = |n: &str| n == fedpool_common::adapter::HEAD_WEIGHT || n == fedpool_common::adapter::HEAD_BIAS;
+    let mut stacked: BTreeMap<String, Var> = BTreeMap::new();
+    for name in clients[0].start.tensors.keys() {
+        let parts: Vec<Tensor> = clients
+            .iter()
+            .map(|vc| {
+                let t = vc.start.tensors[name]
+                    .to_candle(&device)
+                    .map_err(|e| TenancyError::Unsupported(format!("tensor {name}: {e}")))?;
+                Ok(t.unsqueeze(0)?)
+            })
+            .collect::<Result<_, TenancyError>>()?;
+        stacked.insert(name.clone(), Var::from_tensor(&Tensor::cat(&parts, 0)?)?);
+    }
+    let vars: Vec<(Var, bool)> = stacked.iter().map(|(n, v)| (v.clone(), is_head(n))).collect();
+    let mut optimizer = MaskedAdamW::new(vars, k, 1)?;
+    let mut orders: Vec<BatchOrder> =
+        clients.iter().map(|vc| BatchOrder::new(vc.train.len(), vc.config.batch_size, vc.config.seed)).collect();
+    let max_steps = clients.iter().map(|vc| vc.config.steps).max().unwrap_or(0);
+    let mut loss_sums = vec![0.0f64; k];
+    let mut samples = vec![0usize; k];
+    let scaling = f64::from(spec.lora_alpha) / spec.max_rank as f64;
+
+    for step in 0..max_steps {
+        let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
+        let (mut batch_rows, mut owner): (Vec<&Encoded>, Vec<u32>) = (Vec::new(), Vec::new());
+        for c in (0..k).filter(|&c| active[c]) {
+            for i in orders[c].next_batch() {
+                batch_rows.push(&clients[c].train[i]);
+                owner.push(c as u32);
+            }
+        }
+        let batch = Batch::pad(&batch_rows, pad_id, &device)?;
+        let counts: Vec<usize> = (0..k).map(|c| owner.iter().filter(|&&o| o as usize == c).count()).collect();
+        let idx = Tensor::from_slice(&owner, owner.len(), &device)?;
+        let rows = |name: &str| -> Result<Tensor, TenancyError> {
+            let v = stacked.get(name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
+            Ok(v.as_tensor().index_select(&idx, 0)?)
+        };
+        let mut hooks = Hooks::new();
+        for t in &spec.targets {
+            let q = rows(&format!("{}.lora_A.weight", t.name))?;
+            let lambda = rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?;
+            let p = rows(&format!("{}.lora_B.weight", t.name))?;
+            hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
+        }
+        let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
+        let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d]
+        let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L]
+        let logits = (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?;
+        debug_assert_eq!(logits.dim(1)?, head.num_labels);
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let ce = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let weights: Vec<f32> = owner.iter().map(|&c| 1.0 / counts[c as usize] as f32).collect();
+        let mut total = (&ce * Tensor::from_vec(weights, owner.len(), &device)?)?.sum_all()?;
+        let per_row: Vec<f32> = ce.to_vec1()?;
+        let mut orth_values = vec![0.0f64; k];
+        for c in (0..k).filter(|&c| active[c]) {
+            let weight = clients[c].config.orth_reg_weight;
+            if weight > 0.0 {
+                let own: BTreeMap<String, Tensor> = stacked
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().narrow(0, c, 1)?.squeeze(0)?)))
+                    .collect::<Result<_, candle_core::Error>>()?;
+                let orth = (orthogonality(&AdapterTensors::from_tensors(spec, false, own, &device))? * weight)?;
+                orth_values[c] = f64::from(orth.to_scalar::<f32>()?);
+                total = (total + orth)?;
+            }
+        }
+        for (r, &c) in owner.iter().enumerate() {
+            loss_sums[c as usize] += f64::from(per_row[r]) / counts[c as usize] as f64;
+            samples[c as usize] += 1;
+        }
+        for c in (0..k).filter(|&c| active[c]) {
+            loss_sums[c] += orth_values[c];
+        }
+        let grads = total.backward()?;
+        optimizer.step(&grads, &active, &learning_rates(clients, step))?;
+    }
+
+    let mut outcomes = Vec::with_capacity(k);
+    for (c, vc) in clients.iter().enumerate() {
+        let mut pool = vc.start.clone();
+        for (name, t) in pool.tensors.iter_mut() {
+            let data: Vec<f32> = stacked[name].as_tensor().narrow(0, c, 1)?.flatten_all()?.to_vec1()?;
+            *t = HostTensor::new(t.shape().to_vec(), data).map_err(|e| TenancyError::Unsupported(e.to_string()))?;
+        }
+        let delta = pool.delta_from(vc.start).map_err(TrainError::from)?;
         outcomes.push(ClientOutcome {
             pool,
             delta,

@@ -77,13 +77,17 @@ impl Ssf {
 
 /// LoRA in AdaLoRA's SVD form (Zhang et al. 2023) on one linear layer:
 /// `y = x Wᵀ + b + scaling · ((x Qᵀ) ⊙ λ) Pᵀ`, i.e. `ΔW = scaling · P diag(λ) Q`.
+///
+/// The factors are shared by the whole batch (`P [d_out, r]`, `λ [r]`, `Q [r, d_in]`), or given
+/// per row with a leading batch axis (`[B, d_out, r]`, `[B, r]`, `[B, r, d_in]`): the simulator
+/// runs many virtual clients' adapters in one batch that way.
 #[derive(Debug, Clone)]
 pub struct Lora {
-    /// Left singular factors P: `[d_out, r]`.
+    /// Left singular factors P: `[d_out, r]` (or `[B, d_out, r]`).
     pub p: Tensor,
-    /// Singular values λ: `[r]`.
+    /// Singular values λ: `[r]` (or `[B, r]`).
     pub lambda: Tensor,
-    /// Right singular factors Q: `[r, d_in]`.
+    /// Right singular factors Q: `[r, d_in]` (or `[B, r, d_in]`).
     pub q: Tensor,
     /// The scalar in front of the update, usually `alpha / r`.
     pub scaling: f64,
@@ -95,9 +99,14 @@ impl Lora {
         Self { p, lambda, q, scaling }
     }
 
-    /// The rank r (the length of λ).
+    /// The rank r (the length of λ's last axis).
     pub fn rank(&self) -> usize {
-        self.lambda.elem_count()
+        self.lambda.dims().last().copied().unwrap_or(0)
+    }
+
+    /// True when the factors are given per row (a leading batch axis).
+    pub fn per_row(&self) -> bool {
+        self.q.rank() == 3
     }
 
     /// The weight update `scaling · P diag(λ) Q`, shape `[d_out, d_in]`, for merging into W.
@@ -107,23 +116,34 @@ impl Lora {
     }
 
     /// Checks the factor shapes against the target's widths.
-    fn check(&self, name: &str, d_in: usize, d_out: usize) -> Result<()> {
+    fn check(&self, name: &str, d_in: usize, d_out: usize, batch: usize) -> Result<()> {
         let r = self.rank();
         let (p, l, q) = (self.p.dims(), self.lambda.dims(), self.q.dims());
-        if p != [d_out, r] || l != [r] || q != [r, d_in] {
+        let shared = p == [d_out, r] && l == [r] && q == [r, d_in];
+        let per_row = p == [batch, d_out, r] && l == [batch, r] && q == [batch, r, d_in];
+        if !(shared || per_row) {
             return Err(ModelError::HookShape {
                 name: name.to_string(),
                 message: format!(
                     "LoRA factors P {p:?}, λ {l:?}, Q {q:?} do not fit the layer: expected \
-                     P [{d_out}, r], λ [r], Q [r, {d_in}]"
+                     P [{d_out}, r], λ [r], Q [r, {d_in}] (or per row, with a leading axis {batch})"
                 ),
             });
         }
         Ok(())
     }
 
-    /// The update term for `x: [N, d_in]`: `scaling · ((x Qᵀ) ⊙ λ) Pᵀ`, shape `[N, d_out]`.
+    /// The update term for `x: [N, d_in]` (N = B·T, rows in batch order): `scaling · ((x Qᵀ) ⊙ λ)
+    /// Pᵀ`, shape `[N, d_out]`; with per-row factors each row's tokens use that row's factors.
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if self.per_row() {
+            let (n, d_in) = x.dims2()?;
+            let b = self.q.dim(0)?;
+            let x = x.reshape((b, n / b.max(1), d_in))?;
+            let low = x.matmul(&self.q.transpose(1, 2)?)?.broadcast_mul(&self.lambda.unsqueeze(1)?)?;
+            let out = low.matmul(&self.p.transpose(1, 2)?)?;
+            return Ok((out.reshape((n, ()))? * self.scaling)?);
+        }
         let low = x.matmul(&self.q.t()?)?.broadcast_mul(&self.lambda)?;
         Ok((low.matmul(&self.p.t()?)? * self.scaling)?)
     }
@@ -202,7 +222,7 @@ impl Hooks {
                 name: name.clone(),
                 list: "lora_targets",
             })?;
-            lora.check(name, *d_in, *d_out)?;
+            lora.check(name, *d_in, *d_out, batch)?;
         }
         Ok(())
     }

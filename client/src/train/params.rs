@@ -111,6 +111,17 @@ impl<'a> AdapterTensors<'a> {
         Ok(Self { spec, head_only, tensors, device: device.clone() })
     }
 
+    /// A view of given tensors (tracked or not) by name, e.g. one client's slice of stacked
+    /// `Var`s in the simulator.
+    pub fn from_tensors(
+        spec: &'a PoolSpec,
+        head_only: bool,
+        tensors: BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Self {
+        Self { spec, head_only, tensors, device: device.clone() }
+    }
+
     /// The device the tensors live on.
     pub fn device(&self) -> &Device {
         &self.device

@@ -2,8 +2,8 @@
 //! by the same round engine, aggregation, codec and model code as a deployment.
 //!
 //! Built so far (issue "Simulator"): client data partitions ([`partition`]) and lockstep training
-//! of virtual clients (FedIns SSF pools and LoRA) over one shared backbone ([`tenancy`]). In
-//! progress: the network model ([`network`]), reports and plots ([`report`]). Not yet: the
+//! of virtual clients (FedIns SSF pools and LoRA) over one shared backbone ([`tenancy`]), the
+//! network and device model ([`network`]), and reports and plots ([`report`]). Not yet: the
 //! `fedpool-sim` binary that drives the round engine with them.
 
 pub mod network;

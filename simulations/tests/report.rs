@@ -1,0 +1,244 @@
+//! The simulator's outputs: `rounds.csv` has DESIGN.md's exact header, reads back exactly what was
+//! written and is byte-identical for the same rows; `Summary::from_rows` takes the last round's
+//! metrics and sums the rest; `plot_runs` writes three charts as PNG and SVG with every run in the
+//! legend, and refuses an empty run list.
+
+use std::path::PathBuf;
+
+use fedpool_sim::report::{
+    plot_runs, read_rounds_csv, write_rounds_csv, write_summary, ReportError, RoundRow, Summary, ROUNDS_CSV_HEADER,
+};
+
+/// Rows whose numbers (with `offset` 0) are binary fractions exact at the written precision (6
+/// decimals for metrics, 3 for seconds), so that reading them back must give the same `f64`s.
+fn rows(n: u64, offset: f64) -> Vec<RoundRow> {
+    (1..=n)
+        .map(|round| RoundRow {
+            round,
+            accuracy: if round == 2 { None } else { Some(0.5 + offset + 0.0625 * round as f64) },
+            macro_f1: if round == 2 { None } else { Some(0.375 + offset + 0.03125 * round as f64) },
+            loss: if round == 2 { None } else { Some(1.25 - 0.125 * round as f64) },
+            bytes_up: 1_000_000 * round + 17,
+            bytes_down: 2_000_000 * round,
+            sim_seconds: 12.5 * round as f64 + 0.125 * (round * round) as f64,
+            wall_seconds: 0.75 + 0.125 * round as f64,
+        })
+        .collect()
+}
+
+#[test]
+fn rounds_csv_header_is_exactly_designs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    write_rounds_csv(&path, &rows(3, 0.0)).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().next(), Some("round,accuracy,macro_f1,loss,bytes_up,bytes_down,sim_seconds,wall_seconds"));
+    assert_eq!(ROUNDS_CSV_HEADER.join(","), text.lines().next().unwrap());
+    assert_eq!(text.lines().count(), 4, "header + one line per row:\n{text}");
+}
+
+#[test]
+fn rounds_csv_written_then_read_gives_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    let written = rows(7, 0.0);
+    write_rounds_csv(&path, &written).unwrap();
+    assert_eq!(read_rounds_csv(&path).unwrap(), written);
+}
+
+#[test]
+fn rounds_csv_numbers_have_fixed_decimals() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    let row = RoundRow {
+        round: 3,
+        accuracy: Some(0.1234567),
+        macro_f1: Some(1.0),
+        loss: None,
+        bytes_up: 42,
+        bytes_down: 0,
+        sim_seconds: 7.0,
+        wall_seconds: 0.12345,
+    };
+    write_rounds_csv(&path, std::slice::from_ref(&row)).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().nth(1), Some("3,0.123457,1.000000,,42,0,7.000,0.123"));
+    // Reading back gives the written precision, and writing that again gives the same bytes.
+    let back = read_rounds_csv(&path).unwrap();
+    assert_eq!(back[0].accuracy, Some(0.123457));
+    assert_eq!(back[0].wall_seconds, 0.123);
+    let again = dir.path().join("again.csv");
+    write_rounds_csv(&again, &back).unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), text.into_bytes());
+}
+
+#[test]
+fn same_rows_give_byte_identical_rounds_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+    // Numbers that are not exact at the written precision: rounding must be deterministic too.
+    let mut rows = rows(5, 1.0 / 3.0);
+    rows[0].sim_seconds = std::f64::consts::PI;
+    write_rounds_csv(&a, &rows).unwrap();
+    write_rounds_csv(&b, &rows).unwrap();
+    let (a, b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn missing_accuracy_round_trips_as_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    let written = rows(3, 0.0);
+    assert_eq!(written[1].accuracy, None);
+    write_rounds_csv(&path, &written).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.lines().nth(2).unwrap().starts_with("2,,,,"), "{text}");
+    let back = read_rounds_csv(&path).unwrap();
+    assert_eq!(back[1].accuracy, None);
+    assert_eq!(back[1].macro_f1, None);
+    assert_eq!(back[1].loss, None);
+    assert_eq!(back[0].accuracy, Some(0.5625));
+}
+
+#[test]
+fn rounds_csv_with_another_header_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    std::fs::write(&path, "round,acc,macro_f1,loss,bytes_up,bytes_down,sim_seconds,wall_seconds\n").unwrap();
+    let err = read_rounds_csv(&path).unwrap_err();
+    assert!(matches!(err, ReportError::Header { .. }), "{err:?}");
+    assert!(err.to_string().contains("rounds.csv"), "{err}");
+}
+
+#[test]
+fn rounds_csv_with_a_bad_number_names_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    let mut text = format!("{}\n", ROUNDS_CSV_HEADER.join(","));
+    text.push_str("1,0.5,0.5,0.5,10,10,1.000,1.000\n");
+    text.push_str("2,0.5,0.5,0.5,ten,10,2.000,1.000\n");
+    std::fs::write(&path, text).unwrap();
+    let err = read_rounds_csv(&path).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, ReportError::Field { line: 3, column: "bytes_up", .. }), "{err:?}");
+    assert!(message.contains("rounds.csv") && message.contains("\"ten\""), "{message}");
+}
+
+#[test]
+fn reading_a_missing_rounds_csv_is_an_io_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nowhere.csv");
+    let err = read_rounds_csv(&path).unwrap_err();
+    assert!(matches!(err, ReportError::Io { .. }), "{err:?}");
+    assert!(err.to_string().contains("nowhere.csv"), "{err}");
+}
+
+#[test]
+fn summary_takes_last_metrics_and_sums_bytes_and_wall_time() {
+    let row = |round, accuracy: Option<f64>, bytes_up, bytes_down, sim_seconds, wall_seconds| RoundRow {
+        round,
+        accuracy,
+        macro_f1: accuracy.map(|a| a - 0.1),
+        loss: None,
+        bytes_up,
+        bytes_down,
+        sim_seconds,
+        wall_seconds,
+    };
+    let rows = vec![
+        row(1, Some(0.6), 100, 1_000, 10.0, 1.5),
+        row(2, Some(0.8), 200, 2_000, 25.0, 2.0),
+        row(3, Some(0.75), 300, 3_000, 45.0, 0.5),
+    ];
+    let s = Summary::from_rows("fedins", &rows, 1234, 2);
+    assert_eq!(
+        s,
+        Summary {
+            name: "fedins".into(),
+            accuracy: Some(0.75),
+            macro_f1: Some(0.75 - 0.1),
+            examples: 1234,
+            wall_seconds: 4.0,
+            rounds: 3,
+            bytes_up: 600,
+            bytes_down: 6_000,
+            sim_seconds: 45.0,
+            best_accuracy: Some(0.8),
+            missed_deadline: 2,
+        }
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("summary.json");
+    write_summary(&path, &s).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\n  \"accuracy\": 0.75,"), "pretty JSON:\n{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["accuracy", "macro_f1", "examples", "wall_seconds", "rounds", "bytes_up", "bytes_down"] {
+        assert!(json.get(key).is_some(), "DESIGN.md requires {key} in summary.json:\n{text}");
+    }
+    assert_eq!(serde_json::from_str::<Summary>(&text).unwrap(), s);
+}
+
+#[test]
+fn summary_of_an_unevaluated_last_round_has_no_final_accuracy() {
+    let mut rows = rows(3, 0.0);
+    rows[2].accuracy = None;
+    let s = Summary::from_rows("x", &rows, 0, 0);
+    assert_eq!(s.accuracy, None);
+    assert_eq!(s.best_accuracy, Some(0.5625));
+    let empty = Summary::from_rows("empty", &[], 0, 0);
+    assert_eq!((empty.rounds, empty.bytes_up, empty.accuracy, empty.sim_seconds), (0, 0, None, 0.0));
+}
+
+#[test]
+fn plot_runs_writes_three_charts_as_png_and_svg_with_every_run_in_the_legend() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plots");
+    let runs = vec![("fedavg-lora".to_string(), rows(5, 0.0)), ("fedins-pool".to_string(), rows(5, 0.05))];
+    let written = plot_runs(&out, &runs).unwrap();
+
+    let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let expected: Vec<String> = ["accuracy_vs_round", "accuracy_vs_bytes", "sim_time_per_round"]
+        .iter()
+        .flat_map(|stem| [format!("{stem}.png"), format!("{stem}.svg")])
+        .collect();
+    assert_eq!(names, expected);
+
+    for path in &written {
+        assert_eq!(path.parent(), Some(out.as_path()));
+        let bytes = std::fs::read(path).unwrap();
+        if path.extension().is_some_and(|e| e == "png") {
+            assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", path.display());
+            assert!(bytes.len() > 2048, "{} is only {} bytes", path.display(), bytes.len());
+        } else {
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(text.contains("<svg"), "{} is not an SVG", path.display());
+            for (name, _) in &runs {
+                assert!(text.contains(name.as_str()), "{} has no legend entry {name}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn plot_runs_draws_a_run_without_any_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut silent = rows(4, 0.0);
+    silent.iter_mut().for_each(|r| r.accuracy = None);
+    let written = plot_runs(dir.path(), &[("silent".to_string(), silent)]).unwrap();
+    assert_eq!(written.len(), 6);
+    assert!(written.iter().all(|p: &PathBuf| p.exists()));
+}
+
+#[test]
+fn plot_runs_with_no_runs_is_an_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plots");
+    let err = plot_runs(&out, &[]).unwrap_err();
+    assert!(matches!(err, ReportError::NoRuns { .. }), "{err:?}");
+    assert!(err.to_string().contains("plots"), "{err}");
+    assert!(!out.exists());
+}

@@ -187,7 +187,21 @@ lr = 0.01
     }
 }
 
-/// The path of a workspace binary, built on demand (same profile and target folder as the tests).
+/// The newest modification time of the files under `dir` (recursively).
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() { newest_mtime(&path) } else { entry.metadata().ok()?.modified().ok() };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// The path of a workspace binary (`fedpool-server`, `fedpool-client`), next to the test
+/// executable. `cargo test --workspace` has built it already (the server's and the client's own
+/// tests use it); it is rebuilt here only when missing or older than the sources it comes from,
+/// because a `cargo build -p` unifies features differently and would recompile shared crates.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/<profile>/<name>
@@ -195,14 +209,20 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-    let package = name.to_string();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources = ["common/src", "transport/src", "client/src", "server/src"]
+        .iter()
+        .filter_map(|d| newest_mtime(&root.join(d)))
+        .max();
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    if built.is_some() && built >= sources {
+        return path;
+    }
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "--manifest-path"]).arg(&manifest).args(["-p", &package, "--bin", name]);
+    cmd.args(["build", "--quiet", "--manifest-path"]).arg(root.join("Cargo.toml")).args(["-p", name, "--bin", name]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    // Always ask cargo: it is a no-op when the binary is fresh, and rebuilds it when stale.
     let status = cmd.status().expect("cargo build");
     assert!(status.success(), "building {name} failed");
     assert!(path.is_file(), "{} missing after the build", path.display());

@@ -147,8 +147,9 @@ impl MaskedAdamW {
     }
 }
 
-/// Trains `clients` (all on `spec`, a FedIns SSF pool with P > 1 slots) in lockstep over one
-/// shared `model`. `queries` caches frozen features across calls (keyed by client and example).
+/// Trains `clients` (all on `spec`: a FedIns SSF pool with P > 1 slots, or LoRA) in lockstep over
+/// one shared `model`, every step in one pass. `queries` caches frozen features across calls
+/// (keyed by client and example).
 pub fn train_lockstep(
     model: &BertEncoder,
     spec: &PoolSpec,
@@ -156,11 +157,26 @@ pub fn train_lockstep(
     queries: &mut QueryCache,
     pad_id: u32,
 ) -> Result<Vec<ClientOutcome>, TenancyError> {
+    train_lockstep_bounded(model, spec, clients, queries, pad_id, usize::MAX)
+}
+
+/// [`train_lockstep`] with at most `max_rows_per_pass` rows in one forward/backward (at least one
+/// client per pass): a step runs its clients in groups, each group its own pass and optimizer
+/// update, so memory is bounded by the group, not by the number of clients. Clients share no
+/// parameters, so the result does not depend on the grouping.
+pub fn train_lockstep_bounded(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    clients: &[VirtualClient<'_>],
+    queries: &mut QueryCache,
+    pad_id: u32,
+    max_rows_per_pass: usize,
+) -> Result<Vec<ClientOutcome>, TenancyError> {
     if clients.is_empty() {
         return Ok(Vec::new());
     }
     if spec.kind == AdapterKind::Lora {
-        return train_lockstep_lora(model, spec, clients, pad_id);
+        return train_lockstep_lora(model, spec, clients, pad_id, max_rows_per_pass);
     }
     if !spec.has_keys() || spec.pool_size < 2 {
         return Err(TenancyError::Unsupported(
@@ -202,41 +218,44 @@ pub fn train_lockstep(
     let lambda = clients[0].config.lambda_match;
 
     for step in 0..max_steps {
-        let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
-        let mut batch_rows: Vec<&Encoded> = Vec::new();
-        let mut owner: Vec<usize> = Vec::new();
-        for c in (0..k).filter(|&c| active[c]) {
-            for i in orders[c].next_batch() {
-                batch_rows.push(&rows[c][i]);
-                owner.push(c);
+        let stepping: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
+        for group in pass_groups(clients, &stepping, max_rows_per_pass) {
+            let active: Vec<bool> = (0..k).map(|c| group.contains(&c)).collect();
+            let mut batch_rows: Vec<&Encoded> = Vec::new();
+            let mut owner: Vec<usize> = Vec::new();
+            for c in (0..k).filter(|&c| active[c]) {
+                for i in orders[c].next_batch() {
+                    batch_rows.push(&rows[c][i]);
+                    owner.push(c);
+                }
             }
+            let batch = Batch::pad(&batch_rows, pad_id, &device)?;
+            queries.fill(model, batch_rows.iter().copied(), batch_rows.len(), pad_id)?;
+            let q = queries.batch(&batch.example_ids, &device)?;
+            // Each row may pick only its own client's slots; each client's loss is its own mean.
+            let mut bias = vec![-1.0e4f32; owner.len() * k * p];
+            let mut weights = vec![0f32; owner.len()];
+            let count = |c: usize| owner.iter().filter(|&&o| o == c).count();
+            let counts: Vec<usize> = (0..k).map(count).collect();
+            for (b, &c) in owner.iter().enumerate() {
+                bias[b * k * p + c * p..b * k * p + (c + 1) * p].iter_mut().for_each(|x| *x = 0.0);
+                weights[b] = 1.0 / counts[c] as f32;
+            }
+            let bias = Tensor::from_vec(bias, (owner.len(), k * p), &device)?;
+            let weights = Tensor::from_vec(weights, owner.len(), &device)?;
+            let adapters = params.tracked(&stacked_spec, false);
+            let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
+            let total = (&out.loss_per_example * &weights)?.sum_all()?;
+            let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
+            for (b, &c) in owner.iter().enumerate() {
+                loss_sums[c] += f64::from(per_row[b]) / counts[c] as f64;
+                samples[c] += 1;
+                let local: Vec<u32> = out.selection.row(b).iter().map(|&s| s - (c * p) as u32).collect();
+                last_selection[c].insert(batch.example_ids[b], local);
+            }
+            let grads = total.backward()?;
+            optimizer.step(&grads, &active, &learning_rates(clients, step))?;
         }
-        let batch = Batch::pad(&batch_rows, pad_id, &device)?;
-        queries.fill(model, batch_rows.iter().copied(), batch_rows.len(), pad_id)?;
-        let q = queries.batch(&batch.example_ids, &device)?;
-        // Each row may pick only its own client's slots; each client's loss is its own mean.
-        let mut bias = vec![-1.0e4f32; owner.len() * k * p];
-        let mut weights = vec![0f32; owner.len()];
-        let count = |c: usize| owner.iter().filter(|&&o| o == c).count();
-        let counts: Vec<usize> = (0..k).map(count).collect();
-        for (b, &c) in owner.iter().enumerate() {
-            bias[b * k * p + c * p..b * k * p + (c + 1) * p].iter_mut().for_each(|x| *x = 0.0);
-            weights[b] = 1.0 / counts[c] as f32;
-        }
-        let bias = Tensor::from_vec(bias, (owner.len(), k * p), &device)?;
-        let weights = Tensor::from_vec(weights, owner.len(), &device)?;
-        let adapters = params.tracked(&stacked_spec, false);
-        let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
-        let total = (&out.loss_per_example * &weights)?.sum_all()?;
-        let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
-        for (b, &c) in owner.iter().enumerate() {
-            loss_sums[c] += f64::from(per_row[b]) / counts[c] as f64;
-            samples[c] += 1;
-            let local: Vec<u32> = out.selection.row(b).iter().map(|&s| s - (c * p) as u32).collect();
-            last_selection[c].insert(batch.example_ids[b], local);
-        }
-        let grads = total.backward()?;
-        optimizer.step(&grads, &active, &learning_rates(clients, step))?;
     }
 
     // Slice each client's rows back out.
@@ -267,6 +286,27 @@ pub fn train_lockstep(
         });
     }
     Ok(outcomes)
+}
+
+/// The clients stepping this step, in passes of at most `max_rows` rows (a client's batch is never
+/// split; a client larger than the limit has a pass of its own).
+fn pass_groups(clients: &[VirtualClient<'_>], stepping: &[bool], max_rows: usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut rows = 0usize;
+    for c in (0..clients.len()).filter(|&c| stepping[c]) {
+        let b = clients[c].config.batch_size;
+        match groups.last_mut() {
+            Some(g) if rows + b <= max_rows => {
+                g.push(c);
+                rows += b;
+            }
+            _ => {
+                groups.push(vec![c]);
+                rows = b;
+            }
+        }
+    }
+    groups
 }
 
 /// Checks what every lockstep run needs of its clients.
@@ -301,6 +341,7 @@ fn train_lockstep_lora(
     spec: &PoolSpec,
     clients: &[VirtualClient<'_>],
     pad_id: u32,
+    max_rows_per_pass: usize,
 ) -> Result<Vec<ClientOutcome>, TenancyError> {
     use candle_core::D;
     use fedpool_client::model::{Hooks, Lora};
@@ -335,60 +376,63 @@ fn train_lockstep_lora(
     let scaling = f64::from(spec.lora_alpha) / spec.max_rank as f64;
 
     for step in 0..max_steps {
-        let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
-        let (mut batch_rows, mut owner): (Vec<&Encoded>, Vec<u32>) = (Vec::new(), Vec::new());
-        for c in (0..k).filter(|&c| active[c]) {
-            for i in orders[c].next_batch() {
-                batch_rows.push(&clients[c].train[i]);
-                owner.push(c as u32);
+        let stepping: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
+        for group in pass_groups(clients, &stepping, max_rows_per_pass) {
+            let active: Vec<bool> = (0..k).map(|c| group.contains(&c)).collect();
+            let (mut batch_rows, mut owner): (Vec<&Encoded>, Vec<u32>) = (Vec::new(), Vec::new());
+            for c in (0..k).filter(|&c| active[c]) {
+                for i in orders[c].next_batch() {
+                    batch_rows.push(&clients[c].train[i]);
+                    owner.push(c as u32);
+                }
             }
-        }
-        let batch = Batch::pad(&batch_rows, pad_id, &device)?;
-        let counts: Vec<usize> = (0..k).map(|c| owner.iter().filter(|&&o| o as usize == c).count()).collect();
-        let idx = Tensor::from_slice(&owner, owner.len(), &device)?;
-        let rows = |name: &str| -> Result<Tensor, TenancyError> {
-            let v = stacked.get(name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
-            Ok(v.as_tensor().index_select(&idx, 0)?)
-        };
-        let mut hooks = Hooks::new();
-        for t in &spec.targets {
-            let q = rows(&format!("{}.lora_A.weight", t.name))?;
-            let lambda = rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?;
-            let p = rows(&format!("{}.lora_B.weight", t.name))?;
-            hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
-        }
-        let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
-        let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d]
-        let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L]
-        let logits = (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?;
-        debug_assert_eq!(logits.dim(1)?, head.num_labels);
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let ce = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-        let weights: Vec<f32> = owner.iter().map(|&c| 1.0 / counts[c as usize] as f32).collect();
-        let mut total = (&ce * Tensor::from_vec(weights, owner.len(), &device)?)?.sum_all()?;
-        let per_row: Vec<f32> = ce.to_vec1()?;
-        let mut orth_values = vec![0.0f64; k];
-        for c in (0..k).filter(|&c| active[c]) {
-            let weight = clients[c].config.orth_reg_weight;
-            if weight > 0.0 {
-                let own: BTreeMap<String, Tensor> = stacked
-                    .iter()
-                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().narrow(0, c, 1)?.squeeze(0)?)))
-                    .collect::<Result<_, candle_core::Error>>()?;
-                let orth = (orthogonality(&AdapterTensors::from_tensors(spec, false, own, &device))? * weight)?;
-                orth_values[c] = f64::from(orth.to_scalar::<f32>()?);
-                total = (total + orth)?;
+            let batch = Batch::pad(&batch_rows, pad_id, &device)?;
+            let counts: Vec<usize> = (0..k).map(|c| owner.iter().filter(|&&o| o as usize == c).count()).collect();
+            let idx = Tensor::from_slice(&owner, owner.len(), &device)?;
+            let rows = |name: &str| -> Result<Tensor, TenancyError> {
+                let v = stacked.get(name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
+                Ok(v.as_tensor().index_select(&idx, 0)?)
+            };
+            let mut hooks = Hooks::new();
+            for t in &spec.targets {
+                let q = rows(&format!("{}.lora_A.weight", t.name))?;
+                let lambda = rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?;
+                let p = rows(&format!("{}.lora_B.weight", t.name))?;
+                hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
             }
+            let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
+            let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d]
+            let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L]
+            let logits = (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?;
+            debug_assert_eq!(logits.dim(1)?, head.num_labels);
+            let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let ce = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+            let weights: Vec<f32> = owner.iter().map(|&c| 1.0 / counts[c as usize] as f32).collect();
+            let mut total = (&ce * Tensor::from_vec(weights, owner.len(), &device)?)?.sum_all()?;
+            let per_row: Vec<f32> = ce.to_vec1()?;
+            let mut orth_values = vec![0.0f64; k];
+            for c in (0..k).filter(|&c| active[c]) {
+                let weight = clients[c].config.orth_reg_weight;
+                if weight > 0.0 {
+                    let own: BTreeMap<String, Tensor> = stacked
+                        .iter()
+                        .map(|(n, v)| Ok((n.clone(), v.as_tensor().narrow(0, c, 1)?.squeeze(0)?)))
+                        .collect::<Result<_, candle_core::Error>>()?;
+                    let orth = (orthogonality(&AdapterTensors::from_tensors(spec, false, own, &device))? * weight)?;
+                    orth_values[c] = f64::from(orth.to_scalar::<f32>()?);
+                    total = (total + orth)?;
+                }
+            }
+            for (r, &c) in owner.iter().enumerate() {
+                loss_sums[c as usize] += f64::from(per_row[r]) / counts[c as usize] as f64;
+                samples[c as usize] += 1;
+            }
+            for c in (0..k).filter(|&c| active[c]) {
+                loss_sums[c] += orth_values[c];
+            }
+            let grads = total.backward()?;
+            optimizer.step(&grads, &active, &learning_rates(clients, step))?;
         }
-        for (r, &c) in owner.iter().enumerate() {
-            loss_sums[c as usize] += f64::from(per_row[r]) / counts[c as usize] as f64;
-            samples[c as usize] += 1;
-        }
-        for c in (0..k).filter(|&c| active[c]) {
-            loss_sums[c] += orth_values[c];
-        }
-        let grads = total.backward()?;
-        optimizer.step(&grads, &active, &learning_rates(clients, step))?;
     }
 
     let mut outcomes = Vec::with_capacity(k);

@@ -10,7 +10,7 @@ use fedpool_client::train::{
     self, encode_examples, tokenizer_for_training, Encoded, QueryCache, Silent, TrainConfig, TrainData,
 };
 use fedpool_common::adapter::AdapterPool;
-use fedpool_sim::tenancy::{train_lockstep, VirtualClient};
+use fedpool_sim::tenancy::{train_lockstep, train_lockstep_bounded, VirtualClient};
 
 fn examples(dir: &std::path::Path, n: usize, seed: u64) -> Vec<Encoded> {
     let tokenizer = tokenizer_for_training(&dir.join("tokenizer.json"), 32).unwrap();
@@ -64,6 +64,14 @@ fn lockstep_equals_alone(options: AdapterOptions, tolerance: f64) {
         (0..4).map(|c| VirtualClient { train: &data[c], start: &starts[c], config: configs[c].clone() }).collect();
     let mut shared = QueryCache::new(model.config().hidden_size);
     let lockstep = train_lockstep(&model, &spec, &clients, &mut shared, 0).unwrap();
+    // In passes of at most 10 rows (groups of one or two clients): the same result.
+    let mut again = QueryCache::new(model.config().hidden_size);
+    let bounded = train_lockstep_bounded(&model, &spec, &clients, &mut again, 0, 10).unwrap();
+    for (a, b) in lockstep.iter().zip(&bounded) {
+        for (name, t) in &a.pool.tensors {
+            assert!(relative(b.pool.tensors[name].data(), t.data()) <= tolerance, "bounded passes change {name}");
+        }
+    }
 
     for c in 0..4 {
         let mut own = QueryCache::new(model.config().hidden_size);

@@ -111,3 +111,27 @@ fn the_server_killed_mid_round_restarts_and_the_clients_come_back_by_themselves(
         assert!(c.log_text().contains("reconnecting"), "it reconnected by itself:\n{}", c.log_text());
     }
 }
+
+#[test]
+fn sigterm_during_an_upload_stops_the_client_cleanly_and_keeps_its_residual() {
+    let fed = Federation::new(&["c1", "c2"]);
+    fed.write_server_config(3, 2, 2, "30s", "eval_deadline = \"5s\"");
+    for n in ["c1", "c2"] {
+        fed.write_client_config(n, "model", "quantization = \"int8\"\ntop_k = 0.5");
+    }
+    let _server = start_server(&fed, "server.log");
+    let _c1 = start_client(&fed, "c1", "c1.log", &[]);
+    let stall = [("FEDPOOL_FAULT_STALL_UPLOAD", "60s"), ("FEDPOOL_FAULT_STALL_ROUND", "2")];
+    let mut c2 = start_client(&fed, "c2", "c2.log", &stall);
+    c2.wait_log("upload stalled", LONG);
+    let residual = fed.path("client-c2/residual.safetensors");
+    let before = std::fs::read(&residual).expect("round 1's residual");
+
+    let t = std::time::Instant::now();
+    let status = std::process::Command::new("kill").args(["-TERM", &c2.child.id().to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -TERM");
+    assert!(c2.wait_exit(Duration::from_secs(10)), "exit status 0 on SIGTERM:\n{}", c2.log_text());
+    assert!(t.elapsed() < Duration::from_secs(10), "it did not wait out the 60 s stall");
+    assert!(c2.log_text().contains("upload in flight is abandoned"), "{}", c2.log_text());
+    assert_eq!(std::fs::read(&residual).expect("residual"), before, "the abandoned upload left the residual as it was");
+}

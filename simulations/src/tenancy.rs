@@ -275,15 +275,7 @@ pub fn train_lockstep_bounded(
         }
         let usage: SlotUsage =
             counter.usage().ok_or_else(|| TenancyError::Unsupported(format!("client {c} selected no slot")))?;
-        let delta =
-            pool.delta_from(vc.start).map_err(TrainError::from)?.restrict_to_slots(usage).map_err(TrainError::from)?;
-        outcomes.push(ClientOutcome {
-            pool,
-            delta,
-            train_loss: loss_sums[c] / vc.config.steps.max(1) as f64,
-            steps: vc.config.steps,
-            samples: samples[c],
-        });
+        outcomes.push(outcome(vc, pool, Some(usage), loss_sums[c], samples[c])?);
     }
     Ok(outcomes)
 }
@@ -307,6 +299,23 @@ fn pass_groups(clients: &[VirtualClient<'_>], stepping: &[bool], max_rows: usize
         }
     }
     groups
+}
+
+/// A client's outcome from its trained pool: the delta from its start (restricted to the used
+/// slots with `usage`), its mean loss over its steps.
+fn outcome(
+    vc: &VirtualClient<'_>,
+    pool: AdapterPool,
+    usage: Option<SlotUsage>,
+    loss_sum: f64,
+    samples: usize,
+) -> Result<ClientOutcome, TenancyError> {
+    let mut delta = pool.delta_from(vc.start).map_err(TrainError::from)?;
+    if let Some(u) = usage {
+        delta = delta.restrict_to_slots(u).map_err(TrainError::from)?;
+    }
+    let steps = vc.config.steps;
+    Ok(ClientOutcome { pool, delta, train_loss: loss_sum / steps.max(1) as f64, steps, samples })
 }
 
 /// Checks what every lockstep run needs of its clients.
@@ -442,14 +451,7 @@ fn train_lockstep_lora(
             let data: Vec<f32> = stacked[name].as_tensor().narrow(0, c, 1)?.flatten_all()?.to_vec1()?;
             *t = HostTensor::new(t.shape().to_vec(), data).map_err(|e| TenancyError::Unsupported(e.to_string()))?;
         }
-        let delta = pool.delta_from(vc.start).map_err(TrainError::from)?;
-        outcomes.push(ClientOutcome {
-            pool,
-            delta,
-            train_loss: loss_sums[c] / vc.config.steps.max(1) as f64,
-            steps: vc.config.steps,
-            samples: samples[c],
-        });
+        outcomes.push(outcome(vc, pool, None, loss_sums[c], samples[c])?);
     }
     Ok(outcomes)
 }

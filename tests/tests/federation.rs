@@ -110,7 +110,7 @@ async fn three_clients_three_rounds_and_the_global_is_the_merge_of_what_they_sen
 async fn top_10_percent_int8_uploads_are_at_most_6_percent_of_the_fp32_delta() {
     // FedIns' pool (25 slots, top-3) on BERT-base-wide tensors (768), two layers. Each tensor
     // carries a fixed overhead (its name, shape, lengths: ~60 bytes); with the few slots a short
-    // run on 48 examples uses, MiniLM-wide tensors (384) put it at 6.0–6.2% here, while on the real
+    // run on 48 examples uses, MiniLM-wide tensors (384) put it at 6.0–6.3% here, while on the real
     // demo (MiniLM, thousands of examples, more slots used) the server counted 5.3% (README).
     let model = fedpool_client::model::BertConfig {
         hidden_size: 768,

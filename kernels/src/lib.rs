@@ -1,6 +1,11 @@
-//! fedpool-kernels: numeric hot paths, each with a CPU reference implementation and a CUDA one
-//! behind the `cuda` feature: per-row adapter gather (SSF, LoRA), block quantization, weighted
-//! streaming accumulate, top-k.
+//! fedpool-kernels: numeric hot paths, each with a CPU path and a CUDA one behind the `cuda`
+//! feature.
 //!
-//! Not built yet: this crate holds its doc comment only. The CPU reference versions of block
-//! quantization and top-k live in `fedpool_common::codec` today.
+//! Built: [`frozen::frozen_matmul`], the backbone's linear layers with a backward that skips the
+//! frozen weights' gradients (a third of a training step's matmul work). Planned (DESIGN.md):
+//! per-row adapter gather, block quantization, weighted streaming accumulate, top-k; the CPU
+//! versions of quantization and top-k live in `fedpool_common::codec` today.
+
+pub mod frozen;
+
+pub use frozen::frozen_matmul;

@@ -200,7 +200,8 @@ impl Linear {
     fn forward(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x = x.reshape((b * t, d_in))?;
-        let mut y = x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        // The weight is frozen: its gradient is never needed (fedpool_kernels::frozen).
+        let mut y = fedpool_kernels::frozen_matmul(&x, &self.weight.t()?)?.broadcast_add(&self.bias)?;
         if let Some(lora) = hooks.lora(&self.name) {
             y = (y + lora.apply(&x)?)?;
         }

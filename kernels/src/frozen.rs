@@ -1,0 +1,117 @@
+//! `x · W` for a frozen `W` (the backbone's linear layers under adapters), with a backward that
+//! computes only the gradient of `x`.
+//!
+//! candle's matmul backward computes the gradient of both operands, whether or not the right one
+//! is trainable: for a frozen backbone that is a third of a training step's matmul work (and a
+//! gradient the size of every weight) thrown away. [`frozen_matmul`] computes the product with
+//! `x` detached and attaches it to `x` through a [`CustomOp1`] whose backward is `∂y · Wᵀ` only,
+//! the same expression candle uses for the left operand, so gradients are bitwise the same.
+//!
+//! Device-neutral: the product is candle's own matmul on whatever device `x` lives; the op's
+//! forward only hands that result over (CPU, and CUDA with the `cuda` feature).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Storage, Tensor};
+
+/// `x.matmul(w)` where `w` is frozen: the same value, and in a backward pass only `x` gets a
+/// gradient. When `x` carries no gradient (inference) this is a plain matmul.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.matmul(w);
+    }
+    let y = x.detach().matmul(w)?.contiguous()?;
+    x.apply_op1(FrozenMatmul { product: Mutex::new(Some(y)), w: w.clone() })
+}
+
+/// The op: holds the product until its forward hands it over, and `w` for the backward.
+struct FrozenMatmul {
+    product: Mutex<Option<Tensor>>,
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    /// The product, taken once (so it is not kept alive twice by the graph).
+    fn take(&self) -> Result<Tensor> {
+        self.product
+            .lock()
+            .map_err(|_| Error::Msg("frozen-matmul: lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| Error::Msg("frozen-matmul: forward run twice".into()))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, _x: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) if layout.is_contiguous() && layout.start_offset() == 0 => {
+                Ok((s.clone(), y.shape().clone()))
+            }
+            _ => Err(Error::Msg("frozen-matmul: the product is not a contiguous CPU tensor".into())),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _x: &candle_core::CudaStorage, _layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => Err(Error::Msg("frozen-matmul: the product is not a CUDA tensor".into())),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w.t()?)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn inputs() -> (Var, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap(); // [out, in], used as wᵀ
+        let upstream = Tensor::randn(0f32, 1.0, (6, 3), &dev).unwrap();
+        (x, w, upstream)
+    }
+
+    #[test]
+    fn value_and_input_gradient_are_bitwise_candles() {
+        let (x, w, upstream) = inputs();
+        let wt = w.t().unwrap();
+        let plain = x.as_tensor().matmul(&wt).unwrap();
+        let frozen = frozen_matmul(x.as_tensor(), &wt).unwrap();
+        assert_eq!(plain.to_vec2::<f32>().unwrap(), frozen.to_vec2::<f32>().unwrap());
+
+        // A nonlinear loss downstream, so the gradient depends on the product too.
+        let loss = |y: &Tensor| (y.tanh().unwrap() * &upstream).unwrap().sum_all().unwrap();
+        let g_plain = loss(&plain).backward().unwrap();
+        let g_frozen = loss(&frozen).backward().unwrap();
+        let gx = |g: &candle_core::backprop::GradStore| g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(gx(&g_plain), gx(&g_frozen));
+        // candle's matmul also computed the frozen weight's gradient; the frozen op did not.
+        assert!(g_plain.get(&wt).is_some());
+        assert!(g_frozen.get(&wt).is_none());
+    }
+
+    #[test]
+    fn without_a_gradient_it_is_a_plain_matmul() {
+        let (x, w, _) = inputs();
+        let x = x.as_tensor().detach();
+        let y = frozen_matmul(&x, &w.t().unwrap()).unwrap();
+        assert!(!y.track_op());
+        assert_eq!(y.to_vec2::<f32>().unwrap(), x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap());
+    }
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fedpool_common::codec::DecodeLimits;
 use fedpool_common::frame::FrameLimits;
 use fedpool_common::{AdapterPool, BackboneFingerprint, PoolSpec, Round, Sha256};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::aggregate::{AggregateConfig, Aggregator, FedAdamConfig, Rule, ServerOpt};
 use crate::net::NetSetup;
@@ -133,7 +133,7 @@ fn field(field: &'static str, problem: impl ToString) -> ConfigError {
 pub use fedpool_common::codec::CodecSettings as CodecSection;
 
 /// `[aggregate]`: how a round's updates are merged.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateSection {
     /// `fedavg`, `trimmed-mean` or `fedadam`.

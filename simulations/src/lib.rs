@@ -1,12 +1,19 @@
 //! fedpool-sim: many virtual clients on one machine or GPU, sharing one frozen backbone, driven
 //! by the same round engine, aggregation, codec and model code as a deployment.
 //!
-//! Built so far (issue "Simulator"): client data partitions ([`partition`]) and lockstep training
-//! of virtual clients (FedIns SSF pools and LoRA) over one shared backbone ([`tenancy`]), the
-//! network and device model ([`network`]), and reports and plots ([`report`]). Not yet: the
-//! `fedpool-sim` binary that drives the round engine with them.
+//! An [`experiment`] (TOML) names the data, its [`partition`] over clients, the adapter, the
+//! codecs, the aggregation and the [`network`]; a [`population`] loads the backbone once and each
+//! client's data; the [`driver`] runs the server's round engine on a virtual clock with the
+//! clients training in lockstep ([`tenancy`]) or one after another; [`outputs`] and [`report`]
+//! write `rounds.csv`, `summary.json` and the plots; [`centralised`] gives the reference number
+//! of training on the union of the clients' data.
 
+pub mod centralised;
+pub mod driver;
+pub mod experiment;
 pub mod network;
+pub mod outputs;
 pub mod partition;
+pub mod population;
 pub mod report;
 pub mod tenancy;

@@ -69,6 +69,8 @@ pub struct ClientOutcome {
     pub steps: usize,
     /// Training rows it processed.
     pub samples: usize,
+    /// Of those, the rows its model classified correctly (at the time of the step).
+    pub correct: usize,
 }
 
 /// AdamW (decoupled weight decay 0, as the trainer uses) over tensors whose leading axis is made
@@ -214,6 +216,7 @@ pub fn train_lockstep_bounded(
     let max_steps = clients.iter().map(|vc| vc.config.steps).max().unwrap_or(0);
     let mut loss_sums = vec![0.0f64; k];
     let mut samples = vec![0usize; k];
+    let mut correct = vec![0usize; k];
     let mut last_selection: Vec<HashMap<u64, Vec<u32>>> = vec![HashMap::new(); k];
     let lambda = clients[0].config.lambda_match;
 
@@ -247,9 +250,11 @@ pub fn train_lockstep_bounded(
             let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
             let total = (&out.loss_per_example * &weights)?.sum_all()?;
             let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
+            let predicted = out.predictions()?;
             for (b, &c) in owner.iter().enumerate() {
                 loss_sums[c] += f64::from(per_row[b]) / counts[c] as f64;
                 samples[c] += 1;
+                correct[c] += usize::from(predicted[b] == batch_rows[b].label);
                 let local: Vec<u32> = out.selection.row(b).iter().map(|&s| s - (c * p) as u32).collect();
                 last_selection[c].insert(batch.example_ids[b], local);
             }
@@ -275,7 +280,7 @@ pub fn train_lockstep_bounded(
         }
         let usage: SlotUsage =
             counter.usage().ok_or_else(|| TenancyError::Unsupported(format!("client {c} selected no slot")))?;
-        outcomes.push(outcome(vc, pool, Some(usage), loss_sums[c], samples[c])?);
+        outcomes.push(outcome(vc, pool, Some(usage), loss_sums[c], (samples[c], correct[c]))?);
     }
     Ok(outcomes)
 }
@@ -302,20 +307,20 @@ fn pass_groups(clients: &[VirtualClient<'_>], stepping: &[bool], max_rows: usize
 }
 
 /// A client's outcome from its trained pool: the delta from its start (restricted to the used
-/// slots with `usage`), its mean loss over its steps.
+/// slots with `usage`), its mean loss over its steps, its rows seen and classified correctly.
 fn outcome(
     vc: &VirtualClient<'_>,
     pool: AdapterPool,
     usage: Option<SlotUsage>,
     loss_sum: f64,
-    samples: usize,
+    (samples, correct): (usize, usize),
 ) -> Result<ClientOutcome, TenancyError> {
     let mut delta = pool.delta_from(vc.start).map_err(TrainError::from)?;
     if let Some(u) = usage {
         delta = delta.restrict_to_slots(u).map_err(TrainError::from)?;
     }
     let steps = vc.config.steps;
-    Ok(ClientOutcome { pool, delta, train_loss: loss_sum / steps.max(1) as f64, steps, samples })
+    Ok(ClientOutcome { pool, delta, train_loss: loss_sum / steps.max(1) as f64, steps, samples, correct })
 }
 
 /// Checks what every lockstep run needs of its clients.
@@ -382,6 +387,7 @@ fn train_lockstep_lora(
     let max_steps = clients.iter().map(|vc| vc.config.steps).max().unwrap_or(0);
     let mut loss_sums = vec![0.0f64; k];
     let mut samples = vec![0usize; k];
+    let mut correct = vec![0usize; k];
     let scaling = f64::from(spec.lora_alpha) / spec.max_rank as f64;
 
     for step in 0..max_steps {
@@ -419,6 +425,7 @@ fn train_lockstep_lora(
             let weights: Vec<f32> = owner.iter().map(|&c| 1.0 / counts[c as usize] as f32).collect();
             let mut total = (&ce * Tensor::from_vec(weights, owner.len(), &device)?)?.sum_all()?;
             let per_row: Vec<f32> = ce.to_vec1()?;
+            let predicted: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
             let mut orth_values = vec![0.0f64; k];
             for c in (0..k).filter(|&c| active[c]) {
                 let weight = clients[c].config.orth_reg_weight;
@@ -435,6 +442,7 @@ fn train_lockstep_lora(
             for (r, &c) in owner.iter().enumerate() {
                 loss_sums[c as usize] += f64::from(per_row[r]) / counts[c as usize] as f64;
                 samples[c as usize] += 1;
+                correct[c as usize] += usize::from(predicted[r] as usize == batch_rows[r].label);
             }
             for c in (0..k).filter(|&c| active[c]) {
                 loss_sums[c] += orth_values[c];
@@ -451,7 +459,7 @@ fn train_lockstep_lora(
             let data: Vec<f32> = stacked[name].as_tensor().narrow(0, c, 1)?.flatten_all()?.to_vec1()?;
             *t = HostTensor::new(t.shape().to_vec(), data).map_err(|e| TenancyError::Unsupported(e.to_string()))?;
         }
-        outcomes.push(outcome(vc, pool, None, loss_sums[c], samples[c])?);
+        outcomes.push(outcome(vc, pool, None, loss_sums[c], (samples[c], correct[c]))?);
     }
     Ok(outcomes)
 }

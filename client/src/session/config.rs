@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedpool_common::codec::{CodecConfig, CodecSettings};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceChoice;
 use crate::spec::{AdapterChoice, AdapterOptions, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK};
@@ -43,7 +43,7 @@ client.toml fields (relative paths are relative to the file's folder):
 ";
 
 /// The `[adapter]` table.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSection {
     /// ssf-pool, ssf, lora or linear-probe.
@@ -98,8 +98,22 @@ impl Default for AdapterSection {
     }
 }
 
+impl AdapterSection {
+    /// The adapter options this table describes (an unknown `kind` is an error).
+    pub fn to_options(&self) -> Result<AdapterOptions, crate::spec::UnknownAdapter> {
+        Ok(AdapterOptions {
+            choice: self.kind.parse::<AdapterChoice>()?,
+            pool_size: self.pool_size,
+            top_k: self.top_k,
+            rank: self.rank,
+            alpha: self.alpha,
+            lora_modules: self.lora_modules.clone(),
+        })
+    }
+}
+
 /// The `[train]` table.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     /// Examples per step.
@@ -362,16 +376,7 @@ impl DaemonConfig {
 
     /// The adapter options (their spec must equal the server's).
     pub fn adapter_options(&self) -> Result<AdapterOptions, ConfigError> {
-        let a = &self.adapter;
-        let choice: AdapterChoice = a.kind.parse().map_err(|e| field("adapter.kind", e))?;
-        Ok(AdapterOptions {
-            choice,
-            pool_size: a.pool_size,
-            top_k: a.top_k,
-            rank: a.rank,
-            alpha: a.alpha,
-            lora_modules: a.lora_modules.clone(),
-        })
+        self.adapter.to_options().map_err(|e| field("adapter.kind", e))
     }
 
     /// The upload codec.

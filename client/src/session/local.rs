@@ -10,9 +10,7 @@ use std::time::Instant;
 use fedpool_common::adapter::{AdapterPool, PoolSpec};
 use fedpool_common::codec::EncodedDelta;
 use fedpool_common::codec::{self, CodecConfig, DecodeLimits, ErrorFeedback};
-use fedpool_common::wire::{
-    Enroll, EvalMetrics, EvalReport, EvalTask, RoundTask, TrainMetrics, Update, PROTOCOL_VERSION,
-};
+use fedpool_common::wire::{Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, Update, PROTOCOL_VERSION};
 use fedpool_common::BackboneFingerprint;
 
 use super::config::DaemonConfig;
@@ -285,16 +283,7 @@ impl LocalWork {
             seconds = t.elapsed().as_secs_f64(),
             "evaluated the global pool"
         );
-        Ok(EvalReport {
-            round: task.round,
-            task_id: task.task_id,
-            metrics: EvalMetrics {
-                accuracy: m.accuracy as f32,
-                macro_f1: m.macro_f1 as f32,
-                loss: m.loss as f32,
-                examples: m.examples as u64,
-            },
-        })
+        Ok(EvalReport { round: task.round, task_id: task.task_id, metrics: m.to_wire() })
     }
 
     /// True when there are held-out examples to evaluate on.

@@ -14,6 +14,18 @@ pub struct EvalMetrics {
     pub examples: usize,
 }
 
+impl EvalMetrics {
+    /// The metrics as a client reports them in an evaluation report.
+    pub fn to_wire(&self) -> fedpool_common::wire::EvalMetrics {
+        fedpool_common::wire::EvalMetrics {
+            accuracy: self.accuracy as f32,
+            macro_f1: self.macro_f1 as f32,
+            loss: self.loss as f32,
+            examples: self.examples as u64,
+        }
+    }
+}
+
 /// Fraction of `predictions` equal to `labels` (0 for no examples).
 pub fn accuracy(predictions: &[usize], labels: &[usize]) -> f64 {
     if labels.is_empty() {

@@ -1,0 +1,60 @@
+//! The centralised reference: the same adapter fine-tuned on the union of every client's training
+//! data (what a federation could at best hope to match), scored on the union of their held-out
+//! examples. It sees as many training examples as the whole federation does over all its rounds
+//! (`rounds × clients_per_round × local_steps` steps of the same batch size).
+
+use std::time::Instant;
+
+use fedpool_client::train::{self, QueryCache, Silent, TrainConfig};
+use fedpool_common::adapter::AdapterPool;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::SimError;
+use crate::experiment::Experiment;
+use crate::population::Population;
+
+/// The centralised run's numbers (`centralised.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CentralisedResult {
+    /// `<experiment name>-centralised`.
+    pub name: String,
+    /// Accuracy on the union of the clients' held-out examples.
+    pub accuracy: f64,
+    /// Macro-F1 on the same examples (of the union, not a mean over clients).
+    pub macro_f1: f64,
+    /// Mean loss on the same examples.
+    pub loss: f64,
+    /// Held-out examples.
+    pub examples: u64,
+    /// Training examples available (the union of the clients' training sets).
+    pub train_examples: u64,
+    /// Optimisation steps taken.
+    pub steps: u64,
+    /// Wall-clock seconds of training and evaluation.
+    pub wall_seconds: f64,
+}
+
+/// Trains the experiment's adapter on the union of the clients' training data and evaluates it on
+/// the union of their held-out data.
+pub fn run_centralised(exp: &Experiment, pop: &Population) -> Result<CentralisedResult, SimError> {
+    let t = Instant::now();
+    let train_rows: Vec<_> = pop.clients.iter().flat_map(|c| c.train.iter().cloned()).collect();
+    let eval_rows: Vec<_> = pop.clients.iter().flat_map(|c| c.eval.iter().cloned()).collect();
+    let steps = exp.federation.rounds as usize * exp.clients_per_round() * exp.federation.local_steps as usize;
+    let config = TrainConfig { steps, ..exp.train_config()? };
+    let start = AdapterPool::init(&pop.spec, exp.seed).map_err(|e| SimError::Setup(e.to_string()))?;
+    let mut queries = QueryCache::new(pop.model.config().hidden_size);
+    let data = train::TrainData { train: &train_rows, eval: &[], pad_id: pop.pad_id };
+    let outcome = train::train(&pop.model, &pop.spec, &start, data, &mut queries, &config, &mut Silent)?;
+    let m = train::evaluate_pool(&pop.model, &pop.spec, &outcome.pool, &eval_rows, &mut queries, &config, pop.pad_id)?;
+    Ok(CentralisedResult {
+        name: format!("{}-centralised", exp.name),
+        accuracy: m.accuracy,
+        macro_f1: m.macro_f1,
+        loss: m.loss,
+        examples: m.examples as u64,
+        train_examples: train_rows.len() as u64,
+        steps: steps as u64,
+        wall_seconds: t.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,535 @@
+//! The simulation driver: the server's round engine ([`fedpool_server::round::Engine`]) and
+//! aggregator, run on a virtual clock, with virtual clients that train with the client's own
+//! trainer (in lockstep over the shared backbone, or one after another) and encode with the
+//! client's codec. Nothing of the engine, the merge, the codec or the model is re-implemented:
+//! the driver only moves messages and advances the clock (DESIGN.md principle 2).
+//!
+//! **Time.** Every client enrolls at time zero. When the engine sends a round's tasks at time
+//! `t`, the selected clients train at once (wall clock) and each client's update is delivered to
+//! the engine at `t + download + compute + upload` ([`NetworkModel::round_time`]): the task's and
+//! the update's real frame sizes over the client's drawn bandwidth, and `local_steps × batch ×
+//! seconds_per_sample / speed` of compute. The engine's timers (the round deadline) fire in
+//! between, exactly as in a deployment: an update that arrives after the deadline is refused as
+//! late and its client listed as a straggler. A selected client that is unavailable in that round
+//! or drops out never answers. Federated evaluation (each client scores the committed global pool
+//! on its held-out examples) takes no simulated time and its bytes are not counted in
+//! `rounds.csv`: it is the researcher's measurement, not part of the training cost.
+//!
+//! **Error feedback** works as in the daemon: a client's residual is replaced by the one its
+//! update left only when the engine acknowledges the update.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use fedpool_client::train::{self, QueryCache, Silent, TrainConfig, TrainError};
+use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta};
+use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta, ErrorFeedback};
+use fedpool_common::frame::{self, HEADER_LEN};
+use fedpool_common::wire::{
+    Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update, PROTOCOL_VERSION,
+};
+use fedpool_common::{Round, TaskId};
+use fedpool_server::aggregate::Aggregator;
+use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, RoundRecord, Time};
+
+use crate::experiment::{Experiment, Mode};
+use crate::network::NetworkModel;
+use crate::population::Population;
+use crate::report::{RoundRow, Summary};
+use crate::tenancy::{self, TenancyError, VirtualClient};
+
+/// Why a simulation stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The engine, the aggregator or the network model could not be set up.
+    #[error("setting up: {0}")]
+    Setup(String),
+    /// The engine stopped with an error.
+    #[error("round engine: {0}")]
+    Engine(String),
+    /// A client's training or evaluation failed.
+    #[error("training: {0}")]
+    Train(#[from] TrainError),
+    /// Lockstep training failed.
+    #[error("lockstep training: {0}")]
+    Tenancy(#[from] TenancyError),
+    /// A message could not be encoded or decoded.
+    #[error("{0}")]
+    Codec(String),
+    /// Nothing left to happen but the engine has not finished (a bug, or a population that can
+    /// never reach the quorum).
+    #[error("the simulation stalled at {seconds:.1} simulated seconds in round {round}: no event is pending and the engine waits")]
+    Stalled {
+        /// Simulated time.
+        seconds: f64,
+        /// The newest committed round.
+        round: u64,
+    },
+}
+
+/// Told about a run's progress (the binary draws a progress bar; tests stay quiet).
+pub trait Progress {
+    /// Round `round` is now doing `what` (training, evaluating).
+    fn phase(&mut self, _round: u64, _what: &str) {}
+    /// Round `row.round` is complete (committed and evaluated).
+    fn round_done(&mut self, _row: &RoundRow) {}
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Progress for Quiet {}
+
+/// What a simulation produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// One row per committed round (`rounds.csv`).
+    pub rows: Vec<RoundRow>,
+    /// The engine's record of every round (`rounds.jsonl` of a server), evaluation included.
+    pub records: Vec<RoundRecord>,
+    /// The run in one object (`summary.json`).
+    pub summary: Summary,
+    /// The global pool after the last round.
+    pub global: AdapterPool,
+    /// Training examples processed by all clients together (each step's rows).
+    pub trained_samples: u64,
+    /// Wall-clock seconds spent in local training (lockstep or sequential), all rounds.
+    pub train_wall_seconds: f64,
+}
+
+/// Runs the experiment on the population: every round of the engine, to the end.
+pub fn run(exp: &Experiment, pop: &Population, progress: &mut dyn Progress) -> Result<RunOutput, SimError> {
+    let mut sim = Sim::new(exp, pop, progress)?;
+    sim.run()?;
+    let missed = sim.records.iter().map(|r| r.stragglers.len() as u64).sum();
+    let examples = sim.records.last().and_then(|r| r.eval.as_ref()).map_or(0, |e| e.examples);
+    let summary = Summary::from_rows(&exp.name, &sim.rows, examples, missed);
+    Ok(RunOutput {
+        rows: sim.rows,
+        records: sim.records,
+        summary,
+        global: sim.engine.global().clone(),
+        trained_samples: sim.trained_samples,
+        train_wall_seconds: sim.train_wall_seconds,
+    })
+}
+
+/// Multiplier that gives each round its own batch order (as the daemon does).
+const ROUND_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Ticks in a row at one instant before the driver calls the engine stuck.
+const MAX_TICKS_AT_ONE_TIME: u32 = 1000;
+
+struct Sim<'a> {
+    exp: &'a Experiment,
+    pop: &'a Population,
+    progress: &'a mut dyn Progress,
+    engine: Engine,
+    network: NetworkModel,
+    /// Events due, by (time, arrival order).
+    queue: BTreeMap<(Time, u64), Event>,
+    seq: u64,
+    index: HashMap<String, usize>,
+    residuals: Vec<ErrorFeedback>,
+    /// The residual an update left, kept until its ack.
+    pending: HashMap<usize, (TaskId, ErrorFeedback)>,
+    queries: QueryCache,
+    codec: CodecConfig,
+    limits: DecodeLimits,
+    train_config: TrainConfig,
+    committed: BTreeMap<u64, RoundRecord>,
+    round_started: HashMap<u64, Instant>,
+    rows: Vec<RoundRow>,
+    records: Vec<RoundRecord>,
+    finished: bool,
+    trained_samples: u64,
+    train_wall_seconds: f64,
+}
+
+impl<'a> Sim<'a> {
+    fn new(exp: &'a Experiment, pop: &'a Population, progress: &'a mut dyn Progress) -> Result<Self, SimError> {
+        let setup = |e: &dyn std::fmt::Display| SimError::Setup(e.to_string());
+        let spec = pop.spec.clone();
+        let aggregate = exp.aggregate.to_config().map_err(|e| setup(&e))?;
+        let merge = Aggregator::new(spec.clone(), aggregate).map_err(|e| setup(&e))?;
+        let limits = DecodeLimits {
+            max_values: spec.num_params() as u64,
+            max_raw_bytes: spec.num_params() as u64 * 8 + (1 << 20),
+        };
+        // Heartbeats and idle timeouts are a live connection's business: virtual clients stay.
+        let forever = Duration::from_secs(u64::from(u32::MAX));
+        let config = EngineConfig {
+            total_rounds: exp.federation.rounds,
+            clients_per_round: exp.clients_per_round(),
+            quorum: exp.quorum(),
+            over_selection: exp.federation.over_selection,
+            min_clients_to_start: exp.clients,
+            deadline: exp.deadline(),
+            local_steps: exp.federation.local_steps,
+            seed: exp.seed,
+            download_codec: exp.download_codec.to_codec().map_err(|e| setup(&e))?,
+            decode_limits: limits,
+            backbone: pop.fingerprint,
+            heartbeat: forever / 2,
+            idle_timeout: forever,
+            eval_deadline: Some(exp.deadline()),
+        };
+        let global = AdapterPool::init(&spec, exp.seed).map_err(|e| setup(&e))?;
+        let engine = Engine::new(config, spec, Box::new(merge), Round(0), global).map_err(|e| setup(&e))?;
+        let network = NetworkModel::new(&exp.network, pop.clients.len(), &exp.base_dir).map_err(|e| setup(&e))?;
+        let train_config = exp.train_config().map_err(|e| setup(&e))?;
+        Ok(Sim {
+            exp,
+            pop,
+            progress,
+            engine,
+            network,
+            queue: BTreeMap::new(),
+            seq: 0,
+            index: pop.clients.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect(),
+            residuals: vec![ErrorFeedback::default(); pop.clients.len()],
+            pending: HashMap::new(),
+            queries: QueryCache::new(pop.model.config().hidden_size),
+            codec: exp.upload_codec.to_codec().map_err(|e| setup(&e))?,
+            limits,
+            train_config,
+            committed: BTreeMap::new(),
+            round_started: HashMap::new(),
+            rows: Vec::new(),
+            records: Vec::new(),
+            finished: false,
+            trained_samples: 0,
+            train_wall_seconds: 0.0,
+        })
+    }
+
+    fn push(&mut self, at: Time, event: Event) {
+        self.queue.insert((at, self.seq), event);
+        self.seq += 1;
+    }
+
+    /// A client's own seed (as each institution sets its own in `client.toml`).
+    fn client_seed(&self, c: usize) -> u64 {
+        self.exp.seed.wrapping_add(c as u64)
+    }
+
+    fn run(&mut self) -> Result<(), SimError> {
+        let mut now = Time::ZERO;
+        for c in 0..self.pop.clients.len() {
+            let link = *self.network.link(c);
+            let enroll = Enroll {
+                protocol_version: PROTOCOL_VERSION,
+                backbone: self.pop.fingerprint,
+                spec_hash: self.pop.spec.hash(),
+                declared_upload_bps: Some(link.upload_bps as u64),
+                declared_download_bps: Some(link.download_bps as u64),
+                examples: self.pop.clients[c].train.len() as u64,
+                software: format!("fedpool-sim {}", env!("CARGO_PKG_VERSION")),
+            };
+            let client = ClientId(self.pop.clients[c].name.clone());
+            let actions = self.engine.handle(now, Event::Enroll { client, enroll });
+            self.apply(now, actions)?;
+        }
+        let mut ticks_at_now = 0u32;
+        while !self.finished {
+            let due = self.queue.keys().next().map(|k| k.0);
+            let (at, event) = match (due, self.engine.next_wakeup()) {
+                (Some(d), Some(w)) if w < d => (w, Event::Tick),
+                (Some(_), _) => match self.queue.pop_first() {
+                    Some(((at, _), event)) => (at, event),
+                    None => unreachable!("the queue held an event a moment ago"),
+                },
+                (None, Some(w)) => (w, Event::Tick),
+                (None, None) => return Err(self.stalled(now)),
+            };
+            ticks_at_now = if at <= now && event == Event::Tick { ticks_at_now + 1 } else { 0 };
+            if ticks_at_now > MAX_TICKS_AT_ONE_TIME {
+                return Err(self.stalled(now));
+            }
+            now = now.max(at);
+            let actions = self.engine.handle(now, event);
+            self.apply(now, actions)?;
+        }
+        Ok(())
+    }
+
+    fn stalled(&self, now: Time) -> SimError {
+        SimError::Stalled { seconds: now.as_secs_f64(), round: self.engine.round().0 }
+    }
+
+    /// Carries out the engine's actions at `now`; tasks train and evaluation tasks are scored
+    /// after the whole batch of actions has been seen, so the clients of one round train together.
+    fn apply(&mut self, now: Time, actions: Vec<Action>) -> Result<(), SimError> {
+        let mut tasks = Vec::new();
+        let mut evals = Vec::new();
+        for action in actions {
+            match action {
+                Action::Welcome { .. } => {}
+                Action::SendTask { client, task } => tasks.push((client, task)),
+                Action::SendEval { client, task } => evals.push((client, task)),
+                Action::Ack { client, ack } => {
+                    let c = self.client_index(&client)?;
+                    if let Some((task_id, residual)) = self.pending.remove(&c) {
+                        if task_id == ack.task_id {
+                            self.residuals[c] = residual;
+                        } else {
+                            self.pending.insert(c, (task_id, residual));
+                        }
+                    }
+                }
+                Action::Reject { client, reject } => {
+                    let c = self.client_index(&client)?;
+                    if self.pending.get(&c).is_some_and(|(t, _)| reject.task_id.is_none_or(|r| r == *t)) {
+                        self.pending.remove(&c);
+                    }
+                    tracing::debug!(%client, reason = ?reject.reason, "{}", reject.detail);
+                }
+                Action::Drop { client, reason } => tracing::warn!(%client, "dropped by the engine: {reason}"),
+                Action::Commit(commit) => {
+                    tracing::debug!(round = commit.round.0, clients = commit.record.clients.len(), "committed");
+                    self.committed.insert(commit.round.0, commit.record);
+                }
+                Action::RecordEval { round, eval } => {
+                    let mut record = self.committed.remove(&round.0).ok_or_else(|| {
+                        SimError::Engine(format!("an evaluation of round {round} that was never committed"))
+                    })?;
+                    let wall = self.round_started.remove(&round.0).map_or(0.0, |t| t.elapsed().as_secs_f64());
+                    let row = RoundRow {
+                        round: round.0,
+                        accuracy: eval.accuracy,
+                        macro_f1: eval.macro_f1,
+                        loss: eval.loss,
+                        bytes_up: record.bytes_up,
+                        bytes_down: record.bytes_down,
+                        sim_seconds: record.committed_at_secs,
+                        wall_seconds: wall,
+                    };
+                    record.eval = Some(eval);
+                    self.progress.round_done(&row);
+                    self.rows.push(row);
+                    self.records.push(record);
+                }
+                Action::Finished => self.finished = true,
+                Action::Fatal(e) => return Err(SimError::Engine(e.to_string())),
+            }
+        }
+        if !tasks.is_empty() {
+            self.train(now, tasks)?;
+        }
+        if !evals.is_empty() {
+            self.evaluate(now, evals)?;
+        }
+        Ok(())
+    }
+
+    fn client_index(&self, client: &ClientId) -> Result<usize, SimError> {
+        self.index.get(&client.0).copied().ok_or_else(|| SimError::Engine(format!("unknown client {client}")))
+    }
+
+    /// Decodes a global pool as a client does (`codec::decode`, then `from_transfer`).
+    fn decode_global(&self, global: &EncodedDelta) -> Result<AdapterPool, SimError> {
+        let delta = codec::decode(global, &self.limits).map_err(|e| SimError::Codec(format!("global pool: {e}")))?;
+        AdapterPool::from_transfer(&delta, &self.pop.spec).map_err(|e| SimError::Codec(format!("global pool: {e}")))
+    }
+
+    fn lockstep_applies(&self) -> bool {
+        let spec = &self.pop.spec;
+        let pool = spec.kind == AdapterKind::SsfPool && spec.has_keys() && spec.pool_size >= 2;
+        self.exp.mode == Mode::Lockstep && !self.train_config.head_only && (pool || spec.kind == AdapterKind::Lora)
+    }
+
+    /// Trains the clients that got a task at `now` and schedules their updates' arrivals.
+    fn train(&mut self, now: Time, tasks: Vec<(ClientId, Box<RoundTask>)>) -> Result<(), SimError> {
+        let round = tasks[0].1.round;
+        self.round_started.entry(round.0).or_insert_with(Instant::now);
+        let mut work: Vec<(usize, ClientId, Box<RoundTask>)> = Vec::new();
+        for (client, task) in tasks {
+            let c = self.client_index(&client)?;
+            if self.network.available(round.0, c) && !self.network.drops_out(round.0, c) {
+                work.push((c, client, task));
+            } else {
+                tracing::debug!(%client, round = round.0, "unavailable or dropped out: no answer");
+            }
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        let mode = if self.lockstep_applies() { "lockstep" } else { "sequential" };
+        self.progress.phase(round.0, &format!("training {} clients ({mode})", work.len()));
+
+        // Every task of one send carries the same pool: decode it once per distinct encoding.
+        let mut starts: Vec<(EncodedDelta, AdapterPool)> = Vec::new();
+        let mut start_of = Vec::with_capacity(work.len());
+        for (_, _, task) in &work {
+            let i = match starts.iter().position(|(g, _)| g == &task.global) {
+                Some(i) => i,
+                None => {
+                    starts.push((task.global.clone(), self.decode_global(&task.global)?));
+                    starts.len() - 1
+                }
+            };
+            start_of.push(i);
+        }
+        let configs: Vec<TrainConfig> = work
+            .iter()
+            .map(|(c, _, task)| TrainConfig {
+                steps: task.local_steps.max(1) as usize,
+                seed: self.client_seed(*c) ^ task.round.0.wrapping_mul(ROUND_MIX),
+                ..self.train_config.clone()
+            })
+            .collect();
+
+        // Clients train in groups: each group's batches fit one pass (lockstep), or one client at
+        // a time (sequential). A group runs all its steps, then its updates are encoded and its
+        // adapters and optimizer state freed, so memory holds one group, not every client.
+        let lockstep = self.lockstep_applies();
+        let mut begin = 0;
+        while begin < work.len() {
+            let mut end = begin + 1;
+            if lockstep {
+                let mut rows = configs[begin].batch_size;
+                while end < work.len() && rows + configs[end].batch_size <= self.exp.max_rows_per_pass {
+                    rows += configs[end].batch_size;
+                    end += 1;
+                }
+            }
+            let t = Instant::now();
+            let results = self.train_group(&work[begin..end], &configs[begin..end], &start_of[begin..end], &starts)?;
+            let seconds = t.elapsed().as_secs_f64();
+            self.train_wall_seconds += seconds;
+            for ((c, client, task), trained) in work[begin..end].iter().zip(results) {
+                let compute = Duration::from_secs_f64(trained.samples as f64 * self.exp.federation.seconds_per_sample);
+                let update = self.encode(*c, task, trained, seconds / (end - begin) as f64)?;
+                let wire_bytes = frame_len(&update)?;
+                let task_bytes = frame_len(task.as_ref())?;
+                let arrives = now + self.network.round_time(*c, task_bytes, compute, wire_bytes);
+                self.push(arrives, Event::Update { client: client.clone(), update, wire_bytes });
+            }
+            begin = end;
+        }
+        Ok(())
+    }
+
+    /// Trains one group of clients: in lockstep, or the one client of a sequential group with the
+    /// client's own trainer.
+    fn train_group(
+        &mut self,
+        work: &[(usize, ClientId, Box<RoundTask>)],
+        configs: &[TrainConfig],
+        start_of: &[usize],
+        starts: &[(EncodedDelta, AdapterPool)],
+    ) -> Result<Vec<Trained>, SimError> {
+        let pop = self.pop;
+        if self.lockstep_applies() {
+            let clients: Vec<VirtualClient<'_>> = work
+                .iter()
+                .zip(configs)
+                .zip(start_of)
+                .map(|(((c, _, _), config), &s)| VirtualClient {
+                    train: &pop.clients[*c].train,
+                    start: &starts[s].1,
+                    config: config.clone(),
+                })
+                .collect();
+            let outcomes = tenancy::train_lockstep(&pop.model, &pop.spec, &clients, &mut self.queries, pop.pad_id)?;
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| Trained {
+                    delta: o.delta,
+                    loss: o.train_loss,
+                    accuracy: o.correct as f64 / o.samples.max(1) as f64,
+                    steps: o.steps,
+                    samples: o.samples,
+                    importance: Vec::new(),
+                })
+                .collect());
+        }
+        let mut results = Vec::with_capacity(work.len());
+        for (((c, _, _), config), &s) in work.iter().zip(configs).zip(start_of) {
+            let data = train::TrainData { train: &pop.clients[*c].train, eval: &[], pad_id: pop.pad_id };
+            let outcome =
+                train::train(&pop.model, &pop.spec, &starts[s].1, data, &mut self.queries, config, &mut Silent)?;
+            results.push(Trained {
+                delta: outcome.delta,
+                loss: outcome.metrics.train_loss,
+                accuracy: outcome.metrics.train_accuracy,
+                steps: outcome.metrics.steps,
+                samples: config.steps * config.batch_size.min(pop.clients[*c].train.len()),
+                importance: outcome.importance,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Encodes client `c`'s trained delta for its task with the upload codec and its residual, as
+    /// the daemon does; the new residual waits in `pending` for the engine's ack.
+    fn encode(&mut self, c: usize, task: &RoundTask, trained: Trained, seconds: f64) -> Result<Update, SimError> {
+        self.trained_samples += trained.samples as u64;
+        let mut residual = self.residuals[c].clone();
+        let delta =
+            codec::encode(&trained.delta, &self.codec, Some(&mut residual), task.task_id.0 ^ self.client_seed(c))
+                .map_err(|e| SimError::Codec(format!("encoding {}'s update: {e}", self.pop.clients[c].name)))?;
+        self.pending.insert(c, (task.task_id, residual));
+        Ok(Update {
+            round: task.round,
+            task_id: task.task_id,
+            nonce: task.nonce,
+            examples: self.pop.clients[c].train.len() as u64,
+            delta,
+            metrics: TrainMetrics {
+                loss: trained.loss as f32,
+                accuracy: trained.accuracy as f32,
+                steps: trained.steps as u32,
+                seconds: seconds as f32,
+            },
+            importance: trained.importance,
+        })
+    }
+
+    /// Scores the global pool of each evaluation task on its client's held-out examples; the
+    /// reports arrive at `now`.
+    fn evaluate(&mut self, now: Time, evals: Vec<(ClientId, Box<EvalTask>)>) -> Result<(), SimError> {
+        let round = evals[0].1.round;
+        self.progress.phase(round.0, &format!("evaluating on {} clients", evals.len()));
+        let mut pools: Vec<(EncodedDelta, AdapterPool)> = Vec::new();
+        for (client, task) in evals {
+            let c = self.client_index(&client)?;
+            let i = match pools.iter().position(|(g, _)| g == &task.global) {
+                Some(i) => i,
+                None => {
+                    pools.push((task.global.clone(), self.decode_global(&task.global)?));
+                    pools.len() - 1
+                }
+            };
+            let m = train::evaluate_pool(
+                &self.pop.model,
+                &self.pop.spec,
+                &pools[i].1,
+                &self.pop.clients[c].eval,
+                &mut self.queries,
+                &self.train_config,
+                self.pop.pad_id,
+            )?;
+            let report = EvalReport { round: task.round, task_id: task.task_id, metrics: m.to_wire() };
+            let wire_bytes = frame_len(&report)?;
+            self.push(now, Event::EvalReport { client, report, wire_bytes });
+        }
+        Ok(())
+    }
+}
+
+/// What one client's local training produced, whichever way it ran.
+struct Trained {
+    delta: PoolDelta,
+    loss: f64,
+    accuracy: f64,
+    steps: usize,
+    samples: usize,
+    importance: Vec<TripletImportance>,
+}
+
+/// Bytes a message takes on the wire: frame header + body.
+fn frame_len<T: serde::Serialize + ?Sized>(message: &T) -> Result<u64, SimError> {
+    frame::encoded_len(message).map(|n| (n + HEADER_LEN) as u64).map_err(|e| SimError::Codec(e.to_string()))
+}

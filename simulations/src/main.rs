@@ -1,0 +1,302 @@
+//! `fedpool-sim`: runs simulated federations (one experiment, or several compared on the same
+//! axes) and the centralised reference, writing tables and plots.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fedpool_sim::centralised::run_centralised;
+use fedpool_sim::driver::{self, Progress, RunOutput};
+use fedpool_sim::experiment::{Experiment, Mode, DEFAULT_EXPERIMENT};
+use fedpool_sim::outputs::write_run;
+use fedpool_sim::population::Population;
+use fedpool_sim::report::{plot_runs, RoundRow};
+use indicatif::{ProgressBar, ProgressStyle};
+
+const EXPERIMENT_HELP: &str = "\
+An experiment file (TOML; `fedpool-sim default-config` prints the default one to start from):
+  name, seed                 the run's name (plots, summary.json) and the seed of everything
+  model                      backbone folder (default: assets/minilm)
+  data                       vader | vader:tweets,movieReviewSnippets | trec | sms | a CSV/TSV/JSONL file
+  [data_options]             text_column, label_column, group_column, labels (for files)
+  device                     cpu | cuda:N | auto
+  clients                    virtual clients
+  max_examples_per_client    keep a seeded random subset of each client's examples
+  test_fraction              held out per client for federated evaluation (0.2)
+  eval_max_examples          held-out examples per client to evaluate on
+  mode                       lockstep (one batched pass per step) | sequential
+  max_rows_per_pass          lockstep memory bound (rows per forward/backward; 256)
+  [partition]  scheme = iid | dirichlet (alpha, min_size) | groups (groups_per_client) | file (file)
+  [federation] rounds, clients_per_round, quorum, over_selection, deadline_s, local_steps,
+               seconds_per_sample (simulated compute per training example at speed 1)
+  [adapter]    kind = ssf-pool | ssf | lora | linear-probe, pool_size, top_k, rank, alpha, lora_modules
+  [train]      batch_size, lr, head_lr, max_len, lambda_match
+  [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level
+  [aggregate]  strategy = fedavg | trimmed-mean | fedadam, clip_norm, ...
+  [network]    upload / download = { kind = \"fixed\", bytes_per_sec } | { kind = \"lognormal\",
+               median_bytes_per_sec, p90_over_p10 } | { kind = \"trace\", file, column },
+               latency_ms, availability, dropout, compute = { kind = \"fixed\", speed } | lognormal, seed
+Relative paths are relative to the experiment file's folder.";
+
+/// Simulated federations: many virtual clients on one machine, one shared frozen backbone, the
+/// server's own round engine on a virtual clock.
+#[derive(Debug, Parser)]
+#[command(name = "fedpool-sim", version, about, after_help = EXPERIMENT_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an experiment (or several with --compare): DIR/rounds.csv, summary.json, rounds.jsonl,
+    /// config.toml and plots (PNG and SVG).
+    #[command(after_help = EXPERIMENT_HELP)]
+    Run(RunArgs),
+    /// Train the experiment's adapter on the union of its clients' data (the centralised
+    /// reference) and score it on the union of their held-out data: DIR/centralised.json.
+    Centralised(CentralisedArgs),
+    /// Print the embedded default experiment (a starting point for your own).
+    DefaultConfig,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The experiment file (default: the embedded default experiment).
+    #[arg(long, conflicts_with = "compare")]
+    config: Option<PathBuf>,
+    /// Run each of these experiments and plot them on the same axes: DIR/<name>/ per run,
+    /// DIR/comparison.md and the shared plots in DIR.
+    #[arg(long, num_args = 1..)]
+    compare: Vec<PathBuf>,
+    /// Where the results go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Train the selected clients one after another (as Flower and OpenFedLLM run virtual
+    /// clients) instead of in lockstep, to measure the speed-up on the same work.
+    #[arg(long)]
+    sequential: bool,
+    /// Override the experiment's device (cpu, cuda:N, auto).
+    #[arg(long)]
+    device: Option<String>,
+    /// Override the experiment's number of rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct CentralisedArgs {
+    /// The experiment file (default: the embedded default experiment).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where centralised.json goes.
+    #[arg(long)]
+    out: PathBuf,
+    /// Override the experiment's device.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fedpool_server=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) if args.compare.is_empty() => {
+            let exp = experiment(args.config.as_deref(), &args)?;
+            let out = simulate(&exp, &args.out)?;
+            print_table(&[(exp.name.clone(), out)]);
+            Ok(())
+        }
+        Command::Run(args) => {
+            let mut runs = Vec::new();
+            for path in &args.compare {
+                let exp = experiment(Some(path), &args)?;
+                if runs.iter().any(|(name, _)| name == &exp.name) {
+                    anyhow::bail!("{}: another compared experiment is also named {:?}", path.display(), exp.name);
+                }
+                let out = simulate(&exp, &args.out.join(&exp.name))?;
+                runs.push((exp.name.clone(), out));
+            }
+            let series: Vec<(String, Vec<RoundRow>)> = runs.iter().map(|(n, o)| (n.clone(), o.rows.clone())).collect();
+            let plots = plot_runs(&args.out, &series)?;
+            let table = table(&runs);
+            let path = args.out.join("comparison.md");
+            std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+            println!("{table}");
+            eprintln!("wrote {} and {} plots in {}", path.display(), plots.len(), args.out.display());
+            Ok(())
+        }
+        Command::Centralised(args) => {
+            let mut exp = load(args.config.as_deref())?;
+            if let Some(d) = &args.device {
+                exp.device = d.clone();
+            }
+            let pop = Population::load(&exp)?;
+            tracing::info!("{}", pop.description);
+            let spinner = ProgressBar::new_spinner().with_message("training on the union of the clients' data");
+            spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+            let result = run_centralised(&exp, &pop)?;
+            spinner.finish_and_clear();
+            std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+            let path = args.out.join("centralised.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!(
+                "{}: accuracy {:.2}%, macro-F1 {:.2}% on {} held-out examples ({} steps over {} training examples, {:.0} s); wrote {}",
+                result.name,
+                100.0 * result.accuracy,
+                100.0 * result.macro_f1,
+                result.examples,
+                result.steps,
+                result.train_examples,
+                result.wall_seconds,
+                path.display()
+            );
+            Ok(())
+        }
+        Command::DefaultConfig => {
+            print!("{DEFAULT_EXPERIMENT}");
+            Ok(())
+        }
+    }
+}
+
+fn load(config: Option<&Path>) -> anyhow::Result<Experiment> {
+    Ok(match config {
+        Some(path) => Experiment::load(path)?,
+        None => Experiment::default_experiment()?,
+    })
+}
+
+/// The experiment with the command line's overrides applied (and checked again).
+fn experiment(config: Option<&Path>, args: &RunArgs) -> anyhow::Result<Experiment> {
+    let mut exp = load(config)?;
+    if args.sequential {
+        exp.mode = Mode::Sequential;
+    }
+    if let Some(d) = &args.device {
+        exp.device = d.clone();
+    }
+    if let Some(r) = args.rounds {
+        exp.federation.rounds = r;
+    }
+    exp.validate()?;
+    Ok(exp)
+}
+
+/// Runs one experiment with a progress bar and writes its folder.
+fn simulate(exp: &Experiment, dir: &Path) -> anyhow::Result<RunOutput> {
+    tracing::info!("{}: loading the backbone and the clients' data", exp.name);
+    let pop = Population::load(exp)?;
+    tracing::info!("{}", pop.description);
+    let mut bar = RoundBar::new(exp.federation.rounds, &exp.name);
+    let out = driver::run(exp, &pop, &mut bar)?;
+    bar.bar.finish_and_clear();
+    let files = write_run(dir, exp, &out)?;
+    tracing::info!(
+        "{}: {} training examples in {:.1} s of local training ({:.2} samples/s, {:?}); peak memory (RSS) {}; wrote {} files in {}",
+        exp.name,
+        out.trained_samples,
+        out.train_wall_seconds,
+        out.trained_samples as f64 / out.train_wall_seconds.max(1e-9),
+        exp.mode,
+        peak_rss_mib().map_or("unknown".to_string(), |m| format!("{m:.0} MiB")),
+        files.len(),
+        dir.display()
+    );
+    Ok(out)
+}
+
+/// A progress bar over rounds, with the phase of the current round as its message and one line
+/// per finished round.
+struct RoundBar {
+    bar: ProgressBar,
+    name: String,
+}
+
+impl RoundBar {
+    fn new(rounds: u64, name: &str) -> Self {
+        let bar = ProgressBar::new(rounds);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} rounds, {elapsed}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(name.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Self { bar, name: name.to_string() }
+    }
+}
+
+impl Progress for RoundBar {
+    fn phase(&mut self, round: u64, what: &str) {
+        self.bar.set_message(format!("round {round}: {what}"));
+    }
+
+    fn round_done(&mut self, row: &RoundRow) {
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+        let line = format!(
+            "{} round {}: accuracy {}, macro-F1 {}, {:.2} MB up, {:.2} MB down, {:.1} simulated s, {:.1} wall s",
+            self.name,
+            row.round,
+            pct(row.accuracy),
+            pct(row.macro_f1),
+            row.bytes_up as f64 / 1e6,
+            row.bytes_down as f64 / 1e6,
+            row.sim_seconds,
+            row.wall_seconds
+        );
+        self.bar.suspend(|| eprintln!("{line}"));
+        self.bar.inc(1);
+    }
+}
+
+/// The runs as a markdown table: final accuracy and macro-F1, bytes, simulated and wall time,
+/// missed deadlines.
+fn table(runs: &[(String, RunOutput)]) -> String {
+    let mut s = String::from(
+        "| run | rounds | accuracy | macro-F1 | MB up | MB down | simulated s | missed deadline | train samples/s |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", 100.0 * v));
+    for (name, out) in runs {
+        let m = &out.summary;
+        s.push_str(&format!(
+            "| {name} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {:.2} |\n",
+            m.rounds,
+            pct(m.accuracy),
+            pct(m.macro_f1),
+            m.bytes_up as f64 / 1e6,
+            m.bytes_down as f64 / 1e6,
+            m.sim_seconds,
+            m.missed_deadline,
+            out.trained_samples as f64 / out.train_wall_seconds.max(1e-9),
+        ));
+    }
+    s
+}
+
+fn print_table(runs: &[(String, RunOutput)]) {
+    println!("{}", table(runs));
+}
+
+/// This process's peak resident memory so far (Linux: `VmHWM` of /proc/self/status).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,93 @@
+//! The `fedpool-sim` binary: one run, a comparison, the default config, and a bad experiment.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedpool-sim");
+
+fn write_experiment(dir: &Path, name: &str, adapter: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        r#"name = "{name}"
+model = "model"
+data = "data.csv"
+clients = 3
+[federation]
+rounds = 2
+local_steps = 2
+[adapter]
+{adapter}
+[train]
+batch_size = 4
+max_len = 32
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn fixture(dir: &Path) {
+    fedpool_client::testkit::write_tiny_model(&dir.join("model"), 5).unwrap();
+    let mut csv = String::from("text,label\n");
+    for (_, text, label) in fedpool_client::testkit::separable_texts(90, 2, 9) {
+        csv.push_str(&format!("{text},{label}\n"));
+    }
+    std::fs::write(dir.join("data.csv"), csv).unwrap();
+}
+
+#[test]
+fn run_and_compare_write_tables_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let pool = write_experiment(dir.path(), "pool", "kind = \"ssf-pool\"\npool_size = 4\ntop_k = 2");
+    let lora = write_experiment(dir.path(), "lora", "kind = \"lora\"\nrank = 2");
+
+    let out = dir.path().join("one");
+    let status = Command::new(BIN).args(["run", "--config"]).arg(&pool).arg("--out").arg(&out).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(stdout.contains("| pool | 2 |"), "{stdout}");
+    let rows = fedpool_sim::report::read_rounds_csv(&out.join("rounds.csv")).unwrap();
+    assert_eq!(rows.len(), 2);
+
+    let out = dir.path().join("both");
+    let status = Command::new(BIN)
+        .args(["run", "--compare"])
+        .arg(&pool)
+        .arg(&lora)
+        .arg("--out")
+        .arg(&out)
+        .arg("--sequential")
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    assert!(table.contains("| pool |") && table.contains("| lora |"), "{table}");
+    for file in [
+        "pool/rounds.csv",
+        "lora/summary.json",
+        "accuracy_vs_round.png",
+        "accuracy_vs_bytes.svg",
+        "sim_time_per_round.png",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let resolved = std::fs::read_to_string(out.join("lora/config.toml")).unwrap();
+    assert!(resolved.contains("mode = \"sequential\""), "{resolved}");
+}
+
+#[test]
+fn the_default_config_parses_and_a_bad_experiment_is_named() {
+    let output = Command::new(BIN).arg("default-config").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    fedpool_sim::experiment::Experiment::parse(&text, Path::new("."), "printed").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "clients = 4\n[federation]\nquorum = 7\n").unwrap();
+    let output = Command::new(BIN).args(["run", "--config"]).arg(&bad).arg("--out").arg(dir.path()).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("bad.toml") && err.contains("federation.quorum"), "{err}");
+}

@@ -422,7 +422,8 @@ impl AdapterPool {
     }
 
     /// The pool a [`AdapterPool::to_transfer`] delta describes, checked against `spec`: every
-    /// slot and every tensor must be present, at full rank.
+    /// slot and every plain tensor must be present; LoRA targets may come truncated to a granted
+    /// rank ([`PoolDelta::truncate_lora`]) or be left out, their missing triplets zero.
     pub fn from_transfer(delta: &PoolDelta, spec: &PoolSpec) -> Result<AdapterPool, PoolError> {
         delta.validate(spec)?;
         if let Some(u) = &delta.slots {
@@ -440,7 +441,9 @@ impl AdapterPool {
         Ok(pool)
     }
 
-    /// Adds a full delta (no slot subset, full ranks) to this pool in place.
+    /// Adds a delta to this pool in place: a full one, one restricted to slots, or one whose LoRA
+    /// factors have a lower rank than the pool's (added into the leading rows of `A` and `E`
+    /// and the leading columns of `B`: the first triplets).
     pub fn apply_delta(&mut self, delta: &PoolDelta) -> Result<(), PoolError> {
         if self.spec_hash != delta.spec_hash {
             return Err(PoolError::SpecHashMismatch { expected: self.spec_hash, got: delta.spec_hash });
@@ -449,10 +452,15 @@ impl AdapterPool {
             let t = self.tensors.get_mut(name).ok_or_else(|| PoolError::UnknownTensor(name.clone()))?;
             let full_shape = t.shape().to_vec();
             match &delta.slots {
-                None => t.axpy(1.0, d).map_err(|_| PoolError::BadShape {
+                None if d.shape() == full_shape.as_slice() => t.axpy(1.0, d).map_err(|_| PoolError::BadShape {
                     name: name.clone(),
                     got: d.shape().to_vec(),
                     expected: format!("{full_shape:?}"),
+                })?,
+                None => add_leading_block(t, d).ok_or_else(|| PoolError::BadShape {
+                    name: name.clone(),
+                    got: d.shape().to_vec(),
+                    expected: format!("{full_shape:?} or a leading block of it (a lower LoRA rank)"),
                 })?,
                 Some(slots) => {
                     if d.shape().first() != Some(&slots.slots.len()) || d.row_len() != t.row_len() {
@@ -476,6 +484,21 @@ impl AdapterPool {
         }
         Ok(())
     }
+}
+
+/// Adds the 2-D `d` into the leading `d.rows × d.cols` block of the 2-D `t` (None: not 2-D, or
+/// larger than `t`).
+fn add_leading_block(t: &mut HostTensor, d: &HostTensor) -> Option<()> {
+    let (&[rows, cols], &[t_rows, t_cols]) = (d.shape(), t.shape()) else { return None };
+    if rows > t_rows || cols > t_cols {
+        return None;
+    }
+    for r in 0..rows {
+        for (y, x) in t.row_mut(r)[..cols].iter_mut().zip(&d.data()[r * cols..(r + 1) * cols]) {
+            *y += x;
+        }
+    }
+    Some(())
 }
 
 /// Which pool slots a delta carries and how many of the client's examples selected each.
@@ -545,6 +568,54 @@ impl PoolDelta {
             tensors.insert(name.clone(), HostTensor::new(shape, data).expect("rows fill the shape"));
         }
         Ok(PoolDelta { spec_hash: self.spec_hash, slots: Some(usage), tensors })
+    }
+
+    /// Keeps the first `ranks[target]` triplets of each LoRA target (the rank a client was
+    /// granted): rows of `A` and `E`, columns of `B`. A target not in `ranks` is kept as it is;
+    /// a rank of 0 leaves the target out; a rank above the carried one keeps what is carried.
+    /// Plain tensors pass whole.
+    pub fn truncate_lora(&self, spec: &PoolSpec, ranks: &BTreeMap<String, usize>) -> Result<PoolDelta, PoolError> {
+        let layout = checked_layout(spec, self.spec_hash, &self.tensors)?;
+        let mut tensors = BTreeMap::new();
+        for l in &layout {
+            let Some(t) = self.tensors.get(&l.name) else { continue };
+            let Some(r) = l.target.as_ref().and_then(|target| ranks.get(target)).copied() else {
+                tensors.insert(l.name.clone(), t.clone());
+                continue;
+            };
+            if r == 0 {
+                continue;
+            }
+            let (&[rows, cols], true) = (t.shape(), l.target.is_some()) else {
+                return Err(PoolError::BadShape {
+                    name: l.name.clone(),
+                    got: t.shape().to_vec(),
+                    expected: "2-D".into(),
+                });
+            };
+            let (shape, data) = match l.role {
+                TensorRole::LoraB => {
+                    let keep = r.min(cols);
+                    (vec![rows, keep], t.data().chunks(cols).flat_map(|row| row[..keep].iter().copied()).collect())
+                }
+                _ => {
+                    let keep = r.min(rows);
+                    (vec![keep, cols], t.data()[..keep * cols].to_vec())
+                }
+            };
+            // Whole rows (or row prefixes) of the right width fill the shape.
+            tensors.insert(l.name.clone(), HostTensor::new(shape, data).expect("a leading block fills its shape"));
+        }
+        Ok(PoolDelta { spec_hash: self.spec_hash, slots: self.slots.clone(), tensors })
+    }
+
+    /// The rank each LoRA target carries (targets left out are absent).
+    pub fn lora_ranks(&self, spec: &PoolSpec) -> BTreeMap<String, usize> {
+        spec.layout()
+            .into_iter()
+            .filter(|l| l.role == TensorRole::LoraA)
+            .filter_map(|l| Some((l.target?, self.tensors.get(&l.name)?.shape().first().copied()?)))
+            .collect()
     }
 
     /// The number of values carried.
@@ -678,6 +749,32 @@ mod tests {
         assert_eq!(pool.tensors[HEAD_WEIGHT].shape(), &[25, 3, 8]);
         assert_eq!(AdapterPool::init(&spec, 7).unwrap(), pool, "deterministic in the seed");
         assert_ne!(AdapterPool::init(&spec, 8).unwrap(), pool);
+    }
+
+    #[test]
+    fn a_truncated_lora_transfer_rebuilds_the_leading_triplets_and_zeros_the_rest() {
+        let spec = PoolSpec::lora(targets(), 4, 8.0, head());
+        let pool = AdapterPool::init(&spec, 3).unwrap();
+        let ranks = BTreeMap::from([("layer.0.query".to_string(), 2), ("layer.0.value".to_string(), 0)]);
+        let sent = pool.to_transfer(&spec).unwrap().truncate_lora(&spec, &ranks).unwrap();
+        sent.validate(&spec).unwrap();
+        assert_eq!(sent.lora_ranks(&spec), BTreeMap::from([("layer.0.query".to_string(), 2)]));
+        assert_eq!(sent.tensors["layer.0.query.lora_B.weight"].shape(), &[8, 2]);
+        let got = AdapterPool::from_transfer(&sent, &spec).unwrap();
+        let (a, b) = (&got.tensors["layer.0.query.lora_A.weight"], &pool.tensors["layer.0.query.lora_A.weight"]);
+        assert_eq!(&a.data()[..16], &b.data()[..16], "rows 0 and 1 of A kept");
+        assert!(a.data()[16..].iter().all(|&v| v == 0.0), "rows 2 and 3 zero");
+        let bq = &got.tensors["layer.0.query.lora_B.weight"];
+        for (row, full) in bq.data().chunks(4).zip(pool.tensors["layer.0.query.lora_B.weight"].data().chunks(4)) {
+            assert_eq!((&row[..2], &row[2..]), (&full[..2], &[0.0f32, 0.0][..]));
+        }
+        assert!(got.tensors["layer.0.value.lora_E.weight"].data().iter().all(|&v| v == 0.0), "left-out target zero");
+        assert_eq!(got.tensors[HEAD_WEIGHT], pool.tensors[HEAD_WEIGHT]);
+        // A block larger than the pool's is refused, naming the tensor.
+        let mut too_big = sent.clone();
+        too_big.tensors.insert("layer.0.query.lora_A.weight".into(), HostTensor::zeros(&[5, 8]));
+        let err = AdapterPool::zeros(&spec).apply_delta(&too_big).unwrap_err().to_string();
+        assert!(err.contains("layer.0.query.lora_A.weight"), "{err}");
     }
 
     #[test]

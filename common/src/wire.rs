@@ -76,6 +76,13 @@ pub struct RoundTask {
     pub deadline_ms: u64,
 }
 
+impl RoundTask {
+    /// The granted LoRA rank per target (empty: no budget, train and send every triplet).
+    pub fn granted_ranks(&self) -> std::collections::BTreeMap<String, usize> {
+        self.rank_budget.iter().map(|b| (b.target.clone(), b.rank as usize)).collect()
+    }
+}
+
 /// Training metrics a client reports with its update.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct TrainMetrics {

@@ -29,9 +29,11 @@ use fedpool_common::{AdapterKind, AdapterPool, HostTensor, PoolDelta, PoolSpec, 
 pub mod fedadam;
 pub mod lora;
 pub mod robust;
+pub mod zeropad;
 
 pub use fedadam::{FedAdamConfig, FEDADAM_M_PREFIX, FEDADAM_V_PREFIX};
 pub use lora::{truncate_lora, LORA_STACK_SLACK};
+pub use zeropad::ZeroPadLora;
 
 use fedadam::FedAdamState;
 use lora::{LoraStack, LoraTriplet};

@@ -15,8 +15,9 @@ use fedpool_common::frame::FrameLimits;
 use fedpool_common::{AdapterPool, BackboneFingerprint, PoolSpec, Round, Sha256};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::aggregate::{AggregateConfig, Aggregator, FedAdamConfig, Rule, ServerOpt};
+use crate::aggregate::{AggregateConfig, FedAdamConfig, Rule, ServerOpt};
 use crate::net::NetSetup;
+use crate::ranks::BudgetSection;
 use crate::round::{Engine, EngineConfig};
 use crate::store::Store;
 
@@ -82,6 +83,21 @@ Rounds:
   beta1 = 0.9                    fedadam: first-moment decay. Default 0.9.
   beta2 = 0.99                   fedadam: second-moment decay. Default 0.99.
   tau = 0.001                    fedadam: adaptivity. Default 0.001.
+
+[budget]                         Per-client LoRA rank budgets (LoRA pools only). Default: none.
+  policy = \"importance\"          none | fixed | classes | importance.
+  merge = \"exact\"                exact (product merge; FlexLoRA with classes) | zero-pad (HetLoRA's average).
+  rank = 8                       fixed: every client's rank on every target.
+  classes = [{ min_upload_bps = 2e6, rank = 8 }, { min_upload_bps = 0, rank = 2 }]
+                                 classes: the rank of the highest upload-bandwidth class a client reaches.
+  safety_margin = 0.8            importance: fraction of bandwidth x (deadline - compute) planned for.
+  init_rank = 8                  importance: triplets per target at first (AdaLoRA's cubic schedule).
+  target_rank = 4                importance: triplets per target at the end.
+  warmup_rounds = 1              importance: rounds at init_rank.
+  final_rounds = 1               importance: last rounds at target_rank.
+  smoothing = 0.5                importance: weight of the past in the global triplet importance.
+  expected_compute_s = 30        A client's training seconds before it reports its own.
+  [budget.upload_codec]          importance: the codec clients upload with (sizes measured with it).
 ";
 
 /// A configuration that cannot be used, naming the file and the field.
@@ -300,6 +316,9 @@ pub struct ServerConfig {
     /// How updates are merged.
     #[serde(default)]
     pub aggregate: AggregateSection,
+    /// Per-client LoRA rank budgets (default: none).
+    #[serde(default)]
+    pub budget: BudgetSection,
 }
 
 fn default_listen() -> SocketAddr {
@@ -533,9 +552,13 @@ impl ServerConfig {
             idle_timeout: self.idle_timeout,
             eval_deadline: self.evaluate.then(|| self.eval_deadline.unwrap_or(self.deadline)),
         };
-        let merge = Aggregator::new(spec.clone(), aggregate).map_err(|e| field("aggregate", e))?;
-        let mut engine = Engine::new(engine_config, spec, Box::new(merge), start_round, global)
+        let merge = self.budget.merge(&spec, aggregate).map_err(|e| field("aggregate", e))?;
+        let planner = self.budget.planner(&spec, self.deadline, self.rounds).map_err(|e| field("budget", e))?;
+        let mut engine = Engine::new(engine_config, spec, merge, start_round, global)
             .map_err(|e| ConfigError::Engine(e.to_string()))?;
+        if let Some(planner) = planner {
+            engine = engine.with_ranks(planner);
+        }
         // A crash after a commit but before its evaluation was logged: evaluate that pool first.
         let evaluated =
             store.rounds().iter().rev().find(|r| r.round == start_round.0).is_some_and(|r| r.eval.is_some());

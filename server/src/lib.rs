@@ -3,14 +3,17 @@
 //! A sans-IO round engine ([`round`]) fed by a QUIC endpoint with mutual TLS ([`net`]), streaming
 //! aggregation ([`aggregate`]), crash-safe checkpoints and the round log ([`store`]), the
 //! federation's certificates ([`certs`]), configuration ([`config`]) and Prometheus metrics
-//! ([`metrics`]). Rank budgets ([`budget`]) are not built yet. This crate never depends on
+//! ([`metrics`]). Per-client LoRA rank budgets: bandwidth estimates ([`bandwidth`]), the allocator
+//! ([`budget`]) and the policies with the global triplet importance ([`ranks`]). This crate never depends on
 //! `fedpool-client`: the coordinator needs no training code.
 
 pub mod aggregate;
+pub mod bandwidth;
 pub mod budget;
 pub mod certs;
 pub mod config;
 pub mod metrics;
 pub mod net;
+pub mod ranks;
 pub mod round;
 pub mod store;

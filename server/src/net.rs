@@ -131,8 +131,8 @@ pub enum Outcome {
 pub(crate) enum ToEngine {
     /// An authenticated connection, with its outbox.
     Connected { client: String, conn: u64, tx: mpsc::UnboundedSender<ToConn> },
-    /// A decoded message and the bytes it took on the wire.
-    Message { client: String, conn: u64, msg: ClientMessage, wire_bytes: u64 },
+    /// A decoded message, the bytes it took on the wire and the seconds its body took to arrive.
+    Message { client: String, conn: u64, msg: ClientMessage, wire_bytes: u64, seconds: f64 },
     /// The connection ended.
     Disconnected { client: String, conn: u64 },
 }

@@ -61,14 +61,16 @@ use fedpool_common::adapter::PoolSpec;
 use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
 use fedpool_common::wire::{
-    Ack, Enroll, EvalReport, EvalTask, ExpectedTask, Reject, RejectReason, RoundTask, Update, Welcome, PROTOCOL_VERSION,
+    Ack, Enroll, EvalReport, EvalTask, ExpectedTask, Reject, RejectReason, RoundTask, TargetBudget, Update, Welcome,
+    PROTOCOL_VERSION,
 };
 use fedpool_common::{AdapterPool, BackboneFingerprint, Nonce, Round, TaskId};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{AggregateError, Merge};
+use crate::aggregate::{truncate_lora, AggregateError, Merge};
+use crate::ranks::{Plan, RankPlanner};
 
 /// A client's identity: the subject of its certificate.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -264,6 +266,16 @@ pub enum Event {
         report: EvalReport,
         /// Bytes the report took on the wire.
         wire_bytes: u64,
+    },
+    /// An upload from a client took this long, as the driver measured it (rank budgets estimate
+    /// bandwidth from these).
+    Throughput {
+        /// Who.
+        client: ClientId,
+        /// Bytes received.
+        bytes: u64,
+        /// Seconds the transfer took.
+        seconds: f64,
     },
     /// Time passed (send one no later than [`Engine::next_wakeup`]).
     Tick,
@@ -474,6 +486,8 @@ struct TaskInfo {
     client: ClientId,
     nonce: Nonce,
     state: TaskState,
+    /// The LoRA ranks granted (rank budgets), if any.
+    ranks: Option<BTreeMap<String, usize>>,
 }
 
 /// What the engine knows of an enrolled client.
@@ -544,6 +558,10 @@ pub struct Engine {
     attempts_started: u32,
     /// The global pool encoded for the current round's tasks, and the task frame size.
     encoded: Option<(Round, EncodedDelta)>,
+    /// Per-client LoRA rank budgets, when a policy is set ([`Engine::with_ranks`]).
+    ranks: Option<RankPlanner>,
+    /// The current round's global truncated to each granted rank list, encoded.
+    truncated: BTreeMap<Vec<usize>, EncodedDelta>,
     /// A committed round whose federated evaluation is still to start.
     eval_owed: Option<Round>,
     /// The federated evaluation running, if any (no round starts meanwhile).
@@ -612,6 +630,8 @@ impl Engine {
             attempt: None,
             attempts_started: 0,
             encoded: None,
+            ranks: None,
+            truncated: BTreeMap::new(),
             eval_owed: None,
             evaluation: None,
             now: Time::ZERO,
@@ -619,6 +639,18 @@ impl Engine {
             finished_announced: false,
             fatal: false,
         })
+    }
+
+    /// Grants LoRA rank budgets with `planner` from now on: each task carries the client's ranks
+    /// and the global truncated to them; an update with a larger rank than granted is refused.
+    pub fn with_ranks(mut self, planner: RankPlanner) -> Self {
+        self.ranks = Some(planner);
+        self
+    }
+
+    /// The rank planner, if budgets are on.
+    pub fn rank_planner(&self) -> Option<&RankPlanner> {
+        self.ranks.as_ref()
     }
 
     /// Asks for the federated evaluation of the newest committed round before the next round
@@ -710,6 +742,11 @@ impl Engine {
                     }
                 }
             }
+            Event::Throughput { client, bytes, seconds } => {
+                if let Some(p) = self.ranks.as_mut() {
+                    p.observe_upload(&client.0, bytes, seconds);
+                }
+            }
             Event::Tick => {}
         }
         self.progress(now, &mut out);
@@ -766,6 +803,9 @@ impl Engine {
         }
         let returning = self.clients.insert(client.clone(), ClientState { connected: true, last_heard: now }).is_some();
         tracing::info!(%client, returning, examples = enroll.examples, software = %enroll.software, "client enrolled");
+        if let Some(p) = self.ranks.as_mut() {
+            p.enrolled(&client.0, &enroll);
+        }
         let heartbeat_secs = u32::try_from(self.config.heartbeat.as_secs().max(1)).unwrap_or(u32::MAX);
         out.push(Action::Welcome {
             client: client.clone(),
@@ -811,6 +851,11 @@ impl Engine {
                 }
                 Ok(delta) => {
                     let round = expected.round;
+                    if let Some(detail) = self.above_grant(&update, &delta) {
+                        self.mark(update.task_id, TaskState::Rejected);
+                        self.refuse(client, &update, RejectReason::InvalidDelta, detail, out);
+                        return;
+                    }
                     if let Err(e) = self.merge.fold(&delta, update.examples) {
                         tracing::warn!(%client, %round, error = %e, "the merge refused an update");
                         self.mark(update.task_id, TaskState::Rejected);
@@ -818,6 +863,9 @@ impl Engine {
                         return;
                     }
                     self.mark(update.task_id, TaskState::Accepted);
+                    if let Some(p) = self.ranks.as_mut() {
+                        p.observe_update(&client.0, &update);
+                    }
                     if let Some(a) = self.attempt.as_mut() {
                         let w = update.examples as f64;
                         a.accepted.push(client.0.clone());
@@ -830,6 +878,15 @@ impl Engine {
                 }
             },
         }
+    }
+
+    /// Why an update carries more than its task granted (a LoRA rank above the budget), if it does.
+    fn above_grant(&self, update: &Update, delta: &fedpool_common::PoolDelta) -> Option<String> {
+        let granted = self.tasks.get(&update.task_id)?.ranks.as_ref()?;
+        delta.lora_ranks(&self.spec).into_iter().find_map(|(target, rank)| {
+            let allowed = granted.get(&target).copied().unwrap_or(0);
+            (rank > allowed).then(|| format!("rank {rank} on LoRA target {target:?}, but the task granted {allowed}"))
+        })
     }
 
     /// The task an update answers, if its sender, round, nonce, state and timing are right.
@@ -1034,15 +1091,17 @@ impl Engine {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut picked: Vec<usize> = rand::seq::index::sample(&mut rng, candidates.len(), want).into_vec();
         picked.sort_unstable();
-        let selected: Vec<ClientId> = picked.into_iter().map(|i| candidates[i].clone()).collect();
+        let mut selected: Vec<ClientId> = picked.into_iter().map(|i| candidates[i].clone()).collect();
+        let grants = self.plan_ranks(round, &mut selected);
 
         let deadline_at = now + self.config.deadline;
         let mut by_client = BTreeMap::new();
-        for client in &selected {
+        for (client, ranks) in selected.iter().zip(grants) {
             let id = TaskId(self.next_task);
             self.next_task = self.next_task.wrapping_add(1);
-            self.tasks
-                .insert(id, TaskInfo { round, client: client.clone(), nonce: Nonce::random(), state: TaskState::Open });
+            let info =
+                TaskInfo { round, client: client.clone(), nonce: Nonce::random(), state: TaskState::Open, ranks };
+            self.tasks.insert(id, info);
             by_client.insert(client.clone(), id);
         }
         self.attempt = Some(Attempt {
@@ -1071,16 +1130,30 @@ impl Engine {
     /// Sends (or re-sends) task `task_id` of the running attempt to `client`, with the time left
     /// until the deadline.
     fn send_task(&mut self, now: Time, client: ClientId, task_id: TaskId, out: &mut Vec<Action>) {
-        let (Some(info), Some(a), Some((_, global))) = (self.tasks.get(&task_id), &self.attempt, &self.encoded) else {
+        let Some(ranks) = self.tasks.get(&task_id).map(|t| t.ranks.clone()) else { return };
+        let global = match ranks.as_ref().map(|r| self.truncated_global(r)) {
+            Some(Ok(enc)) => Some(enc),
+            Some(Err(e)) => {
+                tracing::error!(%client, error = %e, "cannot encode the truncated global pool; sending it whole");
+                None
+            }
+            None => None,
+        };
+        let (Some(info), Some(a), Some((_, whole))) = (self.tasks.get(&task_id), &self.attempt, &self.encoded) else {
             return;
         };
         let left = a.deadline_at.since(now);
+        let rank_budget = ranks
+            .iter()
+            .flatten()
+            .map(|(target, &rank)| TargetBudget { target: target.clone(), rank: rank as u32 })
+            .collect();
         let task = Box::new(RoundTask {
             round: info.round,
             task_id,
             nonce: info.nonce,
-            global: global.clone(),
-            rank_budget: Vec::new(),
+            global: global.unwrap_or_else(|| whole.clone()),
+            rank_budget,
             local_steps: self.config.local_steps,
             deadline_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
         });
@@ -1089,6 +1162,51 @@ impl Engine {
             acc.bytes_down = acc.bytes_down.saturating_add(size);
         }
         out.push(Action::SendTask { client, task });
+    }
+
+    /// Asks the rank planner (if any) for each selected client's ranks; clients told to sit out
+    /// leave the selection. Without a planner every client trains every triplet (`None`).
+    fn plan_ranks(&mut self, round: Round, selected: &mut Vec<ClientId>) -> Vec<Option<BTreeMap<String, usize>>> {
+        let Some(planner) = self.ranks.as_ref() else { return vec![None; selected.len()] };
+        let names: Vec<String> = selected.iter().map(|c| c.0.clone()).collect();
+        let task_bytes = self.encoded.as_ref().map_or(0, |(_, e)| e.wire_len() as u64);
+        let plans = match planner.plan(round, &names, task_bytes) {
+            Ok(p) if p.len() == names.len() => p,
+            Ok(_) | Err(_) => {
+                tracing::error!(%round, "the rank planner failed; every client trains every triplet this round");
+                return vec![None; selected.len()];
+            }
+        };
+        let mut grants = Vec::with_capacity(selected.len());
+        let mut kept = Vec::with_capacity(selected.len());
+        for (client, plan) in selected.drain(..).zip(plans) {
+            match plan {
+                Plan::Train(ranks) => {
+                    tracing::debug!(%client, %round, ?ranks, "rank budget");
+                    grants.push(Some(ranks.into_iter().map(|b| (b.target, b.rank as usize)).collect()));
+                    kept.push(client);
+                }
+                Plan::SitOut(why) => tracing::info!(%client, %round, "sits this round out: {why}"),
+            }
+        }
+        *selected = kept;
+        grants
+    }
+
+    /// The current global truncated to `ranks` and encoded with the download codec (once per
+    /// distinct rank list and round).
+    fn truncated_global(&mut self, ranks: &BTreeMap<String, usize>) -> Result<EncodedDelta, EngineError> {
+        let round = Round(self.committed.0 + 1);
+        let key: Vec<usize> = self.spec.targets.iter().map(|t| ranks.get(&t.name).copied().unwrap_or(0)).collect();
+        if let Some(e) = self.truncated.get(&key) {
+            return Ok(e.clone());
+        }
+        let err = |p: String| EngineError::Encode { round, problem: p };
+        let delta = truncate_lora(&self.global, &self.spec, ranks).map_err(|e| err(e.to_string()))?;
+        let enc = codec::encode(&delta, &self.config.download_codec, None, mix(self.config.seed ^ round.0))
+            .map_err(|e| err(e.to_string()))?;
+        self.truncated.insert(key, enc.clone());
+        Ok(enc)
     }
 
     /// The global pool as a delta from zero (every slot listed for SSF pools; see the module
@@ -1162,6 +1280,10 @@ impl Engine {
             "round committed"
         );
         self.global = pool.clone();
+        self.truncated.clear();
+        if let Some(p) = self.ranks.as_mut() {
+            p.committed(&pool);
+        }
         self.committed = round;
         self.attempts_started = 0;
         self.encoded = None;

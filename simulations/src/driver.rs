@@ -29,7 +29,6 @@ use fedpool_common::wire::{
     Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update, PROTOCOL_VERSION,
 };
 use fedpool_common::{Round, TaskId};
-use fedpool_server::aggregate::Aggregator;
 use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, RoundRecord, Time};
 
 use crate::experiment::{Experiment, Mode};
@@ -152,7 +151,8 @@ impl<'a> Sim<'a> {
         let setup = |e: &dyn std::fmt::Display| SimError::Setup(e.to_string());
         let spec = pop.spec.clone();
         let aggregate = exp.aggregate.to_config().map_err(|e| setup(&e))?;
-        let merge = Aggregator::new(spec.clone(), aggregate).map_err(|e| setup(&e))?;
+        let merge = exp.budget.merge(&spec, aggregate).map_err(|e| setup(&e))?;
+        let planner = exp.budget.planner(&spec, exp.deadline(), exp.federation.rounds).map_err(|e| setup(&e))?;
         let limits = DecodeLimits {
             max_values: spec.num_params() as u64,
             max_raw_bytes: spec.num_params() as u64 * 8 + (1 << 20),
@@ -176,7 +176,10 @@ impl<'a> Sim<'a> {
             eval_deadline: Some(exp.deadline()),
         };
         let global = AdapterPool::init(&spec, exp.seed).map_err(|e| setup(&e))?;
-        let engine = Engine::new(config, spec, Box::new(merge), Round(0), global).map_err(|e| setup(&e))?;
+        let mut engine = Engine::new(config, spec, merge, Round(0), global).map_err(|e| setup(&e))?;
+        if let Some(planner) = planner {
+            engine = engine.with_ranks(planner);
+        }
         let network = NetworkModel::new(&exp.network, pop.clients.len(), &exp.base_dir).map_err(|e| setup(&e))?;
         let train_config = exp.train_config().map_err(|e| setup(&e))?;
         Ok(Sim {
@@ -400,10 +403,15 @@ impl<'a> Sim<'a> {
             self.train_wall_seconds += seconds;
             for ((c, client, task), trained) in work[begin..end].iter().zip(results) {
                 let compute = Duration::from_secs_f64(trained.samples as f64 * self.exp.federation.seconds_per_sample);
-                let update = self.encode(*c, task, trained, seconds / (end - begin) as f64)?;
+                // The client reports its compute time in the simulated world.
+                let compute_at_speed = self.network.compute_time(*c, compute);
+                let update = self.encode(*c, task, trained, compute_at_speed.as_secs_f64())?;
                 let wire_bytes = frame_len(&update)?;
                 let task_bytes = frame_len(task.as_ref())?;
                 let arrives = now + self.network.round_time(*c, task_bytes, compute, wire_bytes);
+                // The server times the upload, as the QUIC server does (bandwidth estimates).
+                let upload = self.network.upload_time(*c, wire_bytes).as_secs_f64();
+                self.push(arrives, Event::Throughput { client: client.clone(), bytes: wire_bytes, seconds: upload });
                 self.push(arrives, Event::Update { client: client.clone(), update, wire_bytes });
             }
             begin = end;
@@ -466,10 +474,18 @@ impl<'a> Sim<'a> {
     /// the daemon does; the new residual waits in `pending` for the engine's ack.
     fn encode(&mut self, c: usize, task: &RoundTask, trained: Trained, seconds: f64) -> Result<Update, SimError> {
         self.trained_samples += trained.samples as u64;
+        // Under a rank budget only the granted triplets are sent, as the daemon does.
+        let sent = if task.rank_budget.is_empty() {
+            trained.delta
+        } else {
+            trained
+                .delta
+                .truncate_lora(&self.pop.spec, &task.granted_ranks())
+                .map_err(|e| SimError::Codec(e.to_string()))?
+        };
         let mut residual = self.residuals[c].clone();
-        let delta =
-            codec::encode(&trained.delta, &self.codec, Some(&mut residual), task.task_id.0 ^ self.client_seed(c))
-                .map_err(|e| SimError::Codec(format!("encoding {}'s update: {e}", self.pop.clients[c].name)))?;
+        let delta = codec::encode(&sent, &self.codec, Some(&mut residual), task.task_id.0 ^ self.client_seed(c))
+            .map_err(|e| SimError::Codec(format!("encoding {}'s update: {e}", self.pop.clients[c].name)))?;
         self.pending.insert(c, (task.task_id, residual));
         Ok(Update {
             round: task.round,

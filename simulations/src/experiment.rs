@@ -16,6 +16,7 @@ use fedpool_client::session::config::{AdapterSection, TrainSection};
 use fedpool_client::train::{Schedule, TrainConfig};
 use fedpool_common::codec::CodecSettings;
 use fedpool_server::config::AggregateSection;
+use fedpool_server::ranks::BudgetSection;
 use serde::{Deserialize, Serialize};
 
 use crate::network::NetworkConfig;
@@ -224,6 +225,9 @@ pub struct Experiment {
     /// How the server merges updates (the server's `[aggregate]`).
     #[serde(default)]
     pub aggregate: AggregateSection,
+    /// Per-client LoRA rank budgets (the server's `[budget]`).
+    #[serde(default)]
+    pub budget: BudgetSection,
     /// Bandwidth, latency, availability and compute speed of the clients.
     #[serde(default)]
     pub network: NetworkConfig,

@@ -227,3 +227,44 @@ fn a_split_file_deals_exactly_its_examples_to_its_named_clients() {
     let err = Population::load(&exp).unwrap_err().to_string();
     assert!(err.contains("split.json") && err.contains("4 clients") && err.contains("clients = 5"), "{err}");
 }
+
+#[test]
+fn importance_budgets_keep_a_slow_client_within_the_deadline_where_a_fixed_rank_misses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let lora = "[adapter]\nkind = \"lora\"\nrank = 4\n[train]\nbatch_size = 4\nmax_len = 32\nlr = 0.01\n";
+    let spec = {
+        let mut e = experiment(dir.path(), "", "");
+        e.adapter.kind = "lora".into();
+        e.adapter.rank = 4;
+        Population::load(&e).unwrap().spec
+    };
+    let targets = spec.targets.len();
+    let costs = fedpool_server::budget::TripletCosts::measure(&spec, &Default::default(), 0).unwrap();
+    // Client 1 can send rank 2 everywhere in 55 of the 60 s, not rank 4.
+    let slow = costs.bytes(&vec![2; targets]) as f64 / 55.0;
+    std::fs::write(dir.path().join("bw.csv"), format!("client,up\n0,1e9\n1,{slow}\n2,1e9\n3,1e9\n")).unwrap();
+    let network = "[network]\nupload = { kind = \"trace\", file = \"bw.csv\", column = \"up\" }\n\
+                   download = { kind = \"fixed\", bytes_per_sec = 1e9 }\nlatency_ms = 0.0\n";
+    let run = |budget: &str| {
+        // `experiment` writes [adapter] and [train] itself: replace them with LoRA's.
+        let mut e = experiment(dir.path(), "", &format!("{network}{budget}"));
+        let lora_exp = Experiment::parse(lora, dir.path(), "lora").unwrap();
+        e.adapter = lora_exp.adapter;
+        e.train = lora_exp.train;
+        e.federation.local_steps = 2;
+        simulate(&e)
+    };
+    let fixed = run("[budget]\npolicy = \"fixed\"\nrank = 4\n");
+    assert_eq!(fixed.summary.missed_deadline, 3, "rank 4 everywhere does not fit client 1's link");
+    assert!(fixed.records.iter().all(|r| r.stragglers == ["client-001"]));
+
+    let budgets = run("[budget]\npolicy = \"importance\"\nsafety_margin = 0.95\nexpected_compute_s = 0.1\ninit_rank = 4\ntarget_rank = 4\n");
+    assert_eq!(
+        budgets.summary.missed_deadline,
+        0,
+        "{:?}",
+        budgets.records.iter().map(|r| &r.stragglers).collect::<Vec<_>>()
+    );
+    assert!(budgets.records.iter().all(|r| r.clients.len() == 4), "every client's update is merged");
+}

@@ -38,10 +38,6 @@ impl Federation {
 
     /// [`Federation::new`] with another random model shape and pool (`pool_size` slots, `top_k`).
     pub fn with_model(clients: &[&str], model_config: &BertConfig, pool_size: usize, top_k: usize) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let model = dir.path().join("model");
-        fedpool_client::model::write_random_model(&model, model_config, 1).expect("random model");
-        fedpool_client::testkit::write_word_tokenizer(&model).expect("tokenizer");
         let options = AdapterOptions {
             choice: AdapterChoice::SsfPool,
             pool_size,
@@ -50,7 +46,16 @@ impl Federation {
             alpha: 8.0,
             lora_modules: vec!["attention.self.query".into(), "attention.self.value".into()],
         };
-        let spec = pool_spec(model_config, &options, 2).expect("spec");
+        Self::with_options(clients, model_config, &options)
+    }
+
+    /// A federation of `clients` training the adapter `options` on a random `model_config`.
+    pub fn with_options(clients: &[&str], model_config: &BertConfig, options: &AdapterOptions) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model = dir.path().join("model");
+        fedpool_client::model::write_random_model(&model, model_config, 1).expect("random model");
+        fedpool_client::testkit::write_word_tokenizer(&model).expect("tokenizer");
+        let spec = pool_spec(model_config, options, 2).expect("spec");
         std::fs::write(dir.path().join("spec.json"), serde_json::to_string_pretty(&spec).expect("json")).expect("spec");
         certs::init(&dir.path().join("certs"), &certs::InitOptions::default()).expect("certs init");
         let f = Self { dir, clients: clients.iter().map(|c| c.to_string()).collect(), spec };
@@ -119,7 +124,18 @@ idle_timeout = "5s"
     /// Writes `<name>.toml` for the daemon: the server's address from `state/listen.addr`, the
     /// client's certificate and CSV, the tiny spec's adapter; `codec` is the `[upload_codec]` body.
     pub fn write_client_config(&self, name: &str, model: &str, codec: &str) -> PathBuf {
-        let (pool_size, top_k) = (self.spec.pool_size, self.spec.top_k);
+        self.write_client_config_with(name, model, codec, "")
+    }
+
+    /// [`Federation::write_client_config`] with `top` lines added to the top-level table (e.g.
+    /// `declared_upload_bps = 1000`).
+    pub fn write_client_config_with(&self, name: &str, model: &str, codec: &str, top: &str) -> PathBuf {
+        let adapter = match self.spec.kind {
+            fedpool_common::AdapterKind::Lora => {
+                format!("kind = \"lora\"\nrank = {}\nalpha = {}", self.spec.max_rank, self.spec.lora_alpha)
+            }
+            _ => format!("kind = \"ssf-pool\"\npool_size = {}\ntop_k = {}", self.spec.pool_size, self.spec.top_k),
+        };
         let text = format!(
             r#"server_addr_file = "state/listen.addr"
 ca_cert = "certs/ca.pem"
@@ -133,11 +149,10 @@ test_fraction = 0.2
 idle_timeout = "3s"
 reconnect_initial = "100ms"
 reconnect_max = "1s"
+{top}
 
 [adapter]
-kind = "ssf-pool"
-pool_size = {pool_size}
-top_k = {top_k}
+{adapter}
 
 [train]
 batch_size = 8

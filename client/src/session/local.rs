@@ -225,8 +225,19 @@ impl LocalWork {
         };
         let data = train::TrainData { train: &self.train_rows, eval: &[], pad_id: self.pad_id };
         let outcome = train::train(&self.model, &self.spec, &start, data, &mut self.queries, &config, &mut Silent)?;
+        // Under a rank budget only the granted triplets are sent (the others were not sent to
+        // this client either: they are zero and stayed zero in training).
+        let delta = if task.rank_budget.is_empty() {
+            outcome.delta
+        } else {
+            outcome
+                .delta
+                .truncate_lora(&self.spec, &task.granted_ranks())
+                .map_err(|e| LocalError::Encode(e.to_string()))?
+        };
+        let raw_bytes = delta.num_values() * 4;
         let mut residual = self.residual.clone();
-        let delta = codec::encode(&outcome.delta, &self.codec, Some(&mut residual), task.task_id.0 ^ self.seed)
+        let delta = codec::encode(&delta, &self.codec, Some(&mut residual), task.task_id.0 ^ self.seed)
             .map_err(|e| LocalError::Encode(e.to_string()))?;
         let m = &outcome.metrics;
         tracing::info!(
@@ -234,7 +245,7 @@ impl LocalWork {
             steps = m.steps,
             loss = m.train_loss,
             seconds = m.train_seconds,
-            raw_bytes = outcome.delta.num_values() * 4,
+            raw_bytes,
             encoded_bytes = delta.wire_len(),
             "trained"
         );

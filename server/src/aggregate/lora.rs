@@ -43,7 +43,6 @@
 use std::collections::BTreeMap;
 
 use faer::{Mat, MatRef};
-use fedpool_common::adapter::TensorRole;
 use fedpool_common::{AdapterKind, AdapterPool, PoolDelta, PoolSpec};
 
 use super::AggregateError;
@@ -298,28 +297,12 @@ pub fn truncate_lora(
     if let Some(t) = ranks.keys().find(|t| !spec.targets.iter().any(|s| &s.name == *t)) {
         return Err(AggregateError(format!("rank granted for unknown LoRA target {t:?}")));
     }
-    let max = spec.max_rank;
-    let mut tensors = BTreeMap::new();
-    for l in spec.layout() {
-        let t = pool.tensors.get(&l.name).ok_or_else(|| AggregateError(format!("global lacks {:?}", l.name)))?;
-        let Some(target) = &l.target else {
-            tensors.insert(l.name, t.clone());
-            continue;
-        };
-        let r = ranks.get(target).copied().unwrap_or(max);
-        if r > max {
-            return Err(AggregateError(format!("rank {r} granted for LoRA target {target:?} exceeds max_rank {max}")));
-        }
-        if r == 0 {
-            continue;
-        }
-        let (shape, data) = match l.role {
-            TensorRole::LoraA => (vec![r, l.shape[1]], t.data()[..r * l.shape[1]].to_vec()),
-            TensorRole::LoraE => (vec![r, 1], t.data()[..r].to_vec()),
-            _ => (vec![l.shape[0], r], t.data().chunks(max).flat_map(|row| row[..r].iter().copied()).collect()),
-        };
-        let tensor = fedpool_common::HostTensor::new(shape, data).map_err(|e| AggregateError(e.to_string()))?;
-        tensors.insert(l.name, tensor);
+    if let Some((t, r)) = ranks.iter().find(|(_, &r)| r > spec.max_rank) {
+        return Err(AggregateError(format!(
+            "rank {r} granted for LoRA target {t:?} exceeds max_rank {}",
+            spec.max_rank
+        )));
     }
-    Ok(PoolDelta { spec_hash: pool.spec_hash, slots: None, tensors })
+    let whole = pool.to_transfer(spec).map_err(|e| AggregateError(format!("global pool: {e}")))?;
+    whole.truncate_lora(spec, ranks).map_err(|e| AggregateError(format!("global pool: {e}")))
 }

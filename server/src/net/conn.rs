@@ -88,9 +88,12 @@ impl Pending {
 }
 
 /// What reading one request stream gave.
+// One value per request stream, moved straight into a match: boxing the large variant would buy
+// nothing.
+#[allow(clippy::large_enum_variant)]
 enum Request {
-    /// A message, with the stream to answer on.
-    Message { send: SendStream, frame: RawFrame, msg: ClientMessage },
+    /// A message, with the stream to answer on and the seconds its body took to arrive.
+    Message { send: SendStream, frame: RawFrame, msg: ClientMessage, seconds: f64 },
     /// The client ended or reset the stream without a frame (not an error).
     Abandoned,
     /// A bad frame: the connection is closed.
@@ -111,12 +114,14 @@ async fn read_request(
     let read = async {
         let Some(header) = read_header(&mut recv, &limits).await? else { return Ok(None) };
         let _permit = if header.kind.is_bulk() { bulk.acquire().await.ok() } else { None };
+        // The body's arrival time is the transfer (bandwidth estimates for rank budgets).
+        let started = std::time::Instant::now();
         let body = read_body(&mut recv, header).await?;
-        Ok::<_, FrameError>(Some(RawFrame { kind: header.kind, body }))
+        Ok::<_, FrameError>(Some((RawFrame { kind: header.kind, body }, started.elapsed().as_secs_f64())))
     };
-    let frame = match tokio::time::timeout(timeout, read).await {
+    let (frame, seconds) = match tokio::time::timeout(timeout, read).await {
         Err(_) => return Request::Bad(format!("stream {id}: no complete frame within {timeout:?}")),
-        Ok(Ok(Some(f))) => f,
+        Ok(Ok(Some(read))) => read,
         Ok(Ok(None)) => return Request::Abandoned,
         Ok(Err(FrameError::Io(e))) => {
             // A reset stream or a lost connection: nothing to answer, nothing malformed.
@@ -128,7 +133,7 @@ async fn read_request(
     // One frame per request stream: stop reading (the peer gets STOP_SENDING for anything more).
     let _ = recv.stop(VarInt::from_u32(0));
     match ClientMessage::decode(frame.kind, &frame.body) {
-        Ok(msg) => Request::Message { send, frame, msg },
+        Ok(msg) => Request::Message { send, frame, msg, seconds },
         Err(e) => Request::Bad(format!("stream {id}: {:?} frame of {} bytes: {e}", frame.kind, frame.body.len())),
     }
 }
@@ -208,7 +213,7 @@ async fn run(
                         close_with(conn, close::PROTOCOL, &format!("protocol error: {why}"));
                         return format!("closed for a protocol error: {why}");
                     }
-                    Request::Message { send, frame, msg } => {
+                    Request::Message { send, frame, msg, seconds } => {
                         let wire_bytes = frame.wire_len();
                         shared.metrics.add_bytes_in(wire_bytes);
                         match &msg {
@@ -220,7 +225,8 @@ async fn run(
                                 writers.spawn(write_reply(send, reply, shared.metrics.clone()));
                             }
                         }
-                        let to_engine = ToEngine::Message { client: client.to_string(), conn: id, msg, wire_bytes };
+                        let to_engine =
+                            ToEngine::Message { client: client.to_string(), conn: id, msg, wire_bytes, seconds };
                         if shared.to_engine.send(to_engine).await.is_err() {
                             close_with(conn, close::SHUTDOWN, "server shutting down");
                             return "the engine stopped".into();

@@ -96,19 +96,25 @@ impl Driver {
                 self.metrics.set_connected(self.links.len() as u64);
                 Vec::new()
             }
-            ToEngine::Message { client, conn, msg, wire_bytes } => {
+            ToEngine::Message { client, conn, msg, wire_bytes, seconds } => {
                 if self.links.get(&client).map(|l| l.conn) != Some(conn) {
                     debug!("client {client:?}: ignoring a message from replaced connection {conn}");
                     return Vec::new();
                 }
                 let id = ClientId(client);
+                let mut actions = Vec::new();
                 let event = match msg {
                     ClientMessage::Enroll(enroll) => Event::Enroll { client: id, enroll },
-                    ClientMessage::Update(update) => Event::Update { client: id, update, wire_bytes },
+                    ClientMessage::Update(update) => {
+                        let timed = Event::Throughput { client: id.clone(), bytes: wire_bytes, seconds };
+                        actions = self.engine.handle(self.now(), timed);
+                        Event::Update { client: id, update, wire_bytes }
+                    }
                     ClientMessage::Heartbeat(_) => Event::Heartbeat { client: id },
                     ClientMessage::EvalReport(report) => Event::EvalReport { client: id, report, wire_bytes },
                 };
-                self.engine.handle(self.now(), event)
+                actions.extend(self.engine.handle(self.now(), event));
+                actions
             }
             ToEngine::Disconnected { client, conn } => {
                 if self.links.get(&client).map(|l| l.conn) != Some(conn) {

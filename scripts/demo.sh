@@ -7,7 +7,10 @@
 # Knobs (environment): CLIENTS (8), ROUNDS (3), STEPS local steps per round (8), BATCH (16),
 # EVAL_MAX held-out examples evaluated per client (100), CODEC (compressed: top-10% + int8 uploads
 # with error feedback; or fp32), DOWNLOAD (fp32, or int8: the global pool quantized on the way
-# down too, a quarter of the bytes but noisier starting points), DEMO_DIR (demo-run),
+# down too, a quarter of the bytes but noisier starting points), ADAPTER (ssf-pool, or lora:
+# rank 8 on q and v), BUDGET (none, or importance: LoRA rank budgets under bandwidth — client i
+# declares an upload of 1, 4, 16 or 64 kB/s, rounds have a 120 s deadline, and the server grants
+# each client the triplets its link carries; its log lists the grants), DEMO_DIR (demo-run),
 # BIN (target/release).
 # Scale up: CLIENTS=8 ROUNDS=20 STEPS=50 EVAL_MAX=1000, and device = "cuda:0" in the client configs
 # on a GPU build (cargo build --release --features cuda -p fedpool-client).
@@ -25,6 +28,23 @@ ASSETS=${FEDPOOL_ASSETS:-$(pwd)/assets}
 DOMAINS=(tweets movieReviewSnippets amazonReviewSnippets nytEditorialSnippets)
 
 DOWNLOAD=${DOWNLOAD:-fp32}
+ADAPTER=${ADAPTER:-ssf-pool}
+BUDGET=${BUDGET:-none}
+case "$ADAPTER" in
+  ssf-pool) LR=0.005 ;;
+  lora) LR=0.002 ;;
+  *) echo "ADAPTER must be ssf-pool or lora, not $ADAPTER" >&2; exit 2 ;;
+esac
+DEADLINE=30m
+BUDGET_TOML=""
+case "$BUDGET" in
+  none) ;;
+  importance)
+    [ "$ADAPTER" = lora ] || { echo "BUDGET=importance needs ADAPTER=lora" >&2; exit 2; }
+    DEADLINE=120s
+    BUDGET_TOML=$'[budget]\npolicy = "importance"\nsafety_margin = 0.8\nexpected_compute_s = 30' ;;
+  *) echo "BUDGET must be none or importance, not $BUDGET" >&2; exit 2 ;;
+esac
 case "$CODEC" in
   compressed) UP=$'quantization = "int8"\ntop_k = 0.1' ;;
   fp32) UP='quantization = "fp32"' ;;
@@ -45,7 +65,7 @@ cd "$DEMO_DIR"
 for i in $(seq 0 $((CLIENTS - 1))); do
   "$OLDPWD/$BIN/fedpool-server" certs issue --dir certs --name "client-$i" >/dev/null
 done
-"$OLDPWD/$BIN/fedpool-client" spec --model "$ASSETS/minilm" --adapter ssf-pool --num-labels 2 --out spec.json 2>/dev/null
+"$OLDPWD/$BIN/fedpool-client" spec --model "$ASSETS/minilm" --adapter "$ADAPTER" --num-labels 2 --out spec.json 2>/dev/null
 
 cat > server.toml <<TOML
 listen = "127.0.0.1:0"
@@ -58,7 +78,7 @@ spec_file = "spec.json"
 rounds = $ROUNDS
 clients_per_round = $CLIENTS
 quorum = $CLIENTS
-deadline = "30m"
+deadline = "$DEADLINE"
 eval_deadline = "30m"
 local_steps = $STEPS
 seed = 0
@@ -67,6 +87,9 @@ idle_timeout = "120s"
 
 [download_codec]
 $DOWN
+
+$BUDGET_TOML
+$( [ -n "$BUDGET_TOML" ] && printf '[budget.upload_codec]\n%s\n' "$UP" )
 TOML
 
 for i in $(seq 0 $((CLIENTS - 1))); do
@@ -88,20 +111,21 @@ state_dir = "client-$i"
 device = "auto"
 seed = $i
 idle_timeout = "120s"
+declared_upload_bps = $((1000 * 4 ** (i % 4)))
 
 [adapter]
-kind = "ssf-pool"
+kind = "$ADAPTER"
 
 [train]
 batch_size = $BATCH
-lr = 0.005
+lr = $LR
 
 [upload_codec]
 $UP
 TOML
 done
 
-echo "fedpool demo: $CLIENTS clients × 2 VADER domains, $ROUNDS rounds of $STEPS steps × $BATCH, upload $CODEC, download $DOWNLOAD, in $DEMO_DIR" >&2
+echo "fedpool demo: $CLIENTS clients × 2 VADER domains, $ADAPTER, $ROUNDS rounds of $STEPS steps × $BATCH, upload $CODEC, download $DOWNLOAD, budget $BUDGET, in $DEMO_DIR" >&2
 START=$(date +%s)
 "$OLDPWD/$BIN/fedpool-server" run --config server.toml 2> logs/server.log &
 SERVER=$!

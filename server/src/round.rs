@@ -1182,7 +1182,8 @@ impl Engine {
         for (client, plan) in selected.drain(..).zip(plans) {
             match plan {
                 Plan::Train(ranks) => {
-                    tracing::debug!(%client, %round, ?ranks, "rank budget");
+                    let per_target: Vec<u32> = ranks.iter().map(|b| b.rank).collect();
+                    tracing::info!(%client, %round, ranks = ?per_target, "rank budget");
                     grants.push(Some(ranks.into_iter().map(|b| (b.target, b.rank as usize)).collect()));
                     kept.push(client);
                 }

@@ -11,7 +11,7 @@ use fedpool_sim::driver::{self, Progress, RunOutput};
 use fedpool_sim::experiment::{Experiment, Mode, DEFAULT_EXPERIMENT};
 use fedpool_sim::outputs::write_run;
 use fedpool_sim::population::Population;
-use fedpool_sim::report::{plot_runs, RoundRow};
+use fedpool_sim::report::{plot_runs, read_rounds_csv, RoundRow, Summary};
 use indicatif::{ProgressBar, ProgressStyle};
 
 const EXPERIMENT_HELP: &str = "\
@@ -59,6 +59,18 @@ enum Command {
     Centralised(CentralisedArgs),
     /// Print the embedded default experiment (a starting point for your own).
     DefaultConfig,
+    /// Draw finished runs on the same axes again (from their rounds.csv), without re-running.
+    Plot(PlotArgs),
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// Where the plots go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Run folders (each with rounds.csv; the run's name from its summary.json, else the folder).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +183,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{DEFAULT_EXPERIMENT}");
+            Ok(())
+        }
+        Command::Plot(args) => {
+            let mut series = Vec::new();
+            for dir in &args.runs {
+                let rows = read_rounds_csv(&dir.join("rounds.csv"))?;
+                let name = std::fs::read_to_string(dir.join("summary.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Summary>(&t).ok())
+                    .map(|s| s.name)
+                    .unwrap_or_else(|| dir.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned()));
+                series.push((name, rows));
+            }
+            let written = plot_runs(&args.out, &series)?;
+            eprintln!("wrote {} plots in {}", written.len(), args.out.display());
             Ok(())
         }
     }

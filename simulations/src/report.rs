@@ -290,11 +290,12 @@ struct Chart<'a> {
     series: Vec<Series<'a>>,
 }
 
-/// Draws `runs` into `dir` (created if missing): three charts, each as PNG and SVG, all runs on the
+/// Draws `runs` into `dir` (created if missing): four charts, each as PNG and SVG, all runs on the
 /// same axes, one colour per run, with a legend of the run names:
 ///
 /// - `accuracy_vs_round`: accuracy against round;
 /// - `accuracy_vs_bytes`: accuracy against cumulative traffic (bytes up + down, in MB of 10⁶ bytes);
+/// - `accuracy_vs_sim_time`: accuracy against simulated seconds since the start;
 /// - `sim_time_per_round`: simulated seconds of each round (the difference of consecutive
 ///   `sim_seconds`; the first row's counts from zero) against round.
 ///
@@ -308,7 +309,7 @@ pub fn plot_runs(dir: &Path, runs: &[(String, Vec<RoundRow>)]) -> Result<Vec<Pat
     std::fs::create_dir_all(dir).map_err(|source| ReportError::Io { path: dir.to_path_buf(), source })?;
     register_embedded_font().map_err(|()| ReportError::Font { path: dir.to_path_buf() })?;
 
-    let mut written = Vec::with_capacity(6);
+    let mut written = Vec::with_capacity(8);
     for chart in charts(runs) {
         let png = dir.join(format!("{}.png", chart.stem));
         draw(BitMapBackend::new(&png, CHART_SIZE).into_drawing_area(), &chart)
@@ -334,8 +335,8 @@ fn register_embedded_font() -> Result<(), ()> {
     }
 }
 
-/// The three charts' data.
-fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 3] {
+/// The four charts' data.
+fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 4] {
     let accuracy_vs_round = runs
         .iter()
         .map(|(name, rows)| Series {
@@ -355,6 +356,13 @@ fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 3] {
                 })
                 .collect();
             Series { name, points }
+        })
+        .collect();
+    let accuracy_vs_sim_time = runs
+        .iter()
+        .map(|(name, rows)| Series {
+            name,
+            points: rows.iter().filter_map(|r| Some((r.sim_seconds, r.accuracy?))).collect(),
         })
         .collect();
     let sim_time_per_round = runs
@@ -392,6 +400,16 @@ fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 3] {
             x_from_zero: true,
             x_rounds: false,
             series: accuracy_vs_bytes,
+        },
+        Chart {
+            stem: "accuracy_vs_sim_time",
+            title: "Accuracy against simulated time",
+            x_label: "simulated seconds since the start",
+            y_label: "accuracy",
+            y_from_zero: false,
+            x_from_zero: true,
+            x_rounds: false,
+            series: accuracy_vs_sim_time,
         },
         Chart {
             stem: "sim_time_per_round",

@@ -74,6 +74,19 @@ fn run_and_compare_write_tables_and_plots() {
     }
     let resolved = std::fs::read_to_string(out.join("lora/config.toml")).unwrap();
     assert!(resolved.contains("mode = \"sequential\""), "{resolved}");
+
+    // Finished runs drawn again from their rounds.csv, legends named from summary.json.
+    let replot = dir.path().join("replot");
+    let status = Command::new(BIN)
+        .args(["plot", "--out"])
+        .arg(&replot)
+        .arg(out.join("pool"))
+        .arg(out.join("lora"))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let svg = std::fs::read_to_string(replot.join("accuracy_vs_sim_time.svg")).unwrap();
+    assert!(svg.contains("pool") && svg.contains("lora"));
 }
 
 #[test]

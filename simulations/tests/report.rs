@@ -201,10 +201,11 @@ fn plot_runs_writes_three_charts_as_png_and_svg_with_every_run_in_the_legend() {
     let written = plot_runs(&out, &runs).unwrap();
 
     let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    let expected: Vec<String> = ["accuracy_vs_round", "accuracy_vs_bytes", "sim_time_per_round"]
-        .iter()
-        .flat_map(|stem| [format!("{stem}.png"), format!("{stem}.svg")])
-        .collect();
+    let expected: Vec<String> =
+        ["accuracy_vs_round", "accuracy_vs_bytes", "accuracy_vs_sim_time", "sim_time_per_round"]
+            .iter()
+            .flat_map(|stem| [format!("{stem}.png"), format!("{stem}.svg")])
+            .collect();
     assert_eq!(names, expected);
 
     for path in &written {
@@ -229,7 +230,7 @@ fn plot_runs_draws_a_run_without_any_accuracy() {
     let mut silent = rows(4, 0.0);
     silent.iter_mut().for_each(|r| r.accuracy = None);
     let written = plot_runs(dir.path(), &[("silent".to_string(), silent)]).unwrap();
-    assert_eq!(written.len(), 6);
+    assert_eq!(written.len(), 8);
     assert!(written.iter().all(|p: &PathBuf| p.exists()));
 }
 

@@ -495,6 +495,8 @@ struct TaskInfo {
 struct ClientState {
     connected: bool,
     last_heard: Time,
+    /// The training examples it declared at enrollment: an update may not claim more.
+    examples: u64,
 }
 
 /// The running totals of one round, kept across its attempts.
@@ -801,7 +803,8 @@ impl Engine {
             out.push(Action::Drop { client, reason: format!("enrollment refused: {reason:?}") });
             return;
         }
-        let returning = self.clients.insert(client.clone(), ClientState { connected: true, last_heard: now }).is_some();
+        let state = ClientState { connected: true, last_heard: now, examples: enroll.examples };
+        let returning = self.clients.insert(client.clone(), state).is_some();
         tracing::info!(%client, returning, examples = enroll.examples, software = %enroll.software, "client enrolled");
         if let Some(p) = self.ranks.as_mut() {
             p.enrolled(&client.0, &enroll);
@@ -851,6 +854,16 @@ impl Engine {
                 }
                 Ok(delta) => {
                     let round = expected.round;
+                    let declared = self.clients.get(&client).map_or(0, |c| c.examples);
+                    if update.examples > declared {
+                        let detail = format!(
+                            "the update claims {} examples, the client declared {declared} at enrollment",
+                            update.examples
+                        );
+                        self.mark(update.task_id, TaskState::Rejected);
+                        self.refuse(client, &update, RejectReason::InvalidDelta, detail, out);
+                        return;
+                    }
                     if let Some(detail) = self.above_grant(&update, &delta) {
                         self.mark(update.task_id, TaskState::Rejected);
                         self.refuse(client, &update, RejectReason::InvalidDelta, detail, out);

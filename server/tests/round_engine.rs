@@ -508,6 +508,18 @@ fn a_nan_update_is_rejected_as_non_finite() {
 }
 
 #[test]
+fn an_update_claiming_more_examples_than_enrolled_is_rejected() {
+    let mut h = Harness::new(config());
+    let t = enroll_all(&mut h, &["a", "b"]);
+    // Enrolled with 100 examples: a weight of 101 would outvote the others unfairly.
+    let r = h.at(1).send("a", update_with(&t["a"], &ssf_spec(), 0.01, 101, 1.0));
+    let (_, reason, detail) = &rejects(&r)[0];
+    assert_eq!(*reason, RejectReason::InvalidDelta);
+    assert!(detail.contains("101") && detail.contains("100"), "{detail}");
+    assert_eq!(acks(&h.send("b", update_with(&t["b"], &ssf_spec(), 0.01, 100, 1.0))), ["b"]);
+}
+
+#[test]
 fn a_missed_quorum_is_retried_with_new_nonces_and_the_old_nonce_is_refused() {
     let mut h = Harness::new(config());
     let t1 = enroll_all(&mut h, &["a", "b"]);

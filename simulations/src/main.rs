@@ -34,6 +34,9 @@ An experiment file (TOML; `fedpool-sim default-config` prints the default one to
   [train]      batch_size, lr, head_lr, max_len, lambda_match
   [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level
   [aggregate]  strategy = fedavg | trimmed-mean | fedadam, clip_norm, ...
+  [budget]     LoRA rank budgets: policy = none | fixed (rank) | classes (classes) | importance
+               (safety_margin, init_rank, target_rank, ...), merge = exact | zero-pad
+               (every field: fedpool-server run --help)
   [network]    upload / download = { kind = \"fixed\", bytes_per_sec } | { kind = \"lognormal\",
                median_bytes_per_sec, p90_over_p10 } | { kind = \"trace\", file, column },
                latency_ms, availability, dropout, compute = { kind = \"fixed\", speed } | lognormal, seed

@@ -2,7 +2,7 @@
 //! MiniLM and VADER (needs the fetched assets), each run in its own process:
 //!
 //! 1. samples/s of local training for 32 clients × batch 8 (FedIns SSF pool, 25 slots, top-3,
-//!    3 local steps, one round): lockstep (one batched pass of 256 rows per step) against
+//!    3 local steps, one round): lockstep with passes of 8, 32, 64 and 256 rows per step against
 //!    `--sequential` (one client after another, as Flower and OpenFedLLM run virtual clients);
 //! 2. peak RSS of one round (batch 1, one local step) for 1, 64 and 256 virtual clients, FedIns
 //!    SSF pool and LoRA r=8, with lockstep groups of ≤ 1, ≤ 8 and ≤ 64 rows per pass (≤ 1 row:
@@ -73,14 +73,18 @@ fn run(dir: &Path, text: &str, extra: &[&str]) -> (f64, f64) {
 
 fn speed(dir: &Path) {
     let pool = "kind = \"ssf-pool\"\npool_size = 25\ntop_k = 3";
-    let text = config("speed", 32, 8, 3, pool, 256);
-    let (lockstep, _) = run(dir, &text, &[]);
-    let (sequential, _) = run(dir, &text, &["--sequential"]);
-    println!("| 32 clients × batch 8, 3 steps, FedIns SSF pool P=25 k=3, MiniLM, CPU | local training samples/s |");
-    println!("| --- | ---: |");
-    println!("| lockstep (one pass of 256 rows per step) | {lockstep:.2} |");
-    println!("| `--sequential` (one client after another) | {sequential:.2} |");
-    println!("| speed-up | {:.2}× |", lockstep / sequential);
+    println!("| 32 clients × batch 8, 3 steps, FedIns SSF pool P=25 k=3, MiniLM, CPU | local training samples/s | vs `--sequential` |");
+    println!("| --- | ---: | ---: |");
+    let (sequential, _) = run(dir, &config("speed", 32, 8, 3, pool, 8), &["--sequential"]);
+    for rows in [8usize, 32, 64, 256] {
+        let (lockstep, _) = run(dir, &config("speed", 32, 8, 3, pool, rows), &[]);
+        let clients = rows / 8;
+        println!(
+            "| lockstep, passes of {rows} rows ({clients} client(s) per pass) | {lockstep:.2} | {:.2}× |",
+            lockstep / sequential
+        );
+    }
+    println!("| `--sequential` (one client after another, its own trainer) | {sequential:.2} | 1.00× |");
     println!();
 }
 

@@ -387,12 +387,17 @@ impl<'a> Sim<'a> {
         // a time (sequential). A group runs all its steps, then its updates are encoded and its
         // adapters and optimizer state freed, so memory holds one group, not every client.
         let lockstep = self.lockstep_applies();
+        let max_rows = self.exp.max_rows_per_pass.unwrap_or(if self.pop.model.device().is_cpu() {
+            1 // one client per pass: its batch alone
+        } else {
+            crate::experiment::GPU_ROWS_PER_PASS
+        });
         let mut begin = 0;
         while begin < work.len() {
             let mut end = begin + 1;
             if lockstep {
                 let mut rows = configs[begin].batch_size;
-                while end < work.len() && rows + configs[end].batch_size <= self.exp.max_rows_per_pass {
+                while end < work.len() && rows + configs[end].batch_size <= max_rows {
                     rows += configs[end].batch_size;
                     end += 1;
                 }

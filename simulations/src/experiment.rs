@@ -201,9 +201,11 @@ pub struct Experiment {
     /// Lockstep: most rows in one forward/backward. The selected clients train in groups whose
     /// batches fit in this many rows, one group after another (all of a group's steps, then its
     /// updates are encoded and its adapters and optimizer state freed), so memory holds one
-    /// group, not every client. The result does not depend on it.
-    #[serde(default = "default_max_rows")]
-    pub max_rows_per_pass: usize,
+    /// group, not every client. The result does not depend on it. Default: one client per pass
+    /// on a CPU (measured fastest there: big passes leave the cache; README, "Benchmark"), 256
+    /// rows on a GPU.
+    #[serde(default)]
+    pub max_rows_per_pass: Option<usize>,
     /// How the data is dealt.
     #[serde(default = "default_partition")]
     pub partition: PartitionScheme,
@@ -254,9 +256,8 @@ fn default_clients() -> usize {
 fn default_test_fraction() -> f64 {
     0.2
 }
-fn default_max_rows() -> usize {
-    256
-}
+/// Rows per lockstep pass on a GPU when the experiment does not say.
+pub const GPU_ROWS_PER_PASS: usize = 256;
 fn default_partition() -> PartitionScheme {
     PartitionScheme::Iid
 }
@@ -310,7 +311,7 @@ impl Experiment {
         if self.eval_max_examples == Some(0) {
             return Err(self.bad("eval_max_examples", "must be at least 1"));
         }
-        if self.max_rows_per_pass == 0 {
+        if self.max_rows_per_pass == Some(0) {
             return Err(self.bad("max_rows_per_pass", "must be at least 1"));
         }
         match &self.partition {

@@ -26,7 +26,8 @@ An experiment file (TOML; `fedpool-sim default-config` prints the default one to
   test_fraction              held out per client for federated evaluation (0.2)
   eval_max_examples          held-out examples per client to evaluate on
   mode                       lockstep (one batched pass per step) | sequential
-  max_rows_per_pass          lockstep memory bound (rows per forward/backward; 256)
+  max_rows_per_pass          rows per lockstep forward/backward (default: one client's batch on a CPU,
+                             256 on a GPU)
   [partition]  scheme = iid | dirichlet (alpha, min_size) | groups (groups_per_client) | file (file)
   [federation] rounds, clients_per_round, quorum, over_selection, deadline_s, local_steps,
                seconds_per_sample (simulated compute per training example at speed 1)

@@ -17,6 +17,11 @@
 //!
 //! **Error feedback** works as in the daemon: a client's residual is replaced by the one its
 //! update left only when the engine acknowledges the update.
+//!
+//! **Rank budgets** (`[budget]`): the engine's planner sees what a server would — each client's
+//! declared bandwidth at enrollment, each upload's bytes and seconds (an `Event::Throughput` when
+//! the update arrives) and the compute seconds the client reports (its simulated compute) — and a
+//! client uploads only the triplets its task granted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

@@ -363,7 +363,8 @@ impl<'a> Sim<'a> {
         if work.is_empty() {
             return Ok(());
         }
-        let mode = if self.lockstep_applies() { "lockstep" } else { "sequential" };
+        let lockstep = self.lockstep_applies();
+        let mode = if lockstep { "lockstep" } else { "sequential" };
         self.progress.phase(round.0, &format!("training {} clients ({mode})", work.len()));
 
         // Every task of one send carries the same pool: decode it once per distinct encoding.
@@ -391,22 +392,12 @@ impl<'a> Sim<'a> {
         // Clients train in groups: each group's batches fit one pass (lockstep), or one client at
         // a time (sequential). A group runs all its steps, then its updates are encoded and its
         // adapters and optimizer state freed, so memory holds one group, not every client.
-        let lockstep = self.lockstep_applies();
-        let max_rows = self.exp.max_rows_per_pass.unwrap_or(if self.pop.model.device().is_cpu() {
-            1 // one client per pass: its batch alone
-        } else {
-            crate::experiment::GPU_ROWS_PER_PASS
-        });
-        let mut begin = 0;
-        while begin < work.len() {
-            let mut end = begin + 1;
-            if lockstep {
-                let mut rows = configs[begin].batch_size;
-                while end < work.len() && rows + configs[end].batch_size <= max_rows {
-                    rows += configs[end].batch_size;
-                    end += 1;
-                }
-            }
+        // Default on a CPU: one client per pass (1 row fits no batch but the client's own).
+        let default_rows = if self.pop.model.device().is_cpu() { 1 } else { crate::experiment::GPU_ROWS_PER_PASS };
+        let max_rows = if lockstep { self.exp.max_rows_per_pass.unwrap_or(default_rows) } else { 0 };
+        let batches: Vec<usize> = configs.iter().map(|c| c.batch_size).collect();
+        for group in tenancy::client_groups(&batches, max_rows) {
+            let (begin, end) = (group.start, group.end);
             let t = Instant::now();
             let results = self.train_group(&work[begin..end], &configs[begin..end], &start_of[begin..end], &starts)?;
             let seconds = t.elapsed().as_secs_f64();
@@ -424,7 +415,6 @@ impl<'a> Sim<'a> {
                 self.push(arrives, Event::Throughput { client: client.clone(), bytes: wire_bytes, seconds: upload });
                 self.push(arrives, Event::Update { client: client.clone(), update, wire_bytes });
             }
-            begin = end;
         }
         Ok(())
     }
@@ -445,6 +435,7 @@ impl<'a> Sim<'a> {
                 .zip(configs)
                 .zip(start_of)
                 .map(|(((c, _, _), config), &s)| VirtualClient {
+                    key: *c as u64,
                     train: &pop.clients[*c].train,
                     start: &starts[s].1,
                     config: config.clone(),

@@ -17,6 +17,7 @@
 //! scores are not tracked in lockstep (they do not change the adapters).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::{DType, Tensor, Var};
 use fedpool_client::model::BertEncoder;
@@ -48,6 +49,9 @@ pub enum TenancyError {
 /// One virtual client's work for a lockstep run.
 #[derive(Debug, Clone)]
 pub struct VirtualClient<'a> {
+    /// A number unique to this client among all clients whose calls share a query cache (the
+    /// cache keys its examples by it, so clients may reuse example ids).
+    pub key: u64,
     /// Its training examples.
     pub train: &'a [Encoded],
     /// The pool it starts from (the global pool it received).
@@ -149,23 +153,30 @@ impl MaskedAdamW {
     }
 }
 
-/// Trains `clients` (all on `spec`: a FedIns SSF pool with P > 1 slots, or LoRA) in lockstep over
-/// one shared `model`, every step in one pass. `queries` caches frozen features across calls
-/// (keyed by client and example).
-pub fn train_lockstep(
-    model: &BertEncoder,
-    spec: &PoolSpec,
-    clients: &[VirtualClient<'_>],
-    queries: &mut QueryCache,
-    pad_id: u32,
-) -> Result<Vec<ClientOutcome>, TenancyError> {
-    train_lockstep_bounded(model, spec, clients, queries, pad_id, usize::MAX)
+/// Consecutive groups of clients whose batches (`batch_sizes`, in client order) fit in
+/// `max_rows` rows together; a client larger than the limit is a group of its own.
+pub fn client_groups(batch_sizes: &[usize], max_rows: usize) -> Vec<Range<usize>> {
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    let mut rows = 0usize;
+    for (c, &b) in batch_sizes.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if rows + b <= max_rows => {
+                g.end = c + 1;
+                rows += b;
+            }
+            _ => {
+                groups.push(c..c + 1);
+                rows = b;
+            }
+        }
+    }
+    groups
 }
 
-/// [`train_lockstep`] with at most `max_rows_per_pass` rows in one forward/backward (at least one
-/// client per pass): a step runs its clients in groups, each group its own pass and optimizer
-/// update, so memory is bounded by the group, not by the number of clients. Clients share no
-/// parameters, so the result does not depend on the grouping.
+/// [`train_lockstep`] over [`client_groups`] of at most `max_rows_per_pass` rows, one group after
+/// another (all of a group's steps, then the next group), so memory holds one group's adapters,
+/// moments and activations, not every client's. Clients share no parameters, so the result does
+/// not depend on the grouping.
 pub fn train_lockstep_bounded(
     model: &BertEncoder,
     spec: &PoolSpec,
@@ -174,11 +185,29 @@ pub fn train_lockstep_bounded(
     pad_id: u32,
     max_rows_per_pass: usize,
 ) -> Result<Vec<ClientOutcome>, TenancyError> {
+    let batches: Vec<usize> = clients.iter().map(|vc| vc.config.batch_size).collect();
+    let mut outcomes = Vec::with_capacity(clients.len());
+    for group in client_groups(&batches, max_rows_per_pass) {
+        outcomes.extend(train_lockstep(model, spec, &clients[group], queries, pad_id)?);
+    }
+    Ok(outcomes)
+}
+
+/// Trains `clients` (all on `spec`: a FedIns SSF pool with P > 1 slots, or LoRA) in lockstep over
+/// one shared `model`, every step in one pass. `queries` caches frozen features across calls
+/// (keyed by each client's `key` and the example's id).
+pub fn train_lockstep(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    clients: &[VirtualClient<'_>],
+    queries: &mut QueryCache,
+    pad_id: u32,
+) -> Result<Vec<ClientOutcome>, TenancyError> {
     if clients.is_empty() {
         return Ok(Vec::new());
     }
     if spec.kind == AdapterKind::Lora {
-        return train_lockstep_lora(model, spec, clients, pad_id, max_rows_per_pass);
+        return train_lockstep_lora(model, spec, clients, pad_id);
     }
     if !spec.has_keys() || spec.pool_size < 2 {
         return Err(TenancyError::Unsupported(
@@ -206,10 +235,7 @@ pub fn train_lockstep_bounded(
     // Examples re-identified per client, batch orders as the solo trainer makes them.
     let rows: Vec<Vec<Encoded>> = clients
         .iter()
-        .enumerate()
-        .map(|(c, vc)| {
-            vc.train.iter().map(|e| Encoded { id: ((c as u64) << CLIENT_SHIFT) | e.id, ..e.clone() }).collect()
-        })
+        .map(|vc| vc.train.iter().map(|e| Encoded { id: (vc.key << CLIENT_SHIFT) | e.id, ..e.clone() }).collect())
         .collect();
     let mut orders: Vec<BatchOrder> =
         clients.iter().map(|vc| BatchOrder::new(vc.train.len(), vc.config.batch_size, vc.config.seed)).collect();
@@ -221,46 +247,44 @@ pub fn train_lockstep_bounded(
     let lambda = clients[0].config.lambda_match;
 
     for step in 0..max_steps {
-        let stepping: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
-        for group in pass_groups(clients, &stepping, max_rows_per_pass) {
-            let active: Vec<bool> = (0..k).map(|c| group.contains(&c)).collect();
-            let mut batch_rows: Vec<&Encoded> = Vec::new();
-            let mut owner: Vec<usize> = Vec::new();
-            for c in (0..k).filter(|&c| active[c]) {
-                for i in orders[c].next_batch() {
-                    batch_rows.push(&rows[c][i]);
-                    owner.push(c);
-                }
+        // Every client still stepping takes part in this step's pass.
+        let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
+        let mut batch_rows: Vec<&Encoded> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for c in (0..k).filter(|&c| active[c]) {
+            for i in orders[c].next_batch() {
+                batch_rows.push(&rows[c][i]);
+                owner.push(c);
             }
-            let batch = Batch::pad(&batch_rows, pad_id, &device)?;
-            queries.fill(model, batch_rows.iter().copied(), batch_rows.len(), pad_id)?;
-            let q = queries.batch(&batch.example_ids, &device)?;
-            // Each row may pick only its own client's slots; each client's loss is its own mean.
-            let mut bias = vec![-1.0e4f32; owner.len() * k * p];
-            let mut weights = vec![0f32; owner.len()];
-            let count = |c: usize| owner.iter().filter(|&&o| o == c).count();
-            let counts: Vec<usize> = (0..k).map(count).collect();
-            for (b, &c) in owner.iter().enumerate() {
-                bias[b * k * p + c * p..b * k * p + (c + 1) * p].iter_mut().for_each(|x| *x = 0.0);
-                weights[b] = 1.0 / counts[c] as f32;
-            }
-            let bias = Tensor::from_vec(bias, (owner.len(), k * p), &device)?;
-            let weights = Tensor::from_vec(weights, owner.len(), &device)?;
-            let adapters = params.tracked(&stacked_spec, false);
-            let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
-            let total = (&out.loss_per_example * &weights)?.sum_all()?;
-            let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
-            let predicted = out.predictions()?;
-            for (b, &c) in owner.iter().enumerate() {
-                loss_sums[c] += f64::from(per_row[b]) / counts[c] as f64;
-                samples[c] += 1;
-                correct[c] += usize::from(predicted[b] == batch_rows[b].label);
-                let local: Vec<u32> = out.selection.row(b).iter().map(|&s| s - (c * p) as u32).collect();
-                last_selection[c].insert(batch.example_ids[b], local);
-            }
-            let grads = total.backward()?;
-            optimizer.step(&grads, &active, &learning_rates(clients, step))?;
         }
+        let batch = Batch::pad(&batch_rows, pad_id, &device)?;
+        queries.fill(model, batch_rows.iter().copied(), batch_rows.len(), pad_id)?;
+        let q = queries.batch(&batch.example_ids, &device)?;
+        // Each row may pick only its own client's slots; each client's loss is its own mean.
+        let mut bias = vec![-1.0e4f32; owner.len() * k * p];
+        let mut weights = vec![0f32; owner.len()];
+        let count = |c: usize| owner.iter().filter(|&&o| o == c).count();
+        let counts: Vec<usize> = (0..k).map(count).collect();
+        for (b, &c) in owner.iter().enumerate() {
+            bias[b * k * p + c * p..b * k * p + (c + 1) * p].iter_mut().for_each(|x| *x = 0.0);
+            weights[b] = 1.0 / counts[c] as f32;
+        }
+        let bias = Tensor::from_vec(bias, (owner.len(), k * p), &device)?;
+        let weights = Tensor::from_vec(weights, owner.len(), &device)?;
+        let adapters = params.tracked(&stacked_spec, false);
+        let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
+        let total = (&out.loss_per_example * &weights)?.sum_all()?;
+        let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
+        let predicted = out.predictions()?;
+        for (b, &c) in owner.iter().enumerate() {
+            loss_sums[c] += f64::from(per_row[b]) / counts[c] as f64;
+            samples[c] += 1;
+            correct[c] += usize::from(predicted[b] == batch_rows[b].label);
+            let local: Vec<u32> = out.selection.row(b).iter().map(|&s| s - (c * p) as u32).collect();
+            last_selection[c].insert(batch.example_ids[b], local);
+        }
+        let grads = total.backward()?;
+        optimizer.step(&grads, &active, &learning_rates(clients, step))?;
     }
 
     // Slice each client's rows back out.
@@ -283,27 +307,6 @@ pub fn train_lockstep_bounded(
         outcomes.push(outcome(vc, pool, Some(usage), loss_sums[c], (samples[c], correct[c]))?);
     }
     Ok(outcomes)
-}
-
-/// The clients stepping this step, in passes of at most `max_rows` rows (a client's batch is never
-/// split; a client larger than the limit has a pass of its own).
-fn pass_groups(clients: &[VirtualClient<'_>], stepping: &[bool], max_rows: usize) -> Vec<Vec<usize>> {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut rows = 0usize;
-    for c in (0..clients.len()).filter(|&c| stepping[c]) {
-        let b = clients[c].config.batch_size;
-        match groups.last_mut() {
-            Some(g) if rows + b <= max_rows => {
-                g.push(c);
-                rows += b;
-            }
-            _ => {
-                groups.push(vec![c]);
-                rows = b;
-            }
-        }
-    }
-    groups
 }
 
 /// A client's outcome from its trained pool: the delta from its start (restricted to the used
@@ -355,7 +358,6 @@ fn train_lockstep_lora(
     spec: &PoolSpec,
     clients: &[VirtualClient<'_>],
     pad_id: u32,
-    max_rows_per_pass: usize,
 ) -> Result<Vec<ClientOutcome>, TenancyError> {
     use candle_core::D;
     use fedpool_client::model::{Hooks, Lora};
@@ -391,65 +393,63 @@ fn train_lockstep_lora(
     let scaling = f64::from(spec.lora_alpha) / spec.max_rank as f64;
 
     for step in 0..max_steps {
-        let stepping: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
-        for group in pass_groups(clients, &stepping, max_rows_per_pass) {
-            let active: Vec<bool> = (0..k).map(|c| group.contains(&c)).collect();
-            let (mut batch_rows, mut owner): (Vec<&Encoded>, Vec<u32>) = (Vec::new(), Vec::new());
-            for c in (0..k).filter(|&c| active[c]) {
-                for i in orders[c].next_batch() {
-                    batch_rows.push(&clients[c].train[i]);
-                    owner.push(c as u32);
-                }
+        // Every client still stepping takes part in this step's pass.
+        let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
+        let (mut batch_rows, mut owner): (Vec<&Encoded>, Vec<u32>) = (Vec::new(), Vec::new());
+        for c in (0..k).filter(|&c| active[c]) {
+            for i in orders[c].next_batch() {
+                batch_rows.push(&clients[c].train[i]);
+                owner.push(c as u32);
             }
-            let batch = Batch::pad(&batch_rows, pad_id, &device)?;
-            let counts: Vec<usize> = (0..k).map(|c| owner.iter().filter(|&&o| o as usize == c).count()).collect();
-            let idx = Tensor::from_slice(&owner, owner.len(), &device)?;
-            let rows = |name: &str| -> Result<Tensor, TenancyError> {
-                let v = stacked.get(name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
-                Ok(v.as_tensor().index_select(&idx, 0)?)
-            };
-            let mut hooks = Hooks::new();
-            for t in &spec.targets {
-                let q = rows(&format!("{}.lora_A.weight", t.name))?;
-                let lambda = rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?;
-                let p = rows(&format!("{}.lora_B.weight", t.name))?;
-                hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
-            }
-            let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
-            let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d]
-            let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L]
-            let logits = (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?;
-            debug_assert_eq!(logits.dim(1)?, head.num_labels);
-            let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let ce = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-            let weights: Vec<f32> = owner.iter().map(|&c| 1.0 / counts[c as usize] as f32).collect();
-            let mut total = (&ce * Tensor::from_vec(weights, owner.len(), &device)?)?.sum_all()?;
-            let per_row: Vec<f32> = ce.to_vec1()?;
-            let predicted: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-            let mut orth_values = vec![0.0f64; k];
-            for c in (0..k).filter(|&c| active[c]) {
-                let weight = clients[c].config.orth_reg_weight;
-                if weight > 0.0 {
-                    let own: BTreeMap<String, Tensor> = stacked
-                        .iter()
-                        .map(|(n, v)| Ok((n.clone(), v.as_tensor().narrow(0, c, 1)?.squeeze(0)?)))
-                        .collect::<Result<_, candle_core::Error>>()?;
-                    let orth = (orthogonality(&AdapterTensors::from_tensors(spec, false, own, &device))? * weight)?;
-                    orth_values[c] = f64::from(orth.to_scalar::<f32>()?);
-                    total = (total + orth)?;
-                }
-            }
-            for (r, &c) in owner.iter().enumerate() {
-                loss_sums[c as usize] += f64::from(per_row[r]) / counts[c as usize] as f64;
-                samples[c as usize] += 1;
-                correct[c as usize] += usize::from(predicted[r] as usize == batch_rows[r].label);
-            }
-            for c in (0..k).filter(|&c| active[c]) {
-                loss_sums[c] += orth_values[c];
-            }
-            let grads = total.backward()?;
-            optimizer.step(&grads, &active, &learning_rates(clients, step))?;
         }
+        let batch = Batch::pad(&batch_rows, pad_id, &device)?;
+        let counts: Vec<usize> = (0..k).map(|c| owner.iter().filter(|&&o| o as usize == c).count()).collect();
+        let idx = Tensor::from_slice(&owner, owner.len(), &device)?;
+        let rows = |name: &str| -> Result<Tensor, TenancyError> {
+            let v = stacked.get(name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
+            Ok(v.as_tensor().index_select(&idx, 0)?)
+        };
+        let mut hooks = Hooks::new();
+        for t in &spec.targets {
+            let q = rows(&format!("{}.lora_A.weight", t.name))?;
+            let lambda = rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?;
+            let p = rows(&format!("{}.lora_B.weight", t.name))?;
+            hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
+        }
+        let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
+        let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d]
+        let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L]
+        let logits = (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?;
+        debug_assert_eq!(logits.dim(1)?, head.num_labels);
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let ce = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let weights: Vec<f32> = owner.iter().map(|&c| 1.0 / counts[c as usize] as f32).collect();
+        let mut total = (&ce * Tensor::from_vec(weights, owner.len(), &device)?)?.sum_all()?;
+        let per_row: Vec<f32> = ce.to_vec1()?;
+        let predicted: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        let mut orth_values = vec![0.0f64; k];
+        for c in (0..k).filter(|&c| active[c]) {
+            let weight = clients[c].config.orth_reg_weight;
+            if weight > 0.0 {
+                let own: BTreeMap<String, Tensor> = stacked
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().narrow(0, c, 1)?.squeeze(0)?)))
+                    .collect::<Result<_, candle_core::Error>>()?;
+                let orth = (orthogonality(&AdapterTensors::from_tensors(spec, false, own, &device))? * weight)?;
+                orth_values[c] = f64::from(orth.to_scalar::<f32>()?);
+                total = (total + orth)?;
+            }
+        }
+        for (r, &c) in owner.iter().enumerate() {
+            loss_sums[c as usize] += f64::from(per_row[r]) / counts[c as usize] as f64;
+            samples[c as usize] += 1;
+            correct[c as usize] += usize::from(predicted[r] as usize == batch_rows[r].label);
+        }
+        for c in (0..k).filter(|&c| active[c]) {
+            loss_sums[c] += orth_values[c];
+        }
+        let grads = total.backward()?;
+        optimizer.step(&grads, &active, &learning_rates(clients, step))?;
     }
 
     let mut outcomes = Vec::with_capacity(k);

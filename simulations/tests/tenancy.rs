@@ -60,8 +60,9 @@ fn lockstep_equals_alone(options: AdapterOptions, tolerance: f64) {
         })
         .collect();
 
-    let clients: Vec<VirtualClient> =
-        (0..4).map(|c| VirtualClient { train: &data[c], start: &starts[c], config: configs[c].clone() }).collect();
+    let clients: Vec<VirtualClient> = (0..4)
+        .map(|c| VirtualClient { key: c as u64, train: &data[c], start: &starts[c], config: configs[c].clone() })
+        .collect();
     let mut shared = QueryCache::new(model.config().hidden_size);
     let lockstep = train_lockstep(&model, &spec, &clients, &mut shared, 0).unwrap();
     // In passes of at most 10 rows (groups of one or two clients): the same result.
@@ -100,4 +101,15 @@ fn lockstep_equals_alone(options: AdapterOptions, tolerance: f64) {
         assert!((got.train_loss - alone.metrics.train_loss).abs() <= 1e-5 * alone.metrics.train_loss.abs().max(1.0));
         assert_ne!(got.pool.tensors, starts[c].tensors, "client {c} trained");
     }
+}
+
+#[test]
+fn client_groups_fill_passes_in_order_and_never_split_a_client() {
+    use fedpool_sim::tenancy::client_groups;
+    assert_eq!(client_groups(&[8, 8, 8, 8], 16), vec![0..2, 2..4]);
+    assert_eq!(client_groups(&[8, 4, 4, 8], 16), vec![0..3, 3..4]);
+    // A client larger than the limit gets a pass of its own; a limit of 0 means one client each.
+    assert_eq!(client_groups(&[32, 8], 16), vec![0..1, 1..2]);
+    assert_eq!(client_groups(&[8, 8, 8], 0), vec![0..1, 1..2, 2..3]);
+    assert!(client_groups(&[], 16).is_empty());
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceChoice;
 use crate::spec::{AdapterChoice, AdapterOptions, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK};
+use crate::train::{Schedule, TrainConfig};
 
 /// Every field of `client.toml`, for `--help`.
 pub const CONFIG_HELP: &str = "\
@@ -131,6 +132,26 @@ pub struct TrainSection {
     /// FedIns' key-matching weight.
     #[serde(default = "default_lambda")]
     pub lambda_match: f64,
+}
+
+impl TrainSection {
+    /// The trainer's settings for rounds of federated training with `choice`: each round is a
+    /// short continuation of one run, so a constant learning rate and no warm-up (steps and the
+    /// per-round seed are set per task).
+    pub fn round_config(&self, choice: AdapterChoice, seed: u64) -> TrainConfig {
+        TrainConfig {
+            batch_size: self.batch_size,
+            lr: self.lr.unwrap_or_else(|| crate::cli::default_lr(choice)),
+            head_lr: self.head_lr,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            max_len: self.max_len,
+            seed,
+            lambda_match: self.lambda_match,
+            head_only: choice.head_only(),
+            ..TrainConfig::default()
+        }
+    }
 }
 
 fn default_batch() -> usize {

@@ -19,7 +19,7 @@ use crate::data::{load_spec, DataOptions};
 use crate::device;
 use crate::model::BertEncoder;
 use crate::spec::pool_spec;
-use crate::train::{self, encode_examples, tokenizer_for_training, Encoded, QueryCache, Schedule, Silent, TrainConfig};
+use crate::train::{self, encode_examples, tokenizer_for_training, Encoded, QueryCache, Silent, TrainConfig};
 
 /// Why local work failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,19 +135,7 @@ impl LocalWork {
 
         let options = config.adapter_options().map_err(|e| setup(&e))?;
         let spec = pool_spec(model.config(), &options, dataset.num_labels()).map_err(|e| setup(&e))?;
-        let train_config = TrainConfig {
-            batch_size: config.train.batch_size,
-            lr: config.train.lr.unwrap_or_else(|| crate::cli::default_lr(options.choice)),
-            head_lr: config.train.head_lr,
-            // Each round is a short continuation of one run: a constant rate, no warm-up.
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            max_len,
-            seed: config.seed,
-            lambda_match: config.train.lambda_match,
-            head_only: options.choice.head_only(),
-            ..TrainConfig::default()
-        };
+        let train_config = config.train.round_config(options.choice, config.seed);
         let residual_store = ResidualStore::new(&config.state_dir, spec.hash());
         let residual = residual_store.load()?;
         if !residual.tensors().is_empty() {

@@ -1,7 +1,7 @@
 //! AdaLoRA importance follows its EMA formulas; the orthogonality regulariser vanishes on
 //! orthonormal factors.
 
-mod train_support;
+use crate::train_support;
 
 use candle_core::Device;
 use fedpool_client::model::BertConfig;

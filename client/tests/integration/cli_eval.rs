@@ -1,7 +1,7 @@
 //! `fedpool-client eval` and `fedpool-client spec` as library calls (and once through the binary)
 //! on a tiny model and a small CSV.
 
-mod train_support;
+use crate::train_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;

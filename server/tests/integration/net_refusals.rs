@@ -2,7 +2,7 @@
 //! federation certificate or with a revoked one, and connections that send bad frames — while an
 //! honest client on another connection completes its round.
 
-mod net_support;
+use crate::net_support;
 
 use fedpool_common::checkpoint::{checkpoint_path, read_pool};
 use fedpool_common::frame::MessageKind;

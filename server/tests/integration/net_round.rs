@@ -1,7 +1,7 @@
 //! A whole round over real QUIC with mutual TLS on loopback, in process: enroll, task, update,
 //! commit, and the checkpoint on disk.
 
-mod net_support;
+use crate::net_support;
 
 use fedpool_common::checkpoint::{checkpoint_path, read_pool};
 use fedpool_common::wire::{ClientMessage, ServerMessage};

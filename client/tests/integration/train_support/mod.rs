@@ -1,6 +1,5 @@
 //! Helpers for the training tests: a tiny random model with a word-level tokenizer, and a small
 //! synthetic dataset whose two classes use disjoint words (separable).
-#![allow(dead_code)]
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Slot usage of an SSF pool: counts sum to examples × k, and the upload carries exactly the
 //! used slots and validates against the spec.
 
-mod train_support;
+use crate::train_support;
 
 use fedpool_client::model::BertConfig;
 use fedpool_client::spec::{pool_spec, AdapterChoice, AdapterOptions};

@@ -1,7 +1,7 @@
 //! The encoder and tokenizer against Hugging Face's own output for all-MiniLM-L6-v2
 //! (tests/fixtures/minilm_reference.json, made with transformers in float32 on CPU).
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,5 @@
 //! Shared by the network tests: a tiny federation on loopback (certificates, a config, a tiny SSF
 //! pool) and a minimal client that speaks the protocol over QUIC.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -124,7 +123,8 @@ pub fn self_signed(name: &str) -> Identity {
 
 /// A minimal protocol client.
 pub struct TestClient {
-    pub endpoint: quinn::Endpoint,
+    /// Held so the endpoint lives as long as the connection.
+    _endpoint: quinn::Endpoint,
     pub conn: quinn::Connection,
 }
 
@@ -160,7 +160,7 @@ impl TestClient {
             .await
             .map_err(ex("handshake timed out"))?
             .map_err(ex("handshake"))?;
-        Ok(Self { endpoint, conn })
+        Ok(Self { _endpoint: endpoint, conn })
     }
 
     /// Connects with the certificate issued to `name`.
@@ -218,10 +218,6 @@ impl TestClient {
 
     pub async fn heartbeat(&self, seq: u64) -> Result<ServerMessage, ExchangeError> {
         self.exchange(&ClientMessage::Heartbeat(Heartbeat { seq })).await
-    }
-
-    pub fn close(&self) {
-        self.conn.close(0u32.into(), b"bye");
     }
 }
 
@@ -292,15 +288,6 @@ pub fn assert_pools_close(got: &AdapterPool, want: &AdapterPool) {
         for (i, (a, b)) in t.data().iter().zip(w.data()).enumerate() {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}[{i}]: got {a}, want {b}");
         }
-    }
-}
-
-/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,6 +1,5 @@
 //! Helpers shared by the integration tests: a random tiny model on disk, deterministic random
 //! tensors and inputs.
-#![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
 use fedpool_client::model::{write_random_model, BertConfig, BertEncoder};

@@ -1,7 +1,7 @@
 //! Learning works: a few dozen steps on a tiny separable dataset reach high held-out accuracy,
 //! for every adapter kind.
 
-mod train_support;
+use crate::train_support;
 
 use fedpool_client::model::BertConfig;
 use fedpool_client::spec::{pool_spec, AdapterChoice, AdapterOptions};

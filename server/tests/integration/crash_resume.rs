@@ -1,7 +1,7 @@
 //! Crash safety of the real binary: let rounds commit, SIGKILL the server, restart it on the same
 //! state folder, and find the committed rounds intact and the next round proceeding.
 
-mod net_support;
+use crate::net_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! Training changes only adapters: every trainable tensor gets a gradient, the backbone does not
 //! change.
 
-mod train_support;
+use crate::train_support;
 
 use std::collections::BTreeMap;
 

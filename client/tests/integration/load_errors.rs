@@ -1,7 +1,7 @@
 //! Loading fails loudly and precisely: the error names the missing path, or the tensor and both
 //! shapes. Checkpoints with a `bert.` prefix load like unprefixed ones.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! `fedpool-client train` end to end on a tiny model and a small CSV.
 
-mod train_support;
+use crate::train_support;
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! Adapter hooks on a random tiny model: identity hooks change nothing, every adapter parameter
 //! is trained (gets a gradient), LoRA merges exactly, per-row SSF is per row, bad hooks are errors.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 

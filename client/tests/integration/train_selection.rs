@@ -1,6 +1,6 @@
 //! FedIns selection per instance: a batch gives every row the logits and loss it gets alone.
 
-mod train_support;
+use crate::train_support;
 
 use candle_core::Device;
 use fedpool_client::model::BertConfig;

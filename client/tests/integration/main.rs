@@ -1,0 +1,20 @@
+//! The client crate's integration tests: model loading, adapters, data, training, the CLI.
+//!
+//! One test binary for the crate (each binary links the whole dependency tree, so one per file
+//! cost minutes of linking and gigabytes of disk). Run one module with
+//! `cargo test -p fedpool-client --test integration <module>::`.
+
+mod adapters;
+mod cli_eval;
+mod cli_train;
+mod data_builtin;
+mod data_files;
+mod load_errors;
+mod reference;
+mod select_usage;
+mod support;
+mod train_gradients;
+mod train_importance;
+mod train_learning;
+mod train_selection;
+mod train_support;

@@ -1,0 +1,18 @@
+//! The server crate's integration tests: aggregation, budgets, certificates, the round engine, the store, QUIC.
+//!
+//! One test binary for the crate (each binary links the whole dependency tree, so one per file
+//! cost minutes of linking and gigabytes of disk). Run one module with
+//! `cargo test -p fedpool-server --test integration <module>::`.
+
+mod aggregate_fedavg;
+mod aggregate_lora;
+mod aggregate_pool;
+mod aggregate_robust;
+mod budget;
+mod certs;
+mod crash_resume;
+mod net_refusals;
+mod net_round;
+mod net_support;
+mod round_engine;
+mod store;

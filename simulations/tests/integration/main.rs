@@ -1,0 +1,12 @@
+//! The simulator's integration tests: partitions, network model, lockstep tenancy, the driver, reports, the CLI.
+//!
+//! One test binary for the crate (each binary links the whole dependency tree, so one per file
+//! cost minutes of linking and gigabytes of disk). Run one module with
+//! `cargo test -p fedpool-sim --test integration <module>::`.
+
+mod cli;
+mod driver;
+mod network;
+mod partition;
+mod report;
+mod tenancy;

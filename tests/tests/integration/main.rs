@@ -1,0 +1,10 @@
+//! Whole-system tests: real QUIC on loopback, real processes, injected faults, rank budgets.
+//!
+//! One test binary for the crate (each binary links the whole dependency tree, so one per file
+//! cost minutes of linking and gigabytes of disk). Run one module with
+//! `cargo test -p fedpool-tests --test integration <module>::`.
+
+mod bad_peers;
+mod budgets;
+mod faults;
+mod federation;

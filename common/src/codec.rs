@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -213,8 +214,9 @@ pub struct EncodedDelta {
     pub config: CodecConfig,
     /// Bytes of the payload before zstd (bounds decompression).
     pub raw_len: u64,
-    /// The (possibly zstd-compressed) bincode body.
-    pub payload: ByteBuf,
+    /// The (possibly zstd-compressed) bincode body. Reference-counted: a round's tasks all carry
+    /// the same global pool, and cloning a task must not copy it (256 clients × a 5 MB pool).
+    pub payload: Bytes,
     /// SHA-256 over the config, `raw_len` and the payload.
     pub digest: Sha256,
 }
@@ -329,7 +331,7 @@ impl EncodedDelta {
     /// Seals a payload: computes the digest over `config`, `raw_len` and `payload`.
     pub fn seal(config: CodecConfig, raw_len: u64, payload: Vec<u8>) -> Result<Self, CodecError> {
         let digest = digest_of(&config, raw_len, &payload)?;
-        Ok(Self { config, raw_len, payload: ByteBuf::from(payload), digest })
+        Ok(Self { config, raw_len, payload: Bytes::from(payload), digest })
     }
 
     /// The exact number of bytes this takes inside a message (its bincode encoding).
@@ -376,7 +378,7 @@ pub fn decode(enc: &EncodedDelta, limits: &DecodeLimits) -> Result<PoolDelta, Co
                     enc.raw_len
                 )));
             }
-            std::borrow::Cow::Borrowed(enc.payload.as_slice())
+            std::borrow::Cow::Borrowed(&enc.payload[..])
         }
     };
     let body: Body = frame::from_bytes(&raw)?;

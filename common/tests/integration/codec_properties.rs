@@ -112,7 +112,9 @@ proptest! {
         let cfg = CodecConfig { quantization: Quantization::Int8, zstd_level: zstd, ..Default::default() };
         let mut enc = encode(&one_tensor(v), &cfg, None, 1).unwrap();
         let i = pos.index(enc.payload.len());
-        enc.payload[i] ^= 1 << bit;
+        let mut payload = enc.payload.to_vec();
+        payload[i] ^= 1 << bit;
+        enc.payload = payload.into();
         prop_assert!(matches!(decode(&enc, &DecodeLimits::default()), Err(CodecError::DigestMismatch)));
     }
 }

@@ -134,8 +134,9 @@ fn bad_updates_get_the_right_reason() {
     assert_eq!(reason(&u), RejectReason::NonFinite);
 
     let mut u = honest_update(&t, &s);
-    let last = u.delta.payload.len() - 1;
-    u.delta.payload[last] ^= 0xff;
+    let mut payload = u.delta.payload.to_vec();
+    *payload.last_mut().expect("a non-empty payload") ^= 0xff;
+    u.delta.payload = payload.into();
     assert_eq!(reason(&u), RejectReason::Corrupt);
 
     // A NaN inside the delta, re-encoded so the digest is valid.

@@ -16,7 +16,8 @@
 //! `rounds.csv`: it is the researcher's measurement, not part of the training cost.
 //!
 //! **Error feedback** works as in the daemon: a client's residual is replaced by the one its
-//! update left only when the engine acknowledges the update.
+//! update left only when the engine acknowledges the update. Residuals live on disk between
+//! rounds ([`Spill`]): in memory they were most of a many-client run's footprint.
 //!
 //! **Rank budgets** (`[budget]`): the engine's planner sees what a server would — each client's
 //! declared bandwidth at enrollment, each upload's bytes and seconds (an `Event::Throughput` when
@@ -28,18 +29,19 @@ use std::time::{Duration, Instant};
 
 use fedpool_client::train::{self, QueryCache, Silent, TrainConfig, TrainError};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta};
-use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta, ErrorFeedback};
+use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
 use fedpool_common::wire::{
     Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update, PROTOCOL_VERSION,
 };
-use fedpool_common::{Round, TaskId};
+use fedpool_common::Round;
 use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, RoundRecord, Time};
 
 use crate::experiment::{Experiment, Mode};
 use crate::network::NetworkModel;
 use crate::population::Population;
 use crate::report::{RoundRow, Summary};
+use crate::spill::{ParkedUpload, Spill};
 use crate::tenancy::{self, TenancyError, VirtualClient};
 
 /// Why a simulation stopped.
@@ -60,6 +62,9 @@ pub enum SimError {
     /// A message could not be encoded or decoded.
     #[error("{0}")]
     Codec(String),
+    /// A client's error-feedback residual or update in flight could not be written or read back.
+    #[error("a client's state on disk: {0}")]
+    Spill(String),
     /// Nothing left to happen but the engine has not finished (a bug, or a population that can
     /// never reach the quorum).
     #[error("the simulation stalled at {seconds:.1} simulated seconds in round {round}: no event is pending and the engine waits")]
@@ -100,12 +105,19 @@ pub struct RunOutput {
     pub trained_samples: u64,
     /// Wall-clock seconds spent in local training (lockstep or sequential), all rounds.
     pub train_wall_seconds: f64,
+    /// Each client's error-feedback residual at the end (L2 norm): what its acknowledged uploads
+    /// left out and later ones have not carried yet; 0 for a client never acknowledged, or with
+    /// a lossless upload codec.
+    pub residual_norms: Vec<f64>,
 }
 
 /// Runs the experiment on the population: every round of the engine, to the end.
 pub fn run(exp: &Experiment, pop: &Population, progress: &mut dyn Progress) -> Result<RunOutput, SimError> {
     let mut sim = Sim::new(exp, pop, progress)?;
     sim.run()?;
+    let residual_norms = (0..pop.clients.len())
+        .map(|c| sim.spill.load(c).map(|r| r.l2_norm()).map_err(|e| SimError::Spill(e.to_string())))
+        .collect::<Result<_, _>>()?;
     let missed = sim.records.iter().map(|r| r.stragglers.len() as u64).sum();
     let examples = sim.records.last().and_then(|r| r.eval.as_ref()).map_or(0, |e| e.examples);
     let summary = Summary::from_rows(&exp.name, &sim.rows, examples, missed);
@@ -116,6 +128,7 @@ pub fn run(exp: &Experiment, pop: &Population, progress: &mut dyn Progress) -> R
         global: sim.engine.global().clone(),
         trained_samples: sim.trained_samples,
         train_wall_seconds: sim.train_wall_seconds,
+        residual_norms,
     })
 }
 
@@ -132,12 +145,11 @@ struct Sim<'a> {
     engine: Engine,
     network: NetworkModel,
     /// Events due, by (time, arrival order).
-    queue: BTreeMap<(Time, u64), Event>,
+    queue: BTreeMap<(Time, u64), Queued>,
     seq: u64,
     index: HashMap<String, usize>,
-    residuals: Vec<ErrorFeedback>,
-    /// The residual an update left, kept until its ack.
-    pending: HashMap<usize, (TaskId, ErrorFeedback)>,
+    /// Error-feedback residuals and updates in flight, on disk.
+    spill: Spill,
     queries: QueryCache,
     codec: CodecConfig,
     limits: DecodeLimits,
@@ -196,8 +208,8 @@ impl<'a> Sim<'a> {
             queue: BTreeMap::new(),
             seq: 0,
             index: pop.clients.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect(),
-            residuals: vec![ErrorFeedback::default(); pop.clients.len()],
-            pending: HashMap::new(),
+            spill: Spill::new_in(&std::env::temp_dir(), pop.spec.hash())
+                .map_err(|e| setup(&format!("a temporary folder for the clients' residuals: {e}")))?,
             queries: QueryCache::new(pop.model.config().hidden_size),
             codec: exp.upload_codec.to_codec().map_err(|e| setup(&e))?,
             limits,
@@ -213,7 +225,11 @@ impl<'a> Sim<'a> {
     }
 
     fn push(&mut self, at: Time, event: Event) {
-        self.queue.insert((at, self.seq), event);
+        self.enqueue(at, Queued::Event(event));
+    }
+
+    fn enqueue(&mut self, at: Time, item: Queued) {
+        self.queue.insert((at, self.seq), item);
         self.seq += 1;
     }
 
@@ -245,7 +261,11 @@ impl<'a> Sim<'a> {
             let (at, event) = match (due, self.engine.next_wakeup()) {
                 (Some(d), Some(w)) if w < d => (w, Event::Tick),
                 (Some(_), _) => match self.queue.pop_first() {
-                    Some(((at, _), event)) => (at, event),
+                    Some(((at, _), Queued::Event(event))) => (at, event),
+                    Some(((at, _), Queued::Upload { client, parked, wire_bytes })) => {
+                        let update = self.spill.take_upload(&parked).map_err(|e| SimError::Spill(e.to_string()))?;
+                        (at, Event::Update { client, update, wire_bytes })
+                    }
                     None => unreachable!("the queue held an event a moment ago"),
                 },
                 (None, Some(w)) => (w, Event::Tick),
@@ -278,19 +298,11 @@ impl<'a> Sim<'a> {
                 Action::SendEval { client, task } => evals.push((client, task)),
                 Action::Ack { client, ack } => {
                     let c = self.client_index(&client)?;
-                    if let Some((task_id, residual)) = self.pending.remove(&c) {
-                        if task_id == ack.task_id {
-                            self.residuals[c] = residual;
-                        } else {
-                            self.pending.insert(c, (task_id, residual));
-                        }
-                    }
+                    self.spill.acknowledged(c, ack.task_id).map_err(|e| SimError::Spill(e.to_string()))?;
                 }
                 Action::Reject { client, reject } => {
                     let c = self.client_index(&client)?;
-                    if self.pending.get(&c).is_some_and(|(t, _)| reject.task_id.is_none_or(|r| r == *t)) {
-                        self.pending.remove(&c);
-                    }
+                    self.spill.refused(c, reject.task_id).map_err(|e| SimError::Spill(e.to_string()))?;
                     tracing::debug!(%client, reason = ?reject.reason, "{}", reject.detail);
                 }
                 Action::Drop { client, reason } => tracing::warn!(%client, "dropped by the engine: {reason}"),
@@ -413,7 +425,8 @@ impl<'a> Sim<'a> {
                 // The server times the upload, as the QUIC server does (bandwidth estimates).
                 let upload = self.network.upload_time(*c, wire_bytes).as_secs_f64();
                 self.push(arrives, Event::Throughput { client: client.clone(), bytes: wire_bytes, seconds: upload });
-                self.push(arrives, Event::Update { client: client.clone(), update, wire_bytes });
+                let parked = self.spill.park_upload(*c, &update).map_err(|e| SimError::Spill(e.to_string()))?;
+                self.enqueue(arrives, Queued::Upload { client: client.clone(), parked, wire_bytes });
             }
         }
         Ok(())
@@ -484,10 +497,10 @@ impl<'a> Sim<'a> {
                 .truncate_lora(&self.pop.spec, &task.granted_ranks())
                 .map_err(|e| SimError::Codec(e.to_string()))?
         };
-        let mut residual = self.residuals[c].clone();
+        let mut residual = self.spill.load(c).map_err(|e| SimError::Spill(e.to_string()))?;
         let delta = codec::encode(&sent, &self.codec, Some(&mut residual), task.task_id.0 ^ self.client_seed(c))
             .map_err(|e| SimError::Codec(format!("encoding {}'s update: {e}", self.pop.clients[c].name)))?;
-        self.pending.insert(c, (task.task_id, residual));
+        self.spill.stage(c, task.task_id, &residual).map_err(|e| SimError::Spill(e.to_string()))?;
         Ok(Update {
             round: task.round,
             task_id: task.task_id,
@@ -534,6 +547,14 @@ impl<'a> Sim<'a> {
         }
         Ok(())
     }
+}
+
+/// Something due at a simulated time.
+enum Queued {
+    /// An event for the engine.
+    Event(Event),
+    /// An update in flight, waiting on disk ([`Spill::park_upload`]) until it arrives.
+    Upload { client: ClientId, parked: ParkedUpload, wire_bytes: u64 },
 }
 
 /// What one client's local training produced, whichever way it ran.

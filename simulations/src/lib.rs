@@ -16,4 +16,5 @@ pub mod outputs;
 pub mod partition;
 pub mod population;
 pub mod report;
+pub mod spill;
 pub mod tenancy;

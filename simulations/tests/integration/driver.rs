@@ -175,6 +175,35 @@ download = { kind = "fixed", bytes_per_sec = 1e9 }
 }
 
 #[test]
+fn residuals_carry_over_and_only_an_acknowledged_update_replaces_one() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let codec = "[upload_codec]\ntop_k = 0.25\nquantization = \"int8\"\n";
+    let fast = simulate(&experiment(dir.path(), "", codec));
+    assert_eq!(fast.residual_norms.len(), 4);
+    assert!(
+        fast.residual_norms.iter().all(|&n| n > 0.0),
+        "top-k leaves every client a residual: {:?}",
+        fast.residual_norms
+    );
+    // Client 2's uploads take ~90 s (deadline 60 s): each is refused as late, so the residual its
+    // encoding left never takes effect and it ends with none.
+    let update_bytes = fast.records[0].bytes_up as f64 / 4.0;
+    std::fs::write(dir.path().join("bw.csv"), format!("client,up\n0,1e9\n1,1e9\n2,{}\n3,1e9\n", update_bytes / 90.0))
+        .unwrap();
+    let network = r#"[network]
+upload = { kind = "trace", file = "bw.csv", column = "up" }
+download = { kind = "fixed", bytes_per_sec = 1e9 }
+"#;
+    let slow = simulate(&experiment(dir.path(), "", &format!("{codec}{network}")));
+    assert_eq!(slow.summary.missed_deadline, 3, "{:?}", slow.summary);
+    assert_eq!(slow.residual_norms[2], 0.0, "refused updates leave the residual as it was");
+    for c in [0, 1, 3] {
+        assert!(slow.residual_norms[c] > 0.0, "client {c}: {:?}", slow.residual_norms);
+    }
+}
+
+#[test]
 fn upload_sizes_come_from_the_real_codec() {
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());

@@ -526,6 +526,7 @@ impl ServerConfig {
         for skipped in &resume.skipped {
             tracing::warn!("skipped a checkpoint that does not verify: {skipped}");
         }
+        let server_state = resume.server_state;
         let (start_round, global, resumed_from) = match resume.latest {
             Some((round, pool)) => (round, pool, resume.path),
             None => {
@@ -552,7 +553,15 @@ impl ServerConfig {
             idle_timeout: self.idle_timeout,
             eval_deadline: self.evaluate.then(|| self.eval_deadline.unwrap_or(self.deadline)),
         };
-        let merge = self.budget.merge(&spec, aggregate).map_err(|e| field("aggregate", e))?;
+        let mut merge = self.budget.merge(&spec, aggregate).map_err(|e| field("aggregate", e))?;
+        if !server_state.is_empty() {
+            merge.load_server_state(&server_state).map_err(|e| ConfigError::Store {
+                dir: self.state_dir.clone(),
+                problem: format!("the server state saved with round {start_round}: {e}"),
+            })?;
+        } else if start_round.0 > 0 && !merge.server_state().is_empty() {
+            tracing::warn!(round = %start_round, "no server optimiser state was saved with the resumed round; FedAdam's moments start from zero");
+        }
         let planner = self.budget.planner(&spec, self.deadline, self.rounds).map_err(|e| field("budget", e))?;
         let mut engine = Engine::new(engine_config, spec, merge, start_round, global)
             .map_err(|e| ConfigError::Engine(e.to_string()))?;

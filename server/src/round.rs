@@ -64,7 +64,7 @@ use fedpool_common::wire::{
     Ack, Enroll, EvalReport, EvalTask, ExpectedTask, Reject, RejectReason, RoundTask, TargetBudget, Update, Welcome,
     PROTOCOL_VERSION,
 };
-use fedpool_common::{AdapterPool, BackboneFingerprint, Nonce, Round, TaskId};
+use fedpool_common::{AdapterPool, BackboneFingerprint, HostTensor, Nonce, Round, TaskId};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -353,6 +353,9 @@ pub struct Commit {
     pub pool: AdapterPool,
     /// The round's record for the log.
     pub record: RoundRecord,
+    /// The server optimiser's state after the round (FedAdam's moments; empty for a plain
+    /// average): persisted with the checkpoint, so a restart continues the same optimisation.
+    pub server_state: BTreeMap<String, HostTensor>,
 }
 
 /// One committed round, as logged: one JSON line of `rounds.jsonl`.
@@ -678,6 +681,12 @@ impl Engine {
     /// The global pool after the newest committed round.
     pub fn global(&self) -> &AdapterPool {
         &self.global
+    }
+
+    /// The server optimiser's state (FedAdam's moments; empty for a plain average), as the
+    /// next commit will persist it.
+    pub fn server_state(&self) -> BTreeMap<String, HostTensor> {
+        self.merge.server_state()
     }
 
     /// True once the last round is committed.
@@ -1301,7 +1310,8 @@ impl Engine {
         self.committed = round;
         self.attempts_started = 0;
         self.encoded = None;
-        out.push(Action::Commit(Box::new(Commit { round, pool, record })));
+        let server_state = self.merge.server_state();
+        out.push(Action::Commit(Box::new(Commit { round, pool, record, server_state })));
         if self.config.eval_deadline.is_some() {
             self.eval_owed = Some(round);
         } else if self.committed.0 >= self.config.total_rounds {

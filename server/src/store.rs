@@ -4,7 +4,9 @@
 //! A folder holds one pool checkpoint per committed round (`round-NNNNNN.safetensors`, written by
 //! `fedpool_common::checkpoint`: temp file, fsync, rename, fsync of the folder) and `rounds.jsonl`,
 //! one [`RoundRecord`] per line. A commit writes the checkpoint first, then appends the line and
-//! fsyncs it: the checkpoint is the truth, the log its account.
+//! fsyncs it: the checkpoint is the truth, the log its account. A server optimiser with state
+//! (FedAdam's moments) has it written just before the checkpoint, as
+//! `server-state-NNNNNN.safetensors`: a checkpoint on disk always has its state beside it.
 //!
 //! At [`Store::open`]:
 //! - every checkpoint's header is read (not its tensors) and one made for another pool spec or
@@ -14,7 +16,8 @@
 //! - a torn last line of the log (a crash mid-append: bytes after the last newline) is truncated
 //!   away;
 //! - if the resumed round (≥ 1) has no line (a crash between the checkpoint and the line), a line
-//!   marked `recovered` is appended for it.
+//!   marked `recovered` is appended for it;
+//! - the resumed round's server state is read back (a damaged file is an error naming it).
 //!
 //! A fresh folder resumes nothing: the caller initialises a pool and hands it to
 //! [`Store::write_initial`], so the initial pool (round 0) is on disk too ([`Store::open_or_init`]
@@ -27,14 +30,23 @@ use std::path::{Path, PathBuf};
 
 use fedpool_common::adapter::PoolSpec;
 use fedpool_common::checkpoint::{
-    checkpoint_path, latest_valid_pool, list_checkpoints, write_pool, CheckpointError, CheckpointMeta,
+    checkpoint_path, latest_valid_pool, list_checkpoints, read_tensors, write_pool, write_tensors, CheckpointError,
+    CheckpointMeta,
 };
-use fedpool_common::{AdapterPool, BackboneFingerprint, Round};
+use fedpool_common::{AdapterPool, BackboneFingerprint, HostTensor, Round};
 
 use crate::round::{Commit, RoundRecord};
 
 /// The round log's file name in a store folder.
 pub const ROUND_LOG: &str = "rounds.jsonl";
+
+/// Metadata key naming the round a server-state file belongs to.
+const META_ROUND: &str = "fedpool.round";
+
+/// Where the server optimiser's state after `round` is kept in a store folder.
+pub fn server_state_path(dir: &Path, round: Round) -> PathBuf {
+    dir.join(format!("server-state-{:06}.safetensors", round.0))
+}
 
 /// Largest safetensors header read when checking a checkpoint's metadata (safetensors' own cap).
 const MAX_HEADER: u64 = 100 << 20;
@@ -100,6 +112,9 @@ pub struct Resume {
     pub latest: Option<(Round, AdapterPool)>,
     /// The checkpoint file `latest` came from.
     pub path: Option<PathBuf>,
+    /// The server optimiser's state saved with `latest` (empty if none was saved: a plain
+    /// average, round 0, or a store written before states were kept).
+    pub server_state: BTreeMap<String, HostTensor>,
     /// Newer checkpoint files that did not verify and were skipped, with why.
     pub skipped: Vec<String>,
 }
@@ -144,7 +159,8 @@ impl Store {
                 if c.meta.backbone != backbone {
                     return Err(StoreError::Foreign { path: c.path, problem: "another backbone".into() });
                 }
-                Resume { latest: Some((c.meta.round, c.pool)), path: Some(c.path), skipped }
+                let server_state = read_server_state(dir, c.meta.round)?;
+                Resume { latest: Some((c.meta.round, c.pool)), path: Some(c.path), server_state, skipped }
             }
         };
 
@@ -229,6 +245,10 @@ impl Store {
                 commit.round, commit.record.round
             )));
         }
+        if !commit.server_state.is_empty() {
+            let meta = BTreeMap::from([(META_ROUND.to_string(), commit.round.0.to_string())]);
+            write_tensors(&server_state_path(&self.dir, commit.round), &commit.server_state, meta)?;
+        }
         let path = checkpoint_path(&self.dir, commit.round);
         write_pool(&path, &commit.pool, &CheckpointMeta::now(commit.round, self.spec.clone(), self.backbone))?;
         self.last = Some(commit.round);
@@ -300,6 +320,24 @@ impl Store {
 }
 
 /// The line written for a checkpoint whose log line was lost.
+/// The server optimiser's state saved with `round`'s checkpoint; empty if there is none. A file
+/// that does not read or verify is an error naming it (delete it to restart the optimiser's
+/// state from zero).
+fn read_server_state(dir: &Path, round: Round) -> Result<BTreeMap<String, HostTensor>, StoreError> {
+    let path = server_state_path(dir, round);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let (tensors, meta) = read_tensors(&path)?;
+    if meta.get(META_ROUND).map(String::as_str) != Some(round.0.to_string().as_str()) {
+        return Err(StoreError::Foreign {
+            path,
+            problem: format!("the server state of round {:?}, not of round {round}", meta.get(META_ROUND)),
+        });
+    }
+    Ok(tensors)
+}
+
 fn recovered_record(round: Round) -> RoundRecord {
     RoundRecord {
         round: round.0,

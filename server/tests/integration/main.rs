@@ -15,4 +15,5 @@ mod net_refusals;
 mod net_round;
 mod net_support;
 mod round_engine;
+mod server_state;
 mod store;

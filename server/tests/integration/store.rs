@@ -41,7 +41,12 @@ fn record(round: u64) -> RoundRecord {
 }
 
 fn commit(round: u64) -> Commit {
-    Commit { round: Round(round), pool: AdapterPool::init(&spec(), round).unwrap(), record: record(round) }
+    Commit {
+        round: Round(round),
+        pool: AdapterPool::init(&spec(), round).unwrap(),
+        record: record(round),
+        server_state: BTreeMap::new(),
+    }
 }
 
 /// A fresh store with the initial pool and rounds 1..=n committed.

@@ -319,7 +319,6 @@ impl Store {
     }
 }
 
-/// The line written for a checkpoint whose log line was lost.
 /// The server optimiser's state saved with `round`'s checkpoint; empty if there is none. A file
 /// that does not read or verify is an error naming it (delete it to restart the optimiser's
 /// state from zero).
@@ -338,6 +337,7 @@ fn read_server_state(dir: &Path, round: Round) -> Result<BTreeMap<String, HostTe
     Ok(tensors)
 }
 
+/// The line written for a checkpoint whose log line was lost.
 fn recovered_record(round: Round) -> RoundRecord {
     RoundRecord {
         round: round.0,

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use fedpool_client::train::{self, QueryCache, Silent, TrainConfig, TrainError};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta};
+use fedpool_common::checkpoint::CheckpointError;
 use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
 use fedpool_common::wire::{
@@ -64,7 +65,7 @@ pub enum SimError {
     Codec(String),
     /// A client's error-feedback residual or update in flight could not be written or read back.
     #[error("a client's state on disk: {0}")]
-    Spill(String),
+    Spill(#[from] CheckpointError),
     /// Nothing left to happen but the engine has not finished (a bug, or a population that can
     /// never reach the quorum).
     #[error("the simulation stalled at {seconds:.1} simulated seconds in round {round}: no event is pending and the engine waits")]
@@ -116,8 +117,8 @@ pub fn run(exp: &Experiment, pop: &Population, progress: &mut dyn Progress) -> R
     let mut sim = Sim::new(exp, pop, progress)?;
     sim.run()?;
     let residual_norms = (0..pop.clients.len())
-        .map(|c| sim.spill.load(c).map(|r| r.l2_norm()).map_err(|e| SimError::Spill(e.to_string())))
-        .collect::<Result<_, _>>()?;
+        .map(|c| sim.spill.load(c).map(|r| r.l2_norm()))
+        .collect::<Result<_, CheckpointError>>()?;
     let missed = sim.records.iter().map(|r| r.stragglers.len() as u64).sum();
     let examples = sim.records.last().and_then(|r| r.eval.as_ref()).map_or(0, |e| e.examples);
     let summary = Summary::from_rows(&exp.name, &sim.rows, examples, missed);
@@ -263,7 +264,7 @@ impl<'a> Sim<'a> {
                 (Some(_), _) => match self.queue.pop_first() {
                     Some(((at, _), Queued::Event(event))) => (at, event),
                     Some(((at, _), Queued::Upload { client, parked, wire_bytes })) => {
-                        let update = self.spill.take_upload(&parked).map_err(|e| SimError::Spill(e.to_string()))?;
+                        let update = self.spill.take_upload(&parked)?;
                         (at, Event::Update { client, update, wire_bytes })
                     }
                     None => unreachable!("the queue held an event a moment ago"),
@@ -298,11 +299,11 @@ impl<'a> Sim<'a> {
                 Action::SendEval { client, task } => evals.push((client, task)),
                 Action::Ack { client, ack } => {
                     let c = self.client_index(&client)?;
-                    self.spill.acknowledged(c, ack.task_id).map_err(|e| SimError::Spill(e.to_string()))?;
+                    self.spill.acknowledged(c, ack.task_id)?;
                 }
                 Action::Reject { client, reject } => {
                     let c = self.client_index(&client)?;
-                    self.spill.refused(c, reject.task_id).map_err(|e| SimError::Spill(e.to_string()))?;
+                    self.spill.refused(c, reject.task_id)?;
                     tracing::debug!(%client, reason = ?reject.reason, "{}", reject.detail);
                 }
                 Action::Drop { client, reason } => tracing::warn!(%client, "dropped by the engine: {reason}"),
@@ -425,7 +426,7 @@ impl<'a> Sim<'a> {
                 // The server times the upload, as the QUIC server does (bandwidth estimates).
                 let upload = self.network.upload_time(*c, wire_bytes).as_secs_f64();
                 self.push(arrives, Event::Throughput { client: client.clone(), bytes: wire_bytes, seconds: upload });
-                let parked = self.spill.park_upload(*c, &update).map_err(|e| SimError::Spill(e.to_string()))?;
+                let parked = self.spill.park_upload(*c, &update)?;
                 self.enqueue(arrives, Queued::Upload { client: client.clone(), parked, wire_bytes });
             }
         }
@@ -497,10 +498,10 @@ impl<'a> Sim<'a> {
                 .truncate_lora(&self.pop.spec, &task.granted_ranks())
                 .map_err(|e| SimError::Codec(e.to_string()))?
         };
-        let mut residual = self.spill.load(c).map_err(|e| SimError::Spill(e.to_string()))?;
+        let mut residual = self.spill.load(c)?;
         let delta = codec::encode(&sent, &self.codec, Some(&mut residual), task.task_id.0 ^ self.client_seed(c))
             .map_err(|e| SimError::Codec(format!("encoding {}'s update: {e}", self.pop.clients[c].name)))?;
-        self.spill.stage(c, task.task_id, &residual).map_err(|e| SimError::Spill(e.to_string()))?;
+        self.spill.stage(c, task.task_id, &residual)?;
         Ok(Update {
             round: task.round,
             task_id: task.task_id,

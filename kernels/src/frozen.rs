@@ -9,10 +9,14 @@
 //!
 //! Device-neutral: the product is candle's own matmul on whatever device `x` lives; the op's
 //! forward only hands that result over (CPU, and CUDA with the `cuda` feature).
+//!
+//! [`frozen_linear`] is the whole linear layer `x·Wᵀ + b`: on the CPU one gemm call writes the
+//! product onto rows pre-filled with the bias (no zeroing pass, no separate broadcast add and its
+//! output tensor); elsewhere candle's matmul and add.
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Error, Layout, Result, Shape, Storage, Tensor};
 
 /// `x.matmul(w)` where `w` is frozen: the same value, and in a backward pass only `x` gets a
 /// gradient. When `x` carries no gradient (inference) this is a plain matmul.
@@ -22,6 +26,104 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let y = x.detach().matmul(w)?.contiguous()?;
     x.apply_op1(FrozenMatmul { product: Mutex::new(Some(y)), w: w.clone() })
+}
+
+/// The linear layer `x·Wᵀ + b` for `x: [N, d_in]`, a frozen `weight: [d_out, d_in]` and an
+/// optional frozen `bias: [d_out]`: the value of `x.matmul(&weight.t())` plus the bias, and in a
+/// backward pass only `x` gets a gradient (`∂y·W`).
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (n, d_in) = x.dims2()?;
+    let (d_out, w_in) = weight.dims2()?;
+    if w_in != d_in || bias.is_some_and(|b| b.dims() != [d_out]) {
+        candle_core::bail!(
+            "frozen-linear: x {:?}, weight {:?}, bias {:?} do not fit (expected [N, d_in], [d_out, d_in], [d_out])",
+            x.dims(),
+            weight.dims(),
+            bias.map(|b| b.dims().to_vec())
+        );
+    }
+    let product = match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => cpu_linear(&x.detach(), weight, bias, n, d_in, d_out)?,
+        _ => {
+            let y = x.detach().matmul(&weight.t()?)?;
+            match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        }
+    };
+    if !x.track_op() {
+        return Ok(product);
+    }
+    x.apply_op1(FrozenMatmul { product: Mutex::new(Some(product.contiguous()?)), w: weight.t()? })
+}
+
+/// `x·Wᵀ + b` on the CPU: one gemm over rows pre-filled with the bias.
+fn cpu_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<Tensor> {
+    let mut dst = match bias {
+        Some(b) => {
+            let b = b.to_vec1::<f32>()?;
+            let mut dst = Vec::with_capacity(n * d_out);
+            for _ in 0..n {
+                dst.extend_from_slice(&b);
+            }
+            dst
+        }
+        None => vec![0f32; n * d_out],
+    };
+    {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(xs)), Storage::Cpu(CpuStorage::F32(ws))) = (&*x_storage, &*w_storage) else {
+            candle_core::bail!("frozen-linear: x and weight must be f32 CPU tensors");
+        };
+        let (x_rs, x_cs) = (x_layout.stride()[0], x_layout.stride()[1]);
+        let (w_rs, w_cs) = (w_layout.stride()[0], w_layout.stride()[1]);
+        let xs = &xs[x_layout.start_offset()..];
+        let ws = &ws[w_layout.start_offset()..];
+        // The last element each operand reaches must lie inside its buffer (gemm takes raw pointers).
+        let reach = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+        if n > 0 && d_in > 0 && (reach(n, d_in, x_rs, x_cs) >= xs.len() || reach(d_out, d_in, w_rs, w_cs) >= ws.len()) {
+            candle_core::bail!("frozen-linear: an operand's layout reaches past its storage");
+        }
+        if n > 0 && d_out > 0 && d_in > 0 {
+            let threads = candle_core::utils::get_num_threads();
+            let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            // SAFETY: every index gemm touches is within the slices (checked above); dst is n × d_out,
+            // row-major, written by this call only. rhs = Wᵀ: element (k, j) is W[j, k].
+            unsafe {
+                gemm::gemm(
+                    n,
+                    d_out,
+                    d_in,
+                    dst.as_mut_ptr(),
+                    1,
+                    d_out as isize,
+                    bias.is_some(),
+                    xs.as_ptr(),
+                    x_cs as isize,
+                    x_rs as isize,
+                    ws.as_ptr(),
+                    w_rs as isize,
+                    w_cs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+    }
+    Tensor::from_vec(dst, (n, d_out), &Device::Cpu)
 }
 
 /// The op: holds the product until its forward hands it over, and `w` for the backward.
@@ -104,6 +206,30 @@ mod tests {
         // candle's matmul also computed the frozen weight's gradient; the frozen op did not.
         assert!(g_plain.get(&wt).is_some());
         assert!(g_frozen.get(&wt).is_none());
+    }
+
+    #[test]
+    fn linear_value_and_input_gradient_match_candles_matmul_and_add() {
+        let (x, w, upstream) = inputs();
+        let dev = Device::Cpu;
+        let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        let fused = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let m = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= 1e-6 * m.max(1.0), "max difference {d}");
+        };
+        close(&plain, &fused);
+        let loss = |y: &Tensor| (y.tanh().unwrap() * &upstream).unwrap().sum_all().unwrap();
+        let (g_plain, g_fused) = (loss(&plain).backward().unwrap(), loss(&fused).backward().unwrap());
+        close(g_plain.get(x.as_tensor()).unwrap(), g_fused.get(x.as_tensor()).unwrap());
+        // No bias, a strided x (a transposed view), and no gradient: the same product.
+        let xt = Tensor::randn(0f32, 1.0, (5, 6), &dev).unwrap().t().unwrap();
+        close(&xt.matmul(&w.t().unwrap()).unwrap(), &frozen_linear(&xt, &w, None).unwrap());
+        assert!(!frozen_linear(&xt, &w, None).unwrap().track_op());
+        let err = frozen_linear(&xt, &w.t().unwrap(), None).unwrap_err().to_string();
+        assert!(err.contains("do not fit"), "{err}");
     }
 
     #[test]

@@ -8,4 +8,9 @@
 
 pub mod frozen;
 
-pub use frozen::frozen_matmul;
+pub use frozen::{frozen_linear, frozen_matmul};
+pub mod activation;
+pub mod attention;
+pub mod norm;
+pub mod simd;
+pub mod ssf;

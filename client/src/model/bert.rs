@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
+use fedpool_kernels::attention::AttentionShape;
 use serde::{Deserialize, Serialize};
 
 use super::hooks::{Hooks, LinearTarget, SsfPoint};
@@ -180,7 +181,57 @@ impl BertConfig {
     }
 }
 
+/// Which implementation of the forward path's ops a [`BertEncoder`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// `fedpool_kernels`' fused ops, each with its own backward: LayerNorm with the SSF folded in,
+    /// the linear layer with its bias in the gemm, GELU with the bias, SSF, and attention by real
+    /// length (padding keys and queries cost nothing). The default; on a device other than the CPU
+    /// each kernel runs candle's composed ops.
+    #[default]
+    Fused,
+    /// candle's composed ops (LayerNorm from 8 basic ops, softmax over a padding bias, …): the
+    /// reference the fused kernels are tested and benchmarked against.
+    Composed,
+}
+
+/// How a pass lays out its hidden states.
+#[derive(Debug, Clone)]
+enum Tokens {
+    /// `[B, T, H]`, padding included; the composed attention masks padding keys with `mask_bias`
+    /// (`[B, 1, 1, T]`: 0 on a token, `f32::MIN` on padding).
+    Padded { mask_bias: Tensor },
+    /// `[B, T, H]`, padding included, every row's mask a prefix of ones: the fused attention
+    /// computes only each row's `lengths[b]` real tokens.
+    PaddedByLength { lengths: Vec<usize> },
+    /// `[N, H]`: only the real tokens, row b's at `offsets[b]..offsets[b + 1]` (N = Σ lengths).
+    /// Per-token work (linear layers, norms, activations) then costs nothing on padding.
+    Packed { offsets: Vec<usize> },
+}
+
+/// What one forward pass knows about its batch besides the tensors.
+struct Pass<'a> {
+    hooks: &'a Hooks,
+    kernels: Kernels,
+    tokens: Tokens,
+}
+
+impl Pass<'_> {
+    fn fused(&self) -> bool {
+        self.kernels == Kernels::Fused
+    }
+
+    /// The batch-row offsets of packed tokens.
+    fn packed(&self) -> Option<&[usize]> {
+        match &self.tokens {
+            Tokens::Packed { offsets } => Some(offsets),
+            _ => None,
+        }
+    }
+}
+
 /// A linear layer `y = x Wᵀ + b`, adaptable by LoRA and SSF under its module path.
+#[derive(Clone)]
 struct Linear {
     name: String,
     weight: Tensor,
@@ -196,22 +247,53 @@ impl Linear {
         })
     }
 
-    /// `x: [B, T, d_in]` → `[B, T, d_out]`.
-    fn forward(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor> {
-        let (b, t, d_in) = x.dims3()?;
-        let x = x.reshape((b * t, d_in))?;
+    /// `x: [..., d_in]` (`[B, T, d_in]`, or `[N, d_in]` packed) → `[..., d_out]`.
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        self.forward_with_bias(x, pass, true)
+    }
+
+    /// [`forward`](Self::forward), optionally leaving the bias out (for a caller that fuses it
+    /// into the next op; only without an SSF here, which comes after the bias).
+    fn forward_with_bias(&self, x: &Tensor, pass: &Pass, with_bias: bool) -> Result<Tensor> {
+        let mut out_dims = x.dims().to_vec();
+        let d_in = out_dims.pop().unwrap_or(0);
+        let x = x.reshape(((), d_in))?;
         // The weight is frozen: its gradient is never needed (fedpool_kernels::frozen).
-        let mut y = fedpool_kernels::frozen_matmul(&x, &self.weight.t()?)?.broadcast_add(&self.bias)?;
-        if let Some(lora) = hooks.lora(&self.name) {
+        let mut y = if pass.fused() {
+            fedpool_kernels::frozen_linear(&x, &self.weight, with_bias.then_some(&self.bias))?
+        } else {
+            let y = fedpool_kernels::frozen_matmul(&x, &self.weight.t()?)?;
+            if with_bias {
+                y.broadcast_add(&self.bias)?
+            } else {
+                y
+            }
+        };
+        if let Some(lora) = pass.hooks.lora(&self.name) {
             y = (y + lora.apply(&x)?)?;
         }
-        let y = y.reshape((b, t, ()))?;
-        ssf(y, &self.name, hooks)
+        out_dims.push(y.dim(1)?);
+        let y = y.reshape(out_dims)?;
+        ssf(y, &self.name, pass)
+    }
+
+    /// `gelu(x Wᵀ + b)` with the SSF (if any) between the bias and the activation.
+    fn forward_gelu(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        if !pass.fused() {
+            return Ok(self.forward(x, pass)?.gelu_erf()?);
+        }
+        if pass.hooks.ssf(&self.name).is_some() {
+            return Ok(fedpool_kernels::activation::gelu_erf(&self.forward(x, pass)?)?);
+        }
+        let y = self.forward_with_bias(x, pass, false)?;
+        Ok(fedpool_kernels::activation::bias_gelu_erf(&y, &self.bias)?)
     }
 }
 
-/// LayerNorm over the last dimension, written from basic ops so that it has a backward (candle's
-/// fused `layer_norm` has none: adapters below it would get no gradient).
+/// LayerNorm over the last dimension, with a backward: `fedpool_kernels::norm` (the SSF of the
+/// point folded in), or written from basic ops (candle's own fused `layer_norm` has no backward:
+/// adapters below it would get no gradient).
+#[derive(Clone)]
 struct LayerNorm {
     name: String,
     weight: Tensor,
@@ -224,25 +306,42 @@ impl LayerNorm {
         Ok(Self { name: w.path().to_string(), weight: w.get(&[dim], "weight")?, bias: w.get(&[dim], "bias")?, eps })
     }
 
-    fn forward(&self, x: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        if pass.fused() {
+            use fedpool_kernels::norm;
+            let (w, b, eps) = (&self.weight, &self.bias, self.eps);
+            return Ok(match (pass.hooks.ssf(&self.name), pass.packed()) {
+                (Some(s), Some(offsets)) => fedpool_kernels::ssf::scale_shift_packed(
+                    &norm::layer_norm(x, w, b, eps)?,
+                    &s.scale,
+                    &s.shift,
+                    offsets,
+                )?,
+                (Some(s), None) => norm::layer_norm_scale_shift(x, w, b, eps, &s.scale, &s.shift)?,
+                (None, _) => norm::layer_norm(x, w, b, eps)?,
+            });
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let y = normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
-        ssf(y, &self.name, hooks)
+        ssf(y, &self.name, pass)
     }
 }
 
 /// Applies the SSF hook at `name`, if any.
-fn ssf(y: Tensor, name: &str, hooks: &Hooks) -> Result<Tensor> {
-    match hooks.ssf(name) {
-        Some(ssf) => ssf.apply(&y),
-        None => Ok(y),
+fn ssf(y: Tensor, name: &str, pass: &Pass) -> Result<Tensor> {
+    let Some(s) = pass.hooks.ssf(name) else { return Ok(y) };
+    match (pass.fused(), pass.packed()) {
+        (true, Some(offsets)) => Ok(fedpool_kernels::ssf::scale_shift_packed(&y, &s.scale, &s.shift, offsets)?),
+        (true, None) => Ok(fedpool_kernels::ssf::scale_shift(&y, &s.scale, &s.shift)?),
+        (false, _) => s.apply(&y),
     }
 }
 
 /// Word + position + token-type-0 embeddings, then LayerNorm.
+#[derive(Clone)]
 struct Embeddings {
     word: Tensor,
     position: Tensor,
@@ -261,18 +360,35 @@ impl Embeddings {
         })
     }
 
-    /// `ids: [B, T]` (u32) → `[B, T, H]`.
-    fn forward(&self, ids: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+    /// `ids: [B, T]` (u32) → `[B, T, H]`, or `[N, H]` for packed tokens.
+    fn forward(&self, ids: &Tensor, pass: &Pass) -> Result<Tensor> {
+        if let Some(offsets) = pass.packed() {
+            // Only the real tokens: row b's ids and positions 0..len_b.
+            let rows = ids.to_vec2::<u32>()?;
+            let (mut words, mut positions) = (Vec::new(), Vec::new());
+            for (row, w) in rows.iter().zip(offsets.windows(2)) {
+                words.extend_from_slice(&row[..w[1] - w[0]]);
+                positions.extend(0..(w[1] - w[0]) as u32);
+            }
+            let device = ids.device();
+            let n = words.len();
+            let words = self.word.index_select(&Tensor::from_vec(words, n, device)?, 0)?;
+            let position = self.position.index_select(&Tensor::from_vec(positions, n, device)?, 0)?;
+            let token_type = self.token_type.narrow(0, 0, 1)?;
+            let x = words.broadcast_add(&token_type)?.add(&position)?;
+            return self.layer_norm.forward(&x, pass);
+        }
         let (b, t) = ids.dims2()?;
         let words = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         let token_type = self.token_type.narrow(0, 0, 1)?;
         let position = self.position.narrow(0, 0, t)?;
         let x = words.broadcast_add(&token_type)?.broadcast_add(&position)?;
-        self.layer_norm.forward(&x, hooks)
+        self.layer_norm.forward(&x, pass)
     }
 }
 
 /// Multi-head self-attention (the `attention.self` module).
+#[derive(Clone)]
 struct SelfAttention {
     query: Linear,
     key: Linear,
@@ -293,15 +409,30 @@ impl SelfAttention {
         })
     }
 
-    /// `x: [B, T, H]`, `mask_bias: [B, 1, 1, T]` → context `[B, T, H]`.
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+    /// `x: [B, T, H]` (or packed `[N, H]`) → context of the same shape.
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let (q, k, v) = (self.query.forward(x, pass)?, self.key.forward(x, pass)?, self.value.forward(x, pass)?);
+        let shape = AttentionShape {
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_heads,
+            head_dim: self.head_dim,
+            causal: false,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        };
+        let mask_bias = match &pass.tokens {
+            Tokens::Packed { offsets } => {
+                return Ok(fedpool_kernels::attention::attention_packed(&q, &k, &v, offsets, &shape)?)
+            }
+            Tokens::PaddedByLength { lengths } => {
+                return Ok(fedpool_kernels::attention::attention(&q, &k, &v, lengths, &shape)?)
+            }
+            Tokens::Padded { mask_bias } => mask_bias,
+        };
         let (b, t, h) = x.dims3()?;
         let heads = |y: Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.query.forward(x, hooks)?)?;
-        let k = heads(self.key.forward(x, hooks)?)?;
-        let v = heads(self.value.forward(x, hooks)?)?;
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let scores = scores.broadcast_add(mask_bias)?;
         // Not softmax_last_dim: that fused kernel has no backward.
@@ -311,6 +442,7 @@ impl SelfAttention {
 }
 
 /// One encoder layer: attention block and feed-forward block, each with residual + LayerNorm.
+#[derive(Clone)]
 struct Layer {
     attention: SelfAttention,
     attention_output: Linear,
@@ -334,13 +466,13 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, hooks: &Hooks) -> Result<Tensor> {
-        let context = self.attention.forward(x, mask_bias, hooks)?;
-        let attended = self.attention_output.forward(&context, hooks)?;
-        let x = self.attention_norm.forward(&(attended + x)?, hooks)?;
-        let inner = self.intermediate.forward(&x, hooks)?.gelu_erf()?;
-        let out = self.output.forward(&inner, hooks)?;
-        self.output_norm.forward(&(out + x)?, hooks)
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let context = self.attention.forward(x, pass)?;
+        let attended = self.attention_output.forward(&context, pass)?;
+        let x = self.attention_norm.forward(&(attended + x)?, pass)?;
+        let inner = self.intermediate.forward_gelu(&x, pass)?;
+        let out = self.output.forward(&inner, pass)?;
+        self.output_norm.forward(&(out + x)?, pass)
     }
 
     #[cfg(test)]
@@ -359,6 +491,8 @@ impl Layer {
 }
 
 /// A frozen BERT encoder. Every weight is a plain tensor; adapters come in through [`Hooks`].
+/// Cloning shares the weights (reference-counted).
+#[derive(Clone)]
 pub struct BertEncoder {
     config: BertConfig,
     embeddings: Embeddings,
@@ -366,6 +500,7 @@ pub struct BertEncoder {
     ssf_dims: BTreeMap<String, usize>,
     lora_dims: BTreeMap<String, (usize, usize)>,
     device: Device,
+    kernels: Kernels,
 }
 
 impl BertEncoder {
@@ -389,7 +524,26 @@ impl BertEncoder {
             .collect::<Result<Vec<_>>>()?;
         let ssf_dims = config.ssf_points().into_iter().map(|p| (p.name, p.dim)).collect();
         let lora_dims = config.lora_targets().into_iter().map(|t| (t.name, (t.d_in, t.d_out))).collect();
-        Ok(Self { config, embeddings, layers, ssf_dims, lora_dims, device: device.clone() })
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            ssf_dims,
+            lora_dims,
+            device: device.clone(),
+            kernels: Kernels::default(),
+        })
+    }
+
+    /// The same model running `kernels` (the default is [`Kernels::Fused`]).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The implementation the forward pass runs.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// The model's configuration.
@@ -404,22 +558,71 @@ impl BertEncoder {
 
     /// The last hidden state `[B, T, H]` for token ids `ids: [B, T]` (u32) and attention mask
     /// `mask: [B, T]` (1 for a token, 0 for padding; any dtype), with the given adapters.
+    ///
+    /// With [`Kernels::Fused`] the hidden states at padding positions are 0 (padding is never
+    /// computed); every real token's state is the same as with [`Kernels::Composed`].
     pub fn forward(&self, ids: &Tensor, mask: &Tensor, hooks: &Hooks) -> Result<Tensor> {
-        let (b, t) = self.check_input(ids, mask)?;
-        hooks.check(&self.ssf_dims, &self.lora_dims, b)?;
-        // (1 - m)·f32::MIN, as HF: a padding key's score gets the most negative f32, so its
-        // softmax weight is exactly 0.
-        let mask_bias = mask.to_dtype(DType::F32)?.affine(f32::MAX as f64, f32::MIN as f64)?.reshape((b, 1, 1, t))?;
-        let mut x = self.embeddings.forward(ids, hooks)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask_bias, hooks)?;
+        let (x, pass) = self.encode(ids, mask, hooks)?;
+        let Some(offsets) = pass.packed() else { return Ok(x) };
+        let (b, t) = ids.dims2()?;
+        // Back to [B, T, H]: each padded position reads its packed row, padding reads a zero row.
+        let n = x.dim(0)?;
+        let mut index = vec![n as u32; b * t];
+        for (row, w) in offsets.windows(2).enumerate() {
+            for (i, slot) in index[row * t..row * t + w[1] - w[0]].iter_mut().enumerate() {
+                *slot = (w[0] + i) as u32;
+            }
         }
-        Ok(x)
+        let with_zero = Tensor::cat(&[&x, &x.narrow(0, 0, 1)?.zeros_like()?], 0)?;
+        Ok(with_zero.index_select(&Tensor::from_vec(index, b * t, x.device())?, 0)?.reshape((b, t, ()))?)
     }
 
     /// The sentence embedding `[B, H]`: the masked mean of [`forward`](Self::forward)'s output.
     pub fn pooled(&self, ids: &Tensor, mask: &Tensor, hooks: &Hooks) -> Result<Tensor> {
-        mean_pool(&self.forward(ids, mask, hooks)?, mask)
+        let (x, pass) = self.encode(ids, mask, hooks)?;
+        let Some(offsets) = pass.packed() else { return mean_pool(&x, mask) };
+        // The mean of each row's packed tokens, as one [B, N] · [N, H] product.
+        let n = x.dim(0)?;
+        let b = offsets.len() - 1;
+        let mut averaging = vec![0f32; b * n];
+        for (row, w) in offsets.windows(2).enumerate() {
+            let share = 1.0 / (w[1] - w[0]) as f32;
+            averaging[row * n + w[0]..row * n + w[1]].iter_mut().for_each(|a| *a = share);
+        }
+        Ok(Tensor::from_vec(averaging, (b, n), x.device())?.matmul(&x)?)
+    }
+
+    /// Runs the encoder: the last hidden state in the pass's layout ([`Tokens`]), and the pass.
+    fn encode<'h>(&self, ids: &Tensor, mask: &Tensor, hooks: &'h Hooks) -> Result<(Tensor, Pass<'h>)> {
+        let (b, t) = self.check_input(ids, mask)?;
+        hooks.check(&self.ssf_dims, &self.lora_dims, b)?;
+        let lengths = if self.kernels == Kernels::Fused { prefix_lengths(mask)? } else { None };
+        let tokens = match lengths {
+            Some(lengths) => {
+                // Per-row LoRA factors (the simulator's lockstep) are applied per padded row.
+                if hooks.lora_hooks().any(|(_, l)| l.per_row()) {
+                    Tokens::PaddedByLength { lengths }
+                } else {
+                    let offsets = std::iter::once(0).chain(lengths.iter().scan(0, |acc, l| {
+                        *acc += l;
+                        Some(*acc)
+                    }));
+                    Tokens::Packed { offsets: offsets.collect() }
+                }
+            }
+            _ => {
+                // (1 - m)·f32::MIN, as HF: a padding key's score gets the most negative f32, so
+                // its softmax weight is exactly 0.
+                let bias = mask.to_dtype(DType::F32)?.affine(f32::MAX as f64, f32::MIN as f64)?;
+                Tokens::Padded { mask_bias: bias.reshape((b, 1, 1, t))? }
+            }
+        };
+        let pass = Pass { hooks, kernels: self.kernels, tokens };
+        let mut x = self.embeddings.forward(ids, &pass)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &pass)?;
+        }
+        Ok((x, pass))
     }
 
     /// Checks the shapes, dtype and range of the inputs; returns `(B, T)`.
@@ -456,6 +659,22 @@ impl BertEncoder {
         }
         names
     }
+}
+
+/// Each row's number of tokens when every row of `mask: [B, T]` is ones then zeros with at least
+/// one token (what [`crate::train::Batch::pad`] builds); `None` for any other mask, which then goes
+/// through the padding-bias attention.
+fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let rows = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let mut lengths = Vec::with_capacity(rows.len());
+    for row in rows {
+        let len = row.iter().take_while(|&&m| m != 0).count();
+        if len == 0 || row[len..].iter().any(|&m| m != 0) {
+            return Ok(None);
+        }
+        lengths.push(len);
+    }
+    Ok(Some(lengths))
 }
 
 /// Sentence-transformers mean pooling: `Σ_t h[b,t]·m[b,t] / max(Σ_t m[b,t], 1e-9)`, for

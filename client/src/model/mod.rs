@@ -6,9 +6,10 @@
 //! takes them as an argument ([`Hooks`]), keyed by the HF module path of the op they adapt
 //! (`encoder.layer.3.attention.self.query`). A hook name the model does not have is an error.
 //!
-//! Every op on the forward path has a backward: LayerNorm is written from basic ops and softmax is
-//! `candle_nn::ops::softmax`, because candle's fused kernels silently drop gradients (DESIGN.md,
-//! "candle pitfalls").
+//! Every op on the forward path has a backward: by default the fused kernels of `fedpool_kernels`
+//! (LayerNorm, GELU, SSF, attention, each with its own backward); with [`Kernels::Composed`]
+//! LayerNorm written from basic ops and `candle_nn::ops::softmax`. Never candle's own fused
+//! `layer_norm` / `softmax_last_dim`: they silently drop gradients (DESIGN.md, "candle pitfalls").
 
 mod bert;
 mod hooks;
@@ -17,7 +18,7 @@ mod weights;
 
 use std::path::PathBuf;
 
-pub use bert::{mean_pool, BertConfig, BertEncoder, HiddenAct, PositionEmbeddingType};
+pub use bert::{mean_pool, BertConfig, BertEncoder, HiddenAct, Kernels, PositionEmbeddingType};
 pub use hooks::{Hooks, LinearTarget, Lora, Ssf, SsfPoint};
 pub use random::write_random_model;
 

@@ -9,6 +9,7 @@ mod cli_eval;
 mod cli_train;
 mod data_builtin;
 mod data_files;
+mod kernels;
 mod load_errors;
 mod reference;
 mod select_usage;

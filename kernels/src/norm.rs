@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use crate::simd::fast_isa;
+use crate::simd::fast_isa_fn;
 
 /// LayerNorm over the last dimension of `x` (f32, any rank ≥ 1) with a frozen `weight` and
 /// `bias` (`[d]`): `(x − mean) / sqrt(var + eps) · weight + bias`. In a backward pass only `x`
@@ -468,33 +468,6 @@ fn row_tasks(len: usize, d: usize) -> (usize, usize) {
     let wanted = rayon::current_num_threads().saturating_mul(4).max(1);
     let rows = (len / d).div_ceil(wanted).max(MIN_TASK_ELEMS.div_ceil(d)).max(1);
     (rows, rows * d)
-}
-
-/// Defines `$name`, which runs the `#[inline(always)]` function `$body` built for AVX2 + FMA
-/// when the CPU has them ([`fast_isa`]), else for the baseline.
-///
-/// Not [`crate::simd::with_fast_isa`] with a closure: the closure is called from two places there
-/// (its AVX2 function and the baseline path), so LLVM does not inline a closure as large as these
-/// loops and builds it once, for the baseline (objdump: no ymm register in them, and half the
-/// speed). A named `#[inline(always)]` function is inlined into both.
-macro_rules! fast_isa_fn {
-    ($(#[$doc:meta])* fn $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                if fast_isa() {
-                    // SAFETY: the CPU has AVX2 and FMA (checked by `fast_isa`).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
 }
 
 fast_isa_fn! {

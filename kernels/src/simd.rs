@@ -23,9 +23,10 @@ pub fn fast_isa() -> bool {
     })
 }
 
-/// Runs `f`, compiled with AVX2 + FMA enabled when the CPU has them. `f` should be a closure
-/// whose loops call only `#[inline(always)]` helpers (as this module's), so that all of it is
-/// inlined into the AVX2 build.
+/// Runs `f`, compiled with AVX2 + FMA enabled when the CPU has them. `f` must be a small closure
+/// around one flat loop of `#[inline(always)]` helpers (as this module's): LLVM inlines those into
+/// the AVX2 build, but leaves a larger closure (nested loops) out of line, built for the baseline
+/// (seen in the disassembly) — name such a loop with `fast_isa_fn!` instead.
 #[inline(always)]
 pub fn with_fast_isa<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -41,6 +42,34 @@ pub fn with_fast_isa<R>(f: impl FnOnce() -> R) -> R {
     }
     f()
 }
+
+/// Defines `$name`, which runs the `#[inline(always)]` function `$body` built for AVX2 + FMA
+/// when the CPU has them ([`fast_isa`](crate::simd::fast_isa)), else for the baseline.
+///
+/// Use it rather than [`with_fast_isa`] for anything but a flat loop: with a closure: the closure is called from two places there
+/// (its AVX2 function and the baseline path), so LLVM does not inline a closure as large as these
+/// loops and builds it once, for the baseline (objdump: no ymm register in them, and half the
+/// speed). A named `#[inline(always)]` function is inlined into both.
+macro_rules! fast_isa_fn {
+    ($(#[$doc:meta])* fn $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if $crate::simd::fast_isa() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked by `fast_isa`).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use fast_isa_fn;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split in two (Cephes): the high part has few bits, so `n · LN2_HI` is exact.

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Error, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use crate::packed;
 use crate::simd;
 
 /// Shape of an attention call.
@@ -128,17 +129,15 @@ pub fn attention_packed_composed(
     offsets: &[usize],
     shape: &AttentionShape,
 ) -> Result<Tensor> {
-    let (dims, lengths) = check_packed(q, k, v, offsets, shape)?;
-    let pad = |x: &Tensor| -> Result<Tensor> {
-        let rows = offsets
-            .windows(2)
-            .map(|w| x.narrow(0, w[0], w[1] - w[0])?.pad_with_zeros(0, 0, dims.tokens - (w[1] - w[0])))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&rows, 0)
-    };
-    let out = attention_composed(&pad(q)?, &pad(k)?, &pad(v)?, &lengths, shape)?;
-    let rows = lengths.iter().enumerate().map(|(b, &len)| out.get(b)?.narrow(0, 0, len)).collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&rows, 0)
+    let (_, lengths) = check_packed(q, k, v, offsets, shape)?;
+    let out = attention_composed(
+        &packed::pad(q, offsets)?,
+        &packed::pad(k, offsets)?,
+        &packed::pad(v, offsets)?,
+        &lengths,
+        shape,
+    )?;
+    packed::unpad(&out, offsets)
 }
 
 /// Checks packed inputs; returns the dims of the padded equivalent (T = the longest row) and the

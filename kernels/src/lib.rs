@@ -1,10 +1,13 @@
-//! fedpool-kernels: numeric hot paths, each with a CPU path and a CUDA one behind the `cuda`
-//! feature.
+//! fedpool-kernels: the training step's numeric hot paths, each a candle custom op with its own
+//! backward on the CPU and a `*_composed` twin built from candle's ops (the reference the tests
+//! compare against, and the path on other devices: no CUDA kernel of our own yet).
 //!
-//! Built: [`frozen::frozen_matmul`], the backbone's linear layers with a backward that skips the
-//! frozen weights' gradients (a third of a training step's matmul work). Planned (DESIGN.md):
-//! per-row adapter gather, block quantization, weighted streaming accumulate, top-k; the CPU
-//! versions of quantization and top-k live in `fedpool_common::codec` today.
+//! Built: [`frozen`] (the backbone's linear layers, gradient for the input only), [`norm`]
+//! (LayerNorm with the SSF folded in, RMSNorm), [`activation`] (GELU, SwiGLU), [`ssf`] (scale and
+//! shift per batch row), [`attention`] (by real length or over packed tokens; GQA, causal), and
+//! [`simd`] (vectorisable `exp`/`erf`, AVX2 + FMA builds chosen at run time). Planned (DESIGN.md):
+//! block quantization, weighted streaming accumulate, top-k; their CPU versions live in
+//! `fedpool_common::codec` today.
 
 pub mod frozen;
 
@@ -12,5 +15,6 @@ pub use frozen::{frozen_linear, frozen_matmul};
 pub mod activation;
 pub mod attention;
 pub mod norm;
+mod packed;
 pub mod simd;
 pub mod ssf;

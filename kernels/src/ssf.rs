@@ -12,6 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::activation::{expect_f32, f32_slice, par_pieces, rows_chunk, tensor_f32};
+use crate::packed;
 use crate::simd::with_fast_isa;
 
 /// Elements per rayon task (128 KiB of f32): a whole [64, 384] batch row of MiniLM is one task.
@@ -38,7 +39,7 @@ pub fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor>
 pub fn scale_shift_packed(x: &Tensor, scale: &Tensor, shift: &Tensor, offsets: &[usize]) -> Result<Tensor> {
     check_packed(x.dims(), scale.dims(), shift.dims(), offsets)?;
     if ![x, scale, shift].iter().all(|t| t.device().is_cpu()) {
-        return scale_shift_composed(&unpack(x, offsets)?, scale, shift).and_then(|y| repack(&y, offsets));
+        return scale_shift_composed(&packed::pad(x, offsets)?, scale, shift).and_then(|y| packed::unpad(&y, offsets));
     }
     for (what, t) in [("x", x), ("scale", scale), ("shift", shift)] {
         expect_f32("scale_shift", what, t)?;
@@ -51,24 +52,7 @@ pub fn scale_shift_packed(x: &Tensor, scale: &Tensor, shift: &Tensor, offsets: &
 /// [`scale_shift_composed`] with that row's scale and shift, concatenated.
 pub fn scale_shift_packed_composed(x: &Tensor, scale: &Tensor, shift: &Tensor, offsets: &[usize]) -> Result<Tensor> {
     check_packed(x.dims(), scale.dims(), shift.dims(), offsets)?;
-    scale_shift_composed(&unpack(x, offsets)?, scale, shift).and_then(|y| repack(&y, offsets))
-}
-
-/// Packed `[N, d]` → padded `[B, T_max, d]` (zeros after each row's tokens).
-fn unpack(x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-    let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    let rows = offsets
-        .windows(2)
-        .map(|w| x.narrow(0, w[0], w[1] - w[0])?.pad_with_zeros(0, 0, longest - (w[1] - w[0])))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&rows, 0)
-}
-
-/// Padded `[B, T_max, d]` → packed `[N, d]`.
-fn repack(y: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-    let rows =
-        offsets.windows(2).enumerate().map(|(b, w)| y.get(b)?.narrow(0, 0, w[1] - w[0])).collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&rows, 0)
+    scale_shift_composed(&packed::pad(x, offsets)?, scale, shift).and_then(|y| packed::unpad(&y, offsets))
 }
 
 /// `x` `[N, d]`, `scale` `[B, d]` or `[1, d]` with `B + 1` offsets from 0 to N; returns `(N, d)`.

@@ -4,7 +4,9 @@
 //! `FEDPOOL_TORCH_VENV=DIR` (a venv with torch, transformers and peft; README) the PyTorch reference
 //! (`torch_reference.py`, beside this file) runs in the same run and the tables carry the ratios.
 //! `FEDPOOL_BENCH_ITERS` (default 5) steps are timed after 2 warm-ups; `FEDPOOL_BENCH_ONLY` =
-//! `step`, `breakdown`, `eval` or `rss` runs one table. Prints markdown tables:
+//! `pairs`, `step`, `breakdown`, `eval` or `rss` runs one table. Prints markdown tables:
+//! 0. the headline ratios (fused LoRA step, fixed and real lengths, and evaluation, against
+//!    PyTorch) from three back-to-back pairs each, robust to this machine's drift;
 //! 1. the step (forward, backward, AdamW) for LoRA r=8 on query/value, SSF and the FedIns SSF pool,
 //!    at batch 32 × 64 random tokens and on real VADER sentences padded to each batch's longest
 //!    (max 64), with the fused kernels and with candle's composed ops, and PyTorch's step;
@@ -193,6 +195,64 @@ fn step_table(models: &[(Kernels, BertEncoder)], inputs: &Inputs, model_dir: &Pa
     println!();
 }
 
+/// Seconds per sentence of fedpool's evaluation (best of 2) on `examples` with `model`.
+fn eval_seconds(model: &BertEncoder, examples: &[Encoded], pad_id: u32) -> f64 {
+    let spec = pool_spec(model.config(), &AdapterOptions { choice: AdapterChoice::Lora, ..Default::default() }, 2)
+        .expect("spec");
+    let pool = AdapterPool::init(&spec, 0).expect("pool");
+    let adapters = AdapterTensors::from_pool(&spec, &pool, false, &Device::Cpu).expect("adapters");
+    let config = TrainConfig { eval_batch_size: EVAL_BATCH, ..TrainConfig::default() };
+    let queries = QueryCache::new(model.config().hidden_size);
+    let mut best = f64::MAX;
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        evaluate(model, &adapters, examples, &queries, &config, pad_id).expect("evaluate");
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best / examples.len() as f64
+}
+
+/// The headline ratios, robust to this machine's drift: `PAIRS` pairs of (PyTorch, then fedpool's
+/// fused LoRA) run back to back, one ratio per pair; prints each pair and the median.
+fn pairs_table(fused: &BertEncoder, inputs: &Inputs, model_dir: &Path) {
+    const PAIRS: usize = 3;
+    let iters = iters();
+    println!(
+        "### fedpool fused LoRA r=8 / PyTorch + PEFT, {PAIRS} back-to-back pairs (median of {iters} steps each)
+"
+    );
+    println!("| case | PyTorch s | fedpool s | ratio per pair | median ratio |");
+    println!("| --- | --- | --- | --- | ---: |");
+    let it = iters.to_string();
+    let eval_batch = EVAL_BATCH.to_string();
+    let cases: [(&str, Vec<&str>); 3] = [
+        ("step, random 32 × 64", vec!["--case", "step", "--iters", &it]),
+        ("step, VADER dynamic padding", vec!["--case", "step", "--iters", &it, "--real"]),
+        ("evaluation, s per 1,000 sentences", vec!["--case", "eval", "--batch", &eval_batch]),
+    ];
+    for (name, args) in cases {
+        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..PAIRS {
+            let Some(t) = torch(model_dir, &args) else { return };
+            let (t, f) = if args[1] == "eval" {
+                let Some(rate) = t["sentences_per_s"].as_f64() else { return };
+                let examples = &inputs.real[..EVAL_SENTENCES.min(inputs.real.len())];
+                (1000.0 / rate, 1000.0 * eval_seconds(fused, examples, inputs.pad_id))
+            } else {
+                let Some(t) = t["s_per_step_median"].as_f64() else { return };
+                let choice = AdapterChoice::Lora;
+                (t, step_phases(fused, choice, inputs, args.contains(&"--real"), iters).iter().sum::<f64>())
+            };
+            theirs.push(format!("{t:.3}"));
+            ours.push(format!("{f:.3}"));
+            ratios.push(f / t);
+        }
+        let each = ratios.iter().map(|r| format!("{r:.2}×")).collect::<Vec<_>>().join(", ");
+        println!("| {name} | {} | {} | {each} | **{:.2}×** |", theirs.join(", "), ours.join(", "), median(ratios));
+    }
+    println!();
+}
+
 /// Median seconds of `f` (forward) and of the backward of its output, over 5 runs after a warm-up.
 fn time_op(x: &Var, f: impl Fn(&Tensor) -> Tensor) -> (f64, f64) {
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
@@ -320,19 +380,7 @@ fn eval_table(models: &[(Kernels, BertEncoder)], inputs: &Inputs, model_dir: &Pa
         .and_then(|v| v["sentences_per_s"].as_f64());
     let examples = &inputs.real[..EVAL_SENTENCES.min(inputs.real.len())];
     for (kernels, model) in models {
-        let spec = pool_spec(model.config(), &AdapterOptions { choice: AdapterChoice::Lora, ..Default::default() }, 2)
-            .expect("spec");
-        let pool = AdapterPool::init(&spec, 0).expect("pool");
-        let adapters = AdapterTensors::from_pool(&spec, &pool, false, &Device::Cpu).expect("adapters");
-        let config = TrainConfig { eval_batch_size: EVAL_BATCH, ..TrainConfig::default() };
-        let queries = QueryCache::new(model.config().hidden_size);
-        let mut best = f64::MAX;
-        for _ in 0..2 {
-            let t0 = Instant::now();
-            evaluate(model, &adapters, examples, &queries, &config, inputs.pad_id).expect("evaluate");
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        let rate = examples.len() as f64 / best;
+        let rate = 1.0 / eval_seconds(model, examples, inputs.pad_id);
         let vs = torch_rate.map_or("—".into(), |t| format!("{:.2}×", rate / t));
         println!("| fedpool LoRA, {kernels:?} | {rate:.1} | {vs} |");
     }
@@ -358,8 +406,17 @@ fn rss_child(case: &str, model_dir: &Path) {
     let kernels = if kernels == "Fused" { Kernels::Fused } else { Kernels::Composed };
     let model = BertEncoder::load(model_dir, &Device::Cpu).expect("model").with_kernels(kernels);
     let inputs = Inputs::load(model_dir).expect("inputs");
-    step_phases(&model, choice, &inputs, false, 1);
+    // FEDPOOL_BENCH_ITERS > 1 also times the steps (stderr): A/B runs of whole processes.
+    let iters = iters().clamp(1, 1000);
+    let phases = step_phases(
+        &model,
+        choice,
+        &inputs,
+        false,
+        if std::env::var_os("FEDPOOL_BENCH_ITERS").is_some() { iters } else { 1 },
+    );
     println!("{:.1}", peak_rss_mib());
+    eprintln!("s per step {:.3}", phases.iter().sum::<f64>());
 }
 
 fn rss_table(model_dir: &Path) {
@@ -399,6 +456,10 @@ fn cpu_model() -> String {
 }
 
 fn main() {
+    // As the binaries do; FEDPOOL_BENCH_GLIBC_DEFAULTS=1 leaves glibc's defaults (A/B runs).
+    if std::env::var_os("FEDPOOL_BENCH_GLIBC_DEFAULTS").is_none() {
+        fedpool_client::malloc::tune_for_training();
+    }
     let model_dir = default_model_dir();
     if let Ok(case) = std::env::var("FEDPOOL_BENCH_CHILD") {
         return rss_child(&case, &model_dir);
@@ -426,6 +487,9 @@ fn main() {
         std::env::var("FEDPOOL_TORCH_VENV")
             .map_or("not run (set FEDPOOL_TORCH_VENV)".into(), |v| format!("{v}, 2 threads"))
     );
+    if only("pairs") {
+        pairs_table(&models[1].1, &inputs, &model_dir);
+    }
     if only("step") {
         step_table(&models, &inputs, &model_dir);
     }

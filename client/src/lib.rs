@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod malloc;
 pub mod model;
 mod rng;
 pub mod select;

@@ -5,6 +5,7 @@ use fedpool_client::cli::{run_eval, run_spec, run_train, spec_json, Cli, Command
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    fedpool_client::malloc::tune_for_training();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

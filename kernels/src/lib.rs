@@ -5,7 +5,8 @@
 //! Built: [`frozen`] (the backbone's linear layers, gradient for the input only), [`norm`]
 //! (LayerNorm with the SSF folded in, RMSNorm), [`activation`] (GELU, SwiGLU), [`ssf`] (scale and
 //! shift per batch row), [`attention`] (by real length or over packed tokens; GQA, causal), and
-//! [`simd`] (vectorisable `exp`/`erf`, AVX2 + FMA builds chosen at run time). Planned (DESIGN.md):
+//! [`simd`] (vectorisable `exp`/`erf`, AVX2 + FMA builds chosen at run time); [`check`] runs them
+//! all on a device against the CPU. Planned (DESIGN.md):
 //! block quantization, weighted streaming accumulate, top-k; their CPU versions live in
 //! `fedpool_common::codec` today.
 
@@ -14,6 +15,8 @@ pub mod frozen;
 pub use frozen::{frozen_linear, frozen_matmul};
 pub mod activation;
 pub mod attention;
+pub mod check;
+mod dense;
 pub mod norm;
 mod packed;
 pub mod simd;

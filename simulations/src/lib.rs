@@ -9,6 +9,7 @@
 //! of training on the union of the clients' data.
 
 pub mod centralised;
+pub mod device_check;
 pub mod driver;
 pub mod experiment;
 pub mod network;

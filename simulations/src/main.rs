@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedpool_sim::centralised::run_centralised;
+use fedpool_sim::device_check::DeviceCheckPlan;
 use fedpool_sim::driver::{self, Progress, RunOutput};
 use fedpool_sim::experiment::{Experiment, Mode, DEFAULT_EXPERIMENT};
 use fedpool_sim::outputs::write_run;
@@ -65,6 +66,35 @@ enum Command {
     DefaultConfig,
     /// Draw finished runs on the same axes again (from their rounds.csv), without re-running.
     Plot(PlotArgs),
+    /// Measure a device on the experiment's backbone and data: every kernel against the CPU, the
+    /// training step of LoRA r=8, SSF and an SSF pool (batch 32), and lockstep against one client
+    /// at a time for 32 and 256 clients. Prints markdown tables; exits 1 if a kernel disagrees.
+    DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct DeviceCheckArgs {
+    /// The experiment whose backbone and data are used (default: the embedded one).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The device to measure (cpu, cuda:N, auto).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Client counts of the lockstep table.
+    #[arg(long, num_args = 1.., default_values_t = [32, 256])]
+    clients: Vec<usize>,
+    /// Rows of the timed training step.
+    #[arg(long, default_value_t = 32)]
+    step_batch: usize,
+    /// Timed local steps per adapter (after a warm-up run of 2).
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+    /// Rows per lockstep pass.
+    #[arg(long, default_value_t = 256)]
+    rows_per_pass: usize,
+    /// Also write the tables to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +145,7 @@ struct CentralisedArgs {
 }
 
 fn main() {
+    fedpool_client::malloc::tune_for_training();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fedpool_server=warn"));
@@ -185,6 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::DeviceCheck(args) => device_check(&args),
         Command::DefaultConfig => {
             print!("{DEFAULT_EXPERIMENT}");
             Ok(())
@@ -205,6 +237,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `fedpool-sim device-check`: runs the plan with a spinner naming each finished part.
+fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
+    let mut base = load(args.config.as_deref())?;
+    base.device = args.device.clone();
+    let plan = DeviceCheckPlan {
+        clients: args.clients.clone(),
+        step_batch: args.step_batch,
+        steps: args.steps,
+        rows_per_pass: args.rows_per_pass,
+    };
+    let spinner = ProgressBar::new_spinner().with_message("checking the kernels");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = fedpool_sim::device_check::run(&base, &plan, &mut |done| {
+        spinner.println(done);
+        spinner.set_message("measuring");
+    })?;
+    spinner.finish_and_clear();
+    let table = report.to_markdown();
+    println!("{table}");
+    if let Some(path) = &args.out {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.kernels_passed() {
+        anyhow::bail!("a kernel's device result differs from the CPU's (table above)");
+    }
+    Ok(())
 }
 
 fn load(config: Option<&Path>) -> anyhow::Result<Experiment> {

@@ -405,9 +405,16 @@ fn train_lockstep_lora(
         let batch = Batch::pad(&batch_rows, pad_id, &device)?;
         let counts: Vec<usize> = (0..k).map(|c| owner.iter().filter(|&&o| o as usize == c).count()).collect();
         let idx = Tensor::from_slice(&owner, owner.len(), &device)?;
+        // A pass of one client's rows gives the model shared factors, not one copy per row: the
+        // fused path then packs the real tokens (no padding) and runs each LoRA product as one
+        // matmul. This is the CPU default (one client per pass).
+        let only = owner.first().copied().filter(|&c| owner.iter().all(|&o| o == c));
         let rows = |name: &str| -> Result<Tensor, TenancyError> {
             let v = stacked.get(name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
-            Ok(v.as_tensor().index_select(&idx, 0)?)
+            Ok(match only {
+                Some(c) => v.as_tensor().narrow(0, c as usize, 1)?.squeeze(0)?,
+                None => v.as_tensor().index_select(&idx, 0)?,
+            })
         };
         let mut hooks = Hooks::new();
         for t in &spec.targets {
@@ -417,9 +424,12 @@ fn train_lockstep_lora(
             hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
         }
         let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
-        let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d]
-        let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L]
-        let logits = (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?;
+        let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d], or [L, d] shared
+        let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L], or [L] shared
+        let logits = match only {
+            Some(_) => features.matmul(&w.t()?)?.broadcast_add(&b)?,
+            None => (w.matmul(&features.unsqueeze(2)?)?.squeeze(2)? + b)?,
+        };
         debug_assert_eq!(logits.dim(1)?, head.num_labels);
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let ce = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;

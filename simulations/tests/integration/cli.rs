@@ -104,3 +104,34 @@ fn the_default_config_parses_and_a_bad_experiment_is_named() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("bad.toml") && err.contains("federation.quorum"), "{err}");
 }
+
+#[test]
+fn device_check_on_the_cpu_prints_every_table() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let base = write_experiment(dir.path(), "base", "kind = \"ssf-pool\"");
+    let table = dir.path().join("device.md");
+    let out = Command::new(BIN)
+        .args(["device-check", "--device", "cpu", "--clients", "3", "--steps", "1", "--step-batch", "4"])
+        .args(["--rows-per-pass", "8", "--config"])
+        .arg(&base)
+        .arg("--out")
+        .arg(&table)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let kernels = stdout.lines().filter(|l| l.ends_with("| ok |")).count();
+    assert_eq!(kernels, 14, "{stdout}");
+    for adapter in ["lora r=8", "ssf", "ssf-pool"] {
+        assert!(stdout.lines().any(|l| l.starts_with(&format!("| {adapter} | "))), "{adapter}: {stdout}");
+    }
+    for adapter in ["lora r=8", "ssf-pool"] {
+        assert!(stdout.contains(&format!("| {adapter} | 3 | ")), "{adapter} lockstep: {stdout}");
+    }
+    assert_eq!(std::fs::read_to_string(&table).unwrap().trim(), stdout.trim());
+
+    let bad = Command::new(BIN).args(["device-check", "--device", "tpu:0", "--config"]).arg(&base).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tpu:0"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

@@ -4,9 +4,10 @@
 //! blocks above its (adaptive) mmap threshold with fresh `mmap`s and returns freed heap to the
 //! system past its trim threshold, so every step page-faults its activations in again: on the dev
 //! machine a quarter of a step's time was system time. Keeping freed memory in the heap costs no
-//! peak memory (the peak is the same blocks) and took a LoRA step from 1.43–1.98 s to 1.24–1.42 s
-//! (three alternating runs each, `FEDPOOL_BENCH_CHILD=lora:Fused FEDPOOL_BENCH_ITERS=4` on the
-//! step bench's binary; README). Elsewhere (musl, macOS) this does nothing.
+//! peak memory (the peak is the same blocks): the system time of a process training 6 LoRA steps
+//! fell from 2.2–2.5 s to 0.6–1.0 s in alternating runs (`FEDPOOL_BENCH_CHILD=lora:Fused
+//! FEDPOOL_BENCH_ITERS=4` on the step bench's binary, `FEDPOOL_BENCH_GLIBC_DEFAULTS=1` for the
+//! defaults; README). Elsewhere (musl, macOS) this does nothing.
 
 /// Blocks up to this size come from the heap (32 MiB: glibc's largest mmap threshold).
 pub const MMAP_THRESHOLD: i32 = 32 << 20;

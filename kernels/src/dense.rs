@@ -11,9 +11,9 @@ use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor};
 const MIN_ROWS_PER_THREAD: usize = 64;
 
 /// `a · b` for 2-D f32 CPU tensors `a: [m, k]`, `b: [k, n]` (any strides), as a new contiguous
-/// `[m, n]` tensor; with `row`, every output row starts as a copy of it (`[n]`, e.g. a bias) and
+/// `[m, n]` tensor without autograd (the kernels attach their own backward); with `row`, every output row starts as a copy of it (`[n]`, e.g. a bias) and
 /// the product is added onto it.
-pub(crate) fn matmul(a: &Tensor, b: &Tensor, row: Option<&[f32]>) -> Result<Tensor> {
+pub fn matmul(a: &Tensor, b: &Tensor, row: Option<&[f32]>) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let (k2, n) = b.dims2()?;
     if k != k2 || row.is_some_and(|r| r.len() != n) {

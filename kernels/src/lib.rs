@@ -2,7 +2,8 @@
 //! backward on the CPU and a `*_composed` twin built from candle's ops (the reference the tests
 //! compare against, and the path on other devices: no CUDA kernel of our own yet).
 //!
-//! Built: [`frozen`] (the backbone's linear layers, gradient for the input only), [`norm`]
+//! Built: [`frozen`] (the backbone's linear layers, gradient for the input only) on [`dense`]
+//! (faer's products, AVX-512 at run time on stable), [`norm`]
 //! (LayerNorm with the SSF folded in, RMSNorm), [`activation`] (GELU, SwiGLU), [`ssf`] (scale and
 //! shift per batch row), [`attention`] (by real length or over packed tokens; GQA, causal), and
 //! [`simd`] (vectorisable `exp`/`erf`, AVX2 + FMA builds chosen at run time); [`check`] runs them
@@ -16,7 +17,7 @@ pub use frozen::{frozen_linear, frozen_matmul};
 pub mod activation;
 pub mod attention;
 pub mod check;
-mod dense;
+pub mod dense;
 pub mod norm;
 mod packed;
 pub mod simd;

@@ -15,12 +15,14 @@ toolkit=${1:-$HOME/.cache/fedpool-cuda}
 shared=${FEDPOOL_SHARED:-../shared}
 cargo fetch >/dev/null
 eval "$("$shared/cuda/toolkit.sh" "$toolkit")"
+# Its own target folder: the CPU build in target/ stays as it is.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 cargo build --release -p fedpool-sim --features cuda
 rm -rf .gpu && mkdir -p .gpu/assets/minilm
 python3 scripts/gpu/to_f16.py "$assets/minilm/model.safetensors" .gpu/assets/minilm/model.safetensors
 cp "$assets"/minilm/{config.json,tokenizer.json} .gpu/assets/minilm/
 tar czf .gpu/vader.tgz -C "$assets" vader
-for bin in target/release/fedpool-sim ${FEDPOOL_CLIENT_BIN:-}; do
+for bin in "$CARGO_TARGET_DIR/release/fedpool-sim" ${FEDPOOL_CLIENT_BIN:-}; do
   name=$(basename "$bin")
   cp "$bin" ".gpu/$name" && strip ".gpu/$name" && gzip -9 ".gpu/$name"
 done

@@ -25,6 +25,10 @@ if nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 else
   echo "no GPU here: skipped the kernels on cuda:0, the GPU training step and the GPU lockstep"
   echo "(32 and 256 clients); running the same check on the CPU with 2 and 4 clients instead"
+  if ldd ./fedpool-sim | grep -q "libcuda.so.1 => not found"; then
+    echo "this fedpool-sim is the cuda build and needs the NVIDIA driver's libcuda.so.1: nothing runs here"
+    exit 0
+  fi
   ./fedpool-sim device-check --device cpu --clients 2 4 --steps 2 --out "$OUT/device-check-cpu.md"
   echo "device-check (cpu) rc=$? $(( $(date +%s) - T0 ))s"
   exit 0

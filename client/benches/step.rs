@@ -218,30 +218,29 @@ fn pairs_table(fused: &BertEncoder, inputs: &Inputs, model_dir: &Path) {
     const PAIRS: usize = 3;
     let iters = iters();
     println!(
-        "### fedpool fused LoRA r=8 / PyTorch + PEFT, {PAIRS} back-to-back pairs (median of {iters} steps each)
-"
+        "### fedpool fused LoRA r=8 / PyTorch + PEFT, {PAIRS} back-to-back pairs (median of {iters} steps each)\n"
     );
     println!("| case | PyTorch s | fedpool s | ratio per pair | median ratio |");
     println!("| --- | --- | --- | --- | ---: |");
     let it = iters.to_string();
     let eval_batch = EVAL_BATCH.to_string();
-    let cases: [(&str, Vec<&str>); 3] = [
-        ("step, random 32 × 64", vec!["--case", "step", "--iters", &it]),
-        ("step, VADER dynamic padding", vec!["--case", "step", "--iters", &it, "--real"]),
-        ("evaluation, s per 1,000 sentences", vec!["--case", "eval", "--batch", &eval_batch]),
+    // (name, what the reference runs, real sentences?, evaluation?)
+    let cases: [(&str, Vec<&str>, bool, bool); 3] = [
+        ("step, random 32 × 64", vec!["--case", "step", "--iters", &it], false, false),
+        ("step, VADER dynamic padding", vec!["--case", "step", "--iters", &it, "--real"], true, false),
+        ("evaluation, s per 1,000 sentences", vec!["--case", "eval", "--batch", &eval_batch], true, true),
     ];
-    for (name, args) in cases {
+    for (name, args, real, eval) in cases {
         let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..PAIRS {
             let Some(t) = torch(model_dir, &args) else { return };
-            let (t, f) = if args[1] == "eval" {
+            let (t, f) = if eval {
                 let Some(rate) = t["sentences_per_s"].as_f64() else { return };
                 let examples = &inputs.real[..EVAL_SENTENCES.min(inputs.real.len())];
                 (1000.0 / rate, 1000.0 * eval_seconds(fused, examples, inputs.pad_id))
             } else {
                 let Some(t) = t["s_per_step_median"].as_f64() else { return };
-                let choice = AdapterChoice::Lora;
-                (t, step_phases(fused, choice, inputs, args.contains(&"--real"), iters).iter().sum::<f64>())
+                (t, step_phases(fused, AdapterChoice::Lora, inputs, real, iters).iter().sum::<f64>())
             };
             theirs.push(format!("{t:.3}"));
             ours.push(format!("{f:.3}"));
@@ -406,15 +405,9 @@ fn rss_child(case: &str, model_dir: &Path) {
     let kernels = if kernels == "Fused" { Kernels::Fused } else { Kernels::Composed };
     let model = BertEncoder::load(model_dir, &Device::Cpu).expect("model").with_kernels(kernels);
     let inputs = Inputs::load(model_dir).expect("inputs");
-    // FEDPOOL_BENCH_ITERS > 1 also times the steps (stderr): A/B runs of whole processes.
-    let iters = iters().clamp(1, 1000);
-    let phases = step_phases(
-        &model,
-        choice,
-        &inputs,
-        false,
-        if std::env::var_os("FEDPOOL_BENCH_ITERS").is_some() { iters } else { 1 },
-    );
+    // With FEDPOOL_BENCH_ITERS set it times that many steps (stderr): A/B runs of whole processes.
+    let steps = if std::env::var_os("FEDPOOL_BENCH_ITERS").is_some() { iters() } else { 1 };
+    let phases = step_phases(&model, choice, &inputs, false, steps);
     println!("{:.1}", peak_rss_mib());
     eprintln!("s per step {:.3}", phases.iter().sum::<f64>());
 }

@@ -3,7 +3,7 @@
 //! A training step frees and reallocates ~100 activation tensors of up to 12 MB. glibc serves
 //! blocks above its (adaptive) mmap threshold with fresh `mmap`s and returns freed heap to the
 //! system past its trim threshold, so every step page-faults its activations in again: on the dev
-//! machine a quarter of a step's time was system time. Keeping freed memory in the heap costs no
+//! machine `time` of the step bench's breakdown table showed 13 s of system time in 40 s. Keeping freed memory in the heap costs no
 //! peak memory (the peak is the same blocks): the system time of a process training 6 LoRA steps
 //! fell from 2.2–2.5 s to 0.6–1.0 s in alternating runs (`FEDPOOL_BENCH_CHILD=lora:Fused
 //! FEDPOOL_BENCH_ITERS=4` on the step bench's binary, `FEDPOOL_BENCH_GLIBC_DEFAULTS=1` for the
@@ -17,7 +17,7 @@ pub const MMAP_THRESHOLD: i32 = 32 << 20;
 pub fn tune_for_training() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes allocator parameters; called before the threads start.
+        // SAFETY: mallopt only sets allocator parameters (glibc takes its own lock); no pointers.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1

@@ -1,6 +1,6 @@
 //! Every kernel run on a device and compared with the CPU path: the same inputs (random, odd
-//! sizes, copied from the host), the values and every input gradient of `Σ y ⊙ u` for a random `u`,
-//! as relative errors (`max |device − cpu| / max |cpu|`). On a GPU this checks the device path (the
+//! sizes, copied from the host), the values and every input gradient of `Σ y ⊙ u` for a fixed `u`
+//! (`cos` of the last index), as relative errors (`max |device − cpu| / max |cpu|`). On a GPU this checks the device path (the
 //! composed candle ops in the `cuda` build) against the fused CPU kernels; on the CPU it checks the
 //! kernels against themselves (`fedpool-sim device-check --device cpu`, and the tests).
 

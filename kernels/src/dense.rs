@@ -2,8 +2,9 @@
 //!
 //! candle's CPU matmul is the `gemm` crate, which uses AVX-512 only when built on nightly Rust;
 //! faer (same author) dispatches at run time to its AVX-512 or AVX2 kernels on stable. On MiniLM's
-//! linear shapes (2,048 rows) on the dev machine that is 1.5–1.7× the rate (README, "Matmul
-//! rates"). Every operand may be a strided view: no copies for transposes.
+//! linear shapes (2,048 rows) on the dev machine that is 1.4–2.1× the rate
+//! (`cargo bench -p fedpool-kernels --bench frozen`, matmul table, two runs). Every operand may be
+//! a strided view: no copies for transposes.
 
 use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor};
 
@@ -11,8 +12,8 @@ use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor};
 const MIN_ROWS_PER_THREAD: usize = 64;
 
 /// `a · b` for 2-D f32 CPU tensors `a: [m, k]`, `b: [k, n]` (any strides), as a new contiguous
-/// `[m, n]` tensor without autograd (the kernels attach their own backward); with `row`, every output row starts as a copy of it (`[n]`, e.g. a bias) and
-/// the product is added onto it.
+/// `[m, n]` tensor without autograd (the kernels attach their own backward); with `row`, every
+/// output row starts as a copy of it (`[n]`, e.g. a bias) and the product is added onto it.
 pub fn matmul(a: &Tensor, b: &Tensor, row: Option<&[f32]>) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let (k2, n) = b.dims2()?;
@@ -38,8 +39,8 @@ pub fn matmul(a: &Tensor, b: &Tensor, row: Option<&[f32]>) -> Result<Tensor> {
         let a_view = view(a_data, a_layout, m, k)?;
         let b_view = view(b_data, b_layout, k, n)?;
         let accum = if row.is_some() { faer::Accum::Add } else { faer::Accum::Replace };
-        // One sequential product per thread over its own block of rows: on MiniLM's shapes 10–15%
-        // faster than faer's own split (scratch measurement, README "Matmul rates").
+        // One sequential product per thread over its own block of rows (in a scratch comparison on
+        // these shapes it beat faer's own split of the same product; not kept as a benchmark).
         let threads = candle_core::utils::get_num_threads().max(1);
         let block = m.div_ceil(threads).max(MIN_ROWS_PER_THREAD);
         use rayon::prelude::*;

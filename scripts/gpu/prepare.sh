@@ -4,7 +4,8 @@
 # in all; the loader converts back to f32), config + tokenizer, VADER, and run.sh.
 # Usage: scripts/gpu/prepare.sh [TOOLKIT_DIR]
 #   Builds with the CUDA 13.0 toolchain that ../shared/cuda/toolkit.sh assembles in TOOLKIT_DIR
-#   (default ~/.cache/fedpool-cuda; ~530 MB once, then a cold build of ~9 min). With FEDPOOL_CLIENT_BIN
+#   (default ~/.cache/fedpool-cuda; ~530 MB once), in target/cuda (a cold build took 22 min on the
+#   2-core dev machine). With FEDPOOL_CLIENT_BIN
 #   set to a cuda fedpool-client it packs that too (the adapter comparison of the README; the two
 #   binaries and the model may exceed the 64 MiB cap: check the size printed at the end).
 # Then, with a lent device: carry `.gpu` and run `bash .gpu/run.sh` (≤ 10 minutes; tables in $OUT).

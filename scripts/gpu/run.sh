@@ -6,8 +6,8 @@
 #    SSF pool and LoRA r=8 — tables in $OUT/device-check.md;
 # 2. if a cuda fedpool-client was packed too: the README's four-adapter VADER comparison
 #    (STEPS, default 600) — $OUT/<adapter>.json.
-# Without a GPU it says what it skips and runs the same check on the CPU with 2 and 4 clients (what
-# CI's tests cover), so the script itself is exercised.
+# Without a GPU it says what it skips; a CPU build packed the same way then runs the check on the
+# CPU with 2 and 4 clients (the cuda build cannot start without the driver's libcuda.so.1).
 set -u
 cd "$(dirname "$0")"
 T0=$(date +%s)

@@ -62,7 +62,7 @@ pub struct LockstepSpeed {
 /// Everything `device-check` measured.
 #[derive(Debug, Clone)]
 pub struct DeviceReport {
-    /// The device, as candle names it.
+    /// The device, as `fedpool_client::device::open` describes it.
     pub device: String,
     /// One row per kernel.
     pub kernels: Vec<KernelCheck>,

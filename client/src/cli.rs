@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use fedpool_common::adapter::{AdapterKind, AdapterPool, InitOptions, PoolSpec};
+use fedpool_common::adapter::{AdapterKind, AdapterPool, InitOptions, PoolSpec, Pooling};
 use fedpool_common::checkpoint::{
     atomic_write, read_pool, read_tensors, write_pool, write_tensors, CheckpointError, CheckpointMeta,
 };
@@ -81,12 +81,20 @@ pub struct TrainArgs {
     /// Examples per step
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Peak learning rate of AdamW [default: 5e-3 for SSF, 2e-3 for LoRA, 1e-2 for the linear probe]
+    /// Peak learning rate of AdamW [default: 5e-3 for SSF, 5e-4 for LoRA, 2e-3 for AdaLoRA, 1e-2 for the linear probe]
     #[arg(long)]
     pub lr: Option<f64>,
     /// Peak learning rate of the classification head [default: --lr]
     #[arg(long)]
     pub head_lr: Option<f64>,
+    /// Dropout while training, at HF BERT's hidden-state sites and before the head [default:
+    /// the model's hidden_dropout_prob]
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// AdamW's decoupled weight decay of LoRA factors and their head (lora, adalora; SSF adapters
+    /// never decay)
+    #[arg(long, default_value_t = train::WEIGHT_DECAY)]
+    pub weight_decay: f64,
     /// Linear warmup steps [default: 10% of --steps]
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -122,8 +130,9 @@ pub struct TrainArgs {
 /// The adapter options of `fedpool-client train` and `fedpool-client spec`.
 #[derive(Debug, Clone, Args)]
 pub struct AdapterArgs {
-    /// Adapter: ssf-pool (FedIns SSF pool, per-instance selection), ssf (plain SSF), lora (AdaLoRA
-    /// SVD form) or linear-probe (head only, frozen backbone)
+    /// Adapter: ssf-pool (FedIns SSF pool, per-instance selection), ssf (plain SSF), lora (PEFT's
+    /// standard B·A form), adalora (AdaLoRA's SVD form, for rank budgets) or linear-probe (head
+    /// only, frozen backbone)
     #[arg(long = "adapter", value_name = "ADAPTER", default_value = "ssf-pool")]
     pub choice: AdapterChoice,
     /// Slots per SSF pool (ssf-pool)
@@ -138,9 +147,13 @@ pub struct AdapterArgs {
     /// LoRA alpha: the update is scaled by alpha / r (lora)
     #[arg(long, default_value_t = DEFAULT_LORA_ALPHA)]
     pub alpha: f32,
-    /// LoRA modules within each layer, comma-separated (lora)
+    /// LoRA modules within each layer, comma-separated (lora, adalora)
     #[arg(long, value_delimiter = ',', default_value = "attention.self.query,attention.self.value")]
     pub lora_modules: Vec<String>,
+    /// The feature the head reads: mean (masked mean of the last hidden state) or cls-pooler
+    /// (HF BertForSequenceClassification's frozen pretrained pooler on [CLS])
+    #[arg(long, default_value = "mean")]
+    pub pooling: Pooling,
 }
 
 impl AdapterArgs {
@@ -153,6 +166,7 @@ impl AdapterArgs {
             rank: self.rank,
             alpha: self.alpha,
             lora_modules: self.lora_modules.clone(),
+            pooling: self.pooling,
         }
     }
 }
@@ -350,7 +364,8 @@ pub fn default_model_dir() -> PathBuf {
 pub fn default_lr(adapter: AdapterChoice) -> f64 {
     match adapter {
         AdapterChoice::SsfPool | AdapterChoice::Ssf => 5e-3,
-        AdapterChoice::Lora => 2e-3,
+        AdapterChoice::Lora => 5e-4,
+        AdapterChoice::AdaLora => 2e-3,
         AdapterChoice::LinearProbe => 1e-2,
     }
 }
@@ -406,6 +421,8 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
         seed: args.seed,
         lambda_match: args.lambda_match,
         head_only: choice.head_only(),
+        dropout: args.dropout,
+        weight_decay: args.weight_decay,
         ..TrainConfig::default()
     };
     let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
@@ -571,6 +588,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
     let metrics = train::evaluate_pool(&model, spec, &pool, &rows, &mut queries, &config, pad_id)?;
     let kind = match spec.kind {
         AdapterKind::Lora => AdapterChoice::Lora,
+        AdapterKind::AdaLora => AdapterChoice::AdaLora,
         AdapterKind::SsfPool if spec.pool_size > 1 => AdapterChoice::SsfPool,
         AdapterKind::SsfPool if head_only => AdapterChoice::LinearProbe,
         AdapterKind::SsfPool => AdapterChoice::Ssf,

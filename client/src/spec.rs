@@ -6,7 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use fedpool_common::adapter::{HeadSpec, PoolSpec, TargetSpec, FEDINS_POOL_SIZE, FEDINS_TOP_K};
+use fedpool_common::adapter::{HeadSpec, PoolSpec, Pooling, TargetSpec, FEDINS_POOL_SIZE, FEDINS_TOP_K};
 
 use crate::model::BertConfig;
 
@@ -26,15 +26,17 @@ pub enum AdapterChoice {
     SsfPool,
     /// Plain SSF: one slot, no keys, no selection (Lian et al. 2022).
     Ssf,
-    /// LoRA in AdaLoRA's SVD form (Zhang et al. 2023).
+    /// LoRA in PEFT's standard form, ΔW = B·A·α/r (Hu et al. 2021).
     Lora,
+    /// LoRA in AdaLoRA's SVD form (Zhang et al. 2023): the form rank budgets cut by triplet.
+    AdaLora,
     /// The frozen backbone with only the classification head trained (a baseline).
     LinearProbe,
 }
 
 impl AdapterChoice {
     /// Every choice, in the order the CLI lists them.
-    pub const ALL: [AdapterChoice; 4] = [Self::SsfPool, Self::Ssf, Self::Lora, Self::LinearProbe];
+    pub const ALL: [AdapterChoice; 5] = [Self::SsfPool, Self::Ssf, Self::Lora, Self::AdaLora, Self::LinearProbe];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -42,6 +44,7 @@ impl AdapterChoice {
             Self::SsfPool => "ssf-pool",
             Self::Ssf => "ssf",
             Self::Lora => "lora",
+            Self::AdaLora => "adalora",
             Self::LinearProbe => "linear-probe",
         }
     }
@@ -60,7 +63,7 @@ impl fmt::Display for AdapterChoice {
 
 /// An adapter name that is not one of [`AdapterChoice::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown adapter {0:?}: expected one of ssf-pool, ssf, lora, linear-probe")]
+#[error("unknown adapter {0:?}: expected one of ssf-pool, ssf, lora, adalora, linear-probe")]
 pub struct UnknownAdapter(pub String);
 
 impl FromStr for AdapterChoice {
@@ -86,6 +89,8 @@ pub struct AdapterOptions {
     pub alpha: f32,
     /// LoRA's modules within each layer, e.g. `attention.self.query`.
     pub lora_modules: Vec<String>,
+    /// The feature the classification head reads.
+    pub pooling: Pooling,
 }
 
 impl Default for AdapterOptions {
@@ -97,6 +102,7 @@ impl Default for AdapterOptions {
             rank: DEFAULT_LORA_RANK,
             alpha: DEFAULT_LORA_ALPHA,
             lora_modules: DEFAULT_LORA_MODULES.iter().map(|m| m.to_string()).collect(),
+            pooling: Pooling::Mean,
         }
     }
 }
@@ -112,7 +118,7 @@ pub struct OptionsError(pub String);
 /// the SSF left at the identity); LoRA adapts every layer's `lora_modules`. The keys of an SSF pool
 /// have the width of the pooled feature (the hidden size).
 pub fn pool_spec(config: &BertConfig, options: &AdapterOptions, num_labels: usize) -> Result<PoolSpec, OptionsError> {
-    let head = Some(HeadSpec { dim_in: config.hidden_size, num_labels });
+    let head = Some(HeadSpec { pooling: options.pooling, ..HeadSpec::new(config.hidden_size, num_labels) });
     let ssf_targets = || {
         config.ssf_points().into_iter().map(|p| TargetSpec { name: p.name, dim_in: p.dim, dim_out: p.dim }).collect()
     };
@@ -121,7 +127,7 @@ pub fn pool_spec(config: &BertConfig, options: &AdapterOptions, num_labels: usiz
             PoolSpec::ssf_pool(ssf_targets(), config.hidden_size, options.pool_size, options.top_k, head)
         }
         AdapterChoice::Ssf | AdapterChoice::LinearProbe => PoolSpec::ssf(ssf_targets(), head),
-        AdapterChoice::Lora => {
+        AdapterChoice::Lora | AdapterChoice::AdaLora => {
             let all = config.lora_targets();
             for module in &options.lora_modules {
                 if !all.iter().any(|t| t.name.ends_with(&format!(".{module}"))) {
@@ -141,7 +147,11 @@ pub fn pool_spec(config: &BertConfig, options: &AdapterOptions, num_labels: usiz
                 .filter(|t| options.lora_modules.iter().any(|m| t.name.ends_with(&format!(".{m}"))))
                 .map(|t| TargetSpec { name: t.name, dim_in: t.d_in, dim_out: t.d_out })
                 .collect();
-            PoolSpec::lora(targets, options.rank, options.alpha, head)
+            if options.choice == AdapterChoice::Lora {
+                PoolSpec::lora(targets, options.rank, options.alpha, head)
+            } else {
+                PoolSpec::adalora(targets, options.rank, options.alpha, head)
+            }
         }
     };
     spec.validate().map_err(|e| OptionsError(e.0))?;

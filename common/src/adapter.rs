@@ -1,14 +1,16 @@
 //! Adapter pools: what clients train and the server merges.
 //!
-//! A [`PoolSpec`] says which adapter is trained (an SSF pool as in FedIns, or LoRA in AdaLoRA's SVD
-//! form), on which targets and with which sizes. It determines the names and shapes of every
+//! A [`PoolSpec`] says which adapter is trained (an SSF pool as in FedIns, LoRA in PEFT's standard
+//! form, or LoRA in AdaLoRA's SVD form), on which targets and with which sizes. It determines the names and shapes of every
 //! tensor (its [`PoolSpec::layout`]). An [`AdapterPool`] holds those tensors; a [`PoolDelta`] is
 //! what a client sends back: the difference from the pool it started from, for the slots it used.
 //!
 //! Tensor names (HF module paths, so that LoRA maps to HF PEFT names):
 //! - SSF at target `T` (after the op `T`): `T.ssf_scale` and `T.ssf_shift`, shape `[P, d_out]`;
 //! - pool keys: `pool.keys`, shape `[P, key_dim]` (SSF pools with P > 1 only);
-//! - LoRA on linear `T` (ΔW = B·diag(E)·A · α/r): `T.lora_A.weight` `[r, d_in]` (AdaLoRA's Q),
+//! - standard LoRA on linear `T` (ΔW = B·A · α/r): `T.lora_A.weight` `[r, d_in]` and
+//!   `T.lora_B.weight` `[d_out, r]` — PEFT LoRA's names, so PEFT adapters map one to one;
+//! - AdaLoRA on linear `T` (ΔW = B·diag(E)·A · α/r): `T.lora_A.weight` `[r, d_in]` (Q),
 //!   `T.lora_E.weight` `[r, 1]` (Λ) and `T.lora_B.weight` `[d_out, r]` (P) — PEFT AdaLoRA's names;
 //! - the classification head: `classifier.weight` `[labels, d_in]` and `classifier.bias`
 //!   `[labels]`, with a leading pool axis `[P, ...]` in SSF pools (the head is a pool too).
@@ -30,6 +32,8 @@ pub const FEDINS_TOP_K: usize = 3;
 pub const SSF_INIT_STD: f32 = 0.02;
 /// AdaLoRA initialisation (HF PEFT `tuners/adalora`): A and B ~ N(0, 0.02²), E = 0.
 pub const LORA_INIT_STD: f32 = 0.02;
+// Standard LoRA follows PEFT's `reset_lora_parameters` instead: A Kaiming-uniform with a = √5
+// (uniform in ±1/√d_in), B = 0, so ΔW = 0 and B learns from the first step.
 /// Name of the pool keys tensor.
 pub const KEYS: &str = "pool.keys";
 /// Name of the classification head's weight.
@@ -43,8 +47,18 @@ pub enum AdapterKind {
     /// SSF scale-and-shift after each target; with `pool_size > 1` a FedIns pool of slots
     /// selected per instance by key; with `pool_size == 1` plain SSF.
     SsfPool,
-    /// LoRA in AdaLoRA's SVD form on linear targets.
+    /// LoRA in PEFT's standard form on linear targets: ΔW = B·A·α/r, A Kaiming-uniform, B = 0.
     Lora,
+    /// LoRA in AdaLoRA's SVD form (ΔW = P·diag(λ)·Q·α/r, λ = 0 at the start): the form rank
+    /// budgets cut by triplet, and the exact product merge re-factorises.
+    AdaLora,
+}
+
+impl AdapterKind {
+    /// True for both LoRA forms.
+    pub fn is_lora(self) -> bool {
+        matches!(self, AdapterKind::Lora | AdapterKind::AdaLora)
+    }
 }
 
 /// One adapted point of the backbone.
@@ -58,6 +72,38 @@ pub struct TargetSpec {
     pub dim_out: usize,
 }
 
+/// The sentence feature a classification head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// The masked mean of the last hidden state (sentence-transformers).
+    #[default]
+    Mean,
+    /// HF `BertForSequenceClassification`'s: the frozen pretrained pooler `tanh(dense(h_[CLS]))`.
+    ClsPooler,
+}
+
+impl Pooling {
+    /// The name in configuration files and on the command line: `mean`, `cls-pooler`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::ClsPooler => "cls-pooler",
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Pooling::Mean, Pooling::ClsPooler]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| SpecError(format!("unknown pooling {s:?}: expected mean or cls-pooler")))
+    }
+}
+
 /// The classification head trained with the adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadSpec {
@@ -65,6 +111,16 @@ pub struct HeadSpec {
     pub dim_in: usize,
     /// Number of classes.
     pub num_labels: usize,
+    /// The feature it reads (part of the spec: a federation's clients must agree on it).
+    #[serde(default)]
+    pub pooling: Pooling,
+}
+
+impl HeadSpec {
+    /// A head of `num_labels` classes on the `dim_in`-wide mean-pooled feature.
+    pub fn new(dim_in: usize, num_labels: usize) -> Self {
+        Self { dim_in, num_labels, pooling: Pooling::Mean }
+    }
 }
 
 /// Everything that fixes the names and shapes of a pool's tensors.
@@ -140,10 +196,15 @@ impl PoolSpec {
         Self::ssf_pool(targets, 0, 1, 1, head)
     }
 
-    /// LoRA in AdaLoRA's SVD form with `rank` triplets per target and scale `alpha / rank`.
+    /// LoRA in PEFT's standard form (B·A) with rank `rank` per target and scale `alpha / rank`.
     pub fn lora(targets: Vec<TargetSpec>, rank: usize, alpha: f32, head: Option<HeadSpec>) -> Self {
+        Self { kind: AdapterKind::Lora, ..Self::adalora(targets, rank, alpha, head) }
+    }
+
+    /// LoRA in AdaLoRA's SVD form with `rank` triplets per target and scale `alpha / rank`.
+    pub fn adalora(targets: Vec<TargetSpec>, rank: usize, alpha: f32, head: Option<HeadSpec>) -> Self {
         Self {
-            kind: AdapterKind::Lora,
+            kind: AdapterKind::AdaLora,
             pool_size: 1,
             top_k: 1,
             key_dim: 0,
@@ -171,7 +232,7 @@ impl PoolSpec {
         if self.has_keys() && self.key_dim == 0 {
             return err("an SSF pool with more than one slot needs key_dim > 0".into());
         }
-        if self.kind == AdapterKind::Lora {
+        if self.kind.is_lora() {
             if self.pool_size != 1 {
                 return err("LoRA pools have exactly one slot".into());
             }
@@ -190,7 +251,7 @@ impl PoolSpec {
             if !seen.insert(t.name.as_str()) {
                 return err(format!("target {:?} appears twice", t.name));
             }
-            if t.dim_out == 0 || (self.kind == AdapterKind::Lora && t.dim_in == 0) {
+            if t.dim_out == 0 || (self.kind.is_lora() && t.dim_in == 0) {
                 return err(format!("target {:?} has a zero dimension", t.name));
             }
         }
@@ -220,7 +281,7 @@ impl PoolSpec {
                     out.push(plain(format!("{}.ssf_scale", t.name), vec![p, t.dim_out], TensorRole::Pooled));
                     out.push(plain(format!("{}.ssf_shift", t.name), vec![p, t.dim_out], TensorRole::Pooled));
                 }
-                AdapterKind::Lora => {
+                AdapterKind::Lora | AdapterKind::AdaLora => {
                     let r = self.max_rank;
                     let lora = |suffix: &str, shape: Vec<usize>, role| TensorLayout {
                         name: format!("{}.{suffix}.weight", t.name),
@@ -229,7 +290,9 @@ impl PoolSpec {
                         target: Some(t.name.clone()),
                     };
                     out.push(lora("lora_A", vec![r, t.dim_in], TensorRole::LoraA));
-                    out.push(lora("lora_E", vec![r, 1], TensorRole::LoraE));
+                    if self.kind == AdapterKind::AdaLora {
+                        out.push(lora("lora_E", vec![r, 1], TensorRole::LoraE));
+                    }
                     out.push(lora("lora_B", vec![t.dim_out, r], TensorRole::LoraB));
                 }
             }
@@ -260,7 +323,8 @@ impl PoolSpec {
 pub struct InitOptions {
     /// Standard deviation of SSF's γ around 1 and β around 0 (0 gives the identity).
     pub ssf_std: f32,
-    /// Standard deviation of LoRA's A and B (E starts at 0 whatever this is).
+    /// Standard deviation of AdaLoRA's A and B (E starts at 0 whatever this is; standard LoRA
+    /// uses PEFT's initialisation instead).
     pub lora_std: f32,
     /// Standard deviation of the head's weight (its bias starts at 0).
     pub head_std: f32,
@@ -332,8 +396,9 @@ fn normal(rng: &mut ChaCha8Rng, mean: f32, std: f32) -> f32 {
 
 impl AdapterPool {
     /// A fresh pool, initialised as DESIGN.md says: SSF γ ~ N(1, σ²), β ~ N(0, σ²); keys uniform in
-    /// [-1, 1] (as L2P does — FedIns' zero keys make the first selection arbitrary); LoRA A, B random
-    /// and E = 0 (so ΔW = 0); head weight random, bias 0. Deterministic in `seed`.
+    /// [-1, 1] (as L2P does — FedIns' zero keys make the first selection arbitrary); AdaLoRA A, B
+    /// random and E = 0; standard LoRA as PEFT (A uniform in ±1/√d_in, B = 0): ΔW = 0 either way;
+    /// head weight random, bias 0. Deterministic in `seed`.
     pub fn init(spec: &PoolSpec, seed: u64) -> Result<Self, PoolError> {
         Self::init_with(spec, seed, &InitOptions::default())
     }
@@ -353,10 +418,15 @@ impl AdapterPool {
                 (0..n).map(|_| rng.random_range(-1.0f32..=1.0)).collect()
             } else if l.name == HEAD_WEIGHT {
                 (0..n).map(|_| normal(&mut rng, 0.0, opts.head_std)).collect()
-            } else if l.role == TensorRole::LoraA || l.role == TensorRole::LoraB {
+            } else if spec.kind == AdapterKind::Lora && l.role == TensorRole::LoraA {
+                // PEFT: kaiming_uniform_(a=√5) on [r, d_in]: bound = √(6 / ((1 + a²)·d_in)) = 1/√d_in.
+                let bound = 1.0 / (l.shape[1] as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-bound..=bound)).collect()
+            } else if spec.kind == AdapterKind::AdaLora && (l.role == TensorRole::LoraA || l.role == TensorRole::LoraB)
+            {
                 (0..n).map(|_| normal(&mut rng, 0.0, opts.lora_std)).collect()
             } else {
-                vec![0.0; n] // LoRA E, head bias
+                vec![0.0; n] // standard LoRA B, AdaLoRA E, head bias
             };
             // Lengths come from the layout itself.
             let t = HostTensor::new(l.shape.clone(), data).expect("layout shape matches data");
@@ -515,7 +585,8 @@ pub struct SlotUsage {
 /// In an SSF pool (`slots` is `Some`), every tensor holds only the rows of the slots the client
 /// used, in the order of `slots`; unused slots are absent, not zero. For LoRA (`slots` is
 /// `None`) each target's triplet may have any rank from 1 to the spec's `max_rank` (the rank the
-/// server granted), and a target may be left out whole.
+/// server granted), and a target may be left out whole; a standard LoRA target may also carry
+/// only one of its factors (the other was frozen: FFA-LoRA, RoLoRA).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolDelta {
     /// The spec these tensors follow.
@@ -681,7 +752,9 @@ impl PoolDelta {
                 return Err(PoolError::NonFinite(l.name.clone()));
             }
         }
-        for l in layout.iter().filter(|l| l.target.is_some()) {
+        // A standard LoRA delta may carry one factor only (FFA-LoRA, RoLoRA: the other was frozen);
+        // an AdaLoRA triplet is whole or absent.
+        for l in layout.iter().filter(|l| l.target.is_some() && spec.kind == AdapterKind::AdaLora) {
             let target = l.target.as_deref().unwrap_or_default();
             if ranks.contains_key(target) && !self.tensors.contains_key(&l.name) {
                 return Err(PoolError::MissingTensor(l.name.clone()));
@@ -727,7 +800,7 @@ mod tests {
         ]
     }
     fn head() -> Option<HeadSpec> {
-        Some(HeadSpec { dim_in: 8, num_labels: 3 })
+        Some(HeadSpec::new(8, 3))
     }
 
     #[test]
@@ -753,7 +826,7 @@ mod tests {
 
     #[test]
     fn a_truncated_lora_transfer_rebuilds_the_leading_triplets_and_zeros_the_rest() {
-        let spec = PoolSpec::lora(targets(), 4, 8.0, head());
+        let spec = PoolSpec::adalora(targets(), 4, 8.0, head());
         let pool = AdapterPool::init(&spec, 3).unwrap();
         let ranks = BTreeMap::from([("layer.0.query".to_string(), 2), ("layer.0.value".to_string(), 0)]);
         let sent = pool.to_transfer(&spec).unwrap().truncate_lora(&spec, &ranks).unwrap();
@@ -789,7 +862,7 @@ mod tests {
 
     #[test]
     fn lora_initialises_in_svd_form_with_zero_lambda() {
-        let spec = PoolSpec::lora(targets(), 4, 8.0, head());
+        let spec = PoolSpec::adalora(targets(), 4, 8.0, head());
         let pool = AdapterPool::init(&spec, 3).unwrap();
         assert_eq!(pool.tensors["layer.0.value.lora_A.weight"].shape(), &[4, 8]);
         assert_eq!(pool.tensors["layer.0.value.lora_B.weight"].shape(), &[6, 4]);
@@ -801,13 +874,41 @@ mod tests {
     }
 
     #[test]
+    fn standard_lora_initialises_as_peft_with_zero_b_and_no_e() {
+        let spec = PoolSpec::lora(targets(), 4, 8.0, head());
+        let pool = AdapterPool::init(&spec, 3).unwrap();
+        pool.validate(&spec).unwrap();
+        assert!(!pool.tensors.contains_key("layer.0.value.lora_E.weight"), "no E in the standard form");
+        let a = &pool.tensors["layer.0.value.lora_A.weight"];
+        assert_eq!(a.shape(), &[4, 8]);
+        let bound = 1.0 / 8f32.sqrt();
+        assert!(a.data().iter().all(|v| v.abs() <= bound), "A uniform in ±1/√d_in");
+        assert!(a.data().iter().any(|v| v.abs() > bound / 2.0), "A spread over its range");
+        assert!(pool.tensors["layer.0.value.lora_B.weight"].data().iter().all(|&v| v == 0.0), "B = 0");
+        assert_ne!(spec.hash(), PoolSpec::adalora(targets(), 4, 8.0, head()).hash());
+        // One factor alone is a valid standard delta (the other was frozen), not an AdaLoRA one.
+        let mut b_only = pool.delta_from(&pool).unwrap();
+        b_only.tensors.remove("layer.0.value.lora_A.weight");
+        b_only.validate(&spec).unwrap();
+        let ada = PoolSpec::adalora(targets(), 4, 8.0, head());
+        let mut partial = AdapterPool::init(&ada, 3).unwrap().delta_from(&AdapterPool::init(&ada, 3).unwrap()).unwrap();
+        partial.tensors.remove("layer.0.value.lora_A.weight");
+        assert!(matches!(partial.validate(&ada), Err(PoolError::MissingTensor(_))));
+        // A standard delta carrying an E is refused by name.
+        let mut d = pool.delta_from(&pool).unwrap();
+        d.validate(&spec).unwrap();
+        d.tensors.insert("layer.0.value.lora_E.weight".into(), HostTensor::zeros(&[4, 1]));
+        assert_eq!(d.validate(&spec), Err(PoolError::UnknownTensor("layer.0.value.lora_E.weight".into())));
+    }
+
+    #[test]
     fn bad_specs_are_refused() {
         let mut s = PoolSpec::ssf_pool(targets(), 8, 4, 5, None);
         assert!(s.validate().unwrap_err().0.contains("top_k"));
         s.top_k = 2;
         s.key_dim = 0;
         assert!(s.validate().is_err());
-        let mut l = PoolSpec::lora(targets(), 0, 8.0, None);
+        let mut l = PoolSpec::adalora(targets(), 0, 8.0, None);
         assert!(l.validate().is_err());
         l.max_rank = 2;
         l.targets.push(l.targets[0].clone());
@@ -816,8 +917,8 @@ mod tests {
 
     #[test]
     fn spec_hash_distinguishes_specs() {
-        let a = PoolSpec::lora(targets(), 4, 8.0, head());
-        let b = PoolSpec::lora(targets(), 8, 8.0, head());
+        let a = PoolSpec::adalora(targets(), 4, 8.0, head());
+        let b = PoolSpec::adalora(targets(), 8, 8.0, head());
         assert_eq!(a.hash(), a.clone().hash());
         assert_ne!(a.hash(), b.hash());
     }
@@ -846,7 +947,7 @@ mod tests {
 
     #[test]
     fn a_pool_survives_its_transfer_form() {
-        for spec in [PoolSpec::ssf_pool(targets(), 8, 5, 2, head()), PoolSpec::lora(targets(), 4, 8.0, head())] {
+        for spec in [PoolSpec::ssf_pool(targets(), 8, 5, 2, head()), PoolSpec::adalora(targets(), 4, 8.0, head())] {
             let pool = AdapterPool::init(&spec, 9).unwrap();
             let t = pool.to_transfer(&spec).unwrap();
             t.validate(&spec).unwrap();
@@ -901,7 +1002,7 @@ mod tests {
 
     #[test]
     fn lora_delta_ranks_may_vary_per_target_but_not_within_a_triplet() {
-        let spec = PoolSpec::lora(targets(), 4, 8.0, head());
+        let spec = PoolSpec::adalora(targets(), 4, 8.0, head());
         let pool = AdapterPool::init(&spec, 1).unwrap();
         let mut d = pool.delta_from(&pool).unwrap();
         d.validate(&spec).unwrap();

@@ -13,6 +13,6 @@ pub mod ids;
 pub mod tensor;
 pub mod wire;
 
-pub use adapter::{AdapterKind, AdapterPool, HeadSpec, PoolDelta, PoolSpec, SlotUsage, TargetSpec};
+pub use adapter::{AdapterKind, AdapterPool, HeadSpec, PoolDelta, PoolSpec, Pooling, SlotUsage, TargetSpec};
 pub use ids::{BackboneFingerprint, Nonce, Round, Sha256, SpecHash, TaskId};
 pub use tensor::HostTensor;

@@ -118,7 +118,7 @@ fn fold_ssf(label: &'static str, cfg: AggregateConfig, updates: usize, spec: &Po
 /// MiniLM-like LoRA: 12 targets of 384 × 384, max rank 8, clients of rank 8.
 fn lora_run(updates: usize) -> (Duration, Duration, usize) {
     let targets = (0..12).map(|i| TargetSpec { name: format!("layer.{i}.attn"), dim_in: 384, dim_out: 384 }).collect();
-    let spec = PoolSpec::lora(targets, 8, 16.0, None);
+    let spec = PoolSpec::adalora(targets, 8, 16.0, None);
     let g = AdapterPool::init(&spec, 1).expect("valid spec");
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let delta = |rng: &mut ChaCha8Rng| {

@@ -9,7 +9,9 @@
 //!   carried slot row counts with the number of the client's examples that selected it, so slots
 //!   a client never used do not dilute the others ([`Aggregator`] says how this reduces to FedAvg
 //!   when P = 1).
-//! - **Exact LoRA merge** on each LoRA target: the weighted mean of the clients' products
+//! - **Factor FedAvg** on standard LoRA (`B·A`): A and B averaged as plain tensors (FedIT, what
+//!   PEFT federations do; avg(B)·avg(A) is not avg(B·A), which the AdaLoRA form's exact merge is).
+//! - **Exact LoRA merge** on each AdaLoRA target: the weighted mean of the clients' products
 //!   `B_k diag(E_k) A_k`, re-factorised to the spec's `max_rank` by a truncated SVD of the stacked
 //!   factors, never forming a `d_out × d_in` matrix (module [`lora`]).
 //! - **Robustness** (module [`robust`]): per-update L2 norm clipping, and a coordinate-wise trimmed
@@ -97,6 +99,29 @@ pub enum ServerOpt {
     FedAdam(FedAdamConfig),
 }
 
+/// How the factors of standard LoRA (`B·A`) are merged. AdaLoRA's triplets always take the exact
+/// product merge.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum LoraMerge {
+    /// A and B averaged separately, like any plain tensor (FedIT, Zhang et al. 2024; what PEFT
+    /// federations do): cheap, and the rule and server optimiser apply; avg(B)·avg(A) is not
+    /// avg(B·A).
+    #[default]
+    FactorMean,
+    /// The weighted mean of the products `B_k A_k`, re-factorised to the spec's rank by a
+    /// truncated SVD (FlexLoRA's merge; module [`lora`]) and split evenly, `B = U√σ`, `A = √σ Vᵀ`.
+    Exact,
+    /// LoRA-FAIR's server-side refinement (Bian et al. 2025): A = Ā (the factor mean) and B the
+    /// B̄ + ΔB that brings `B·Ā` closest to the mean product `M = Σ w_k B_k A_k / Σ w_k` —
+    /// `min ‖M − (B̄ + ΔB) Ā‖²_F + λ‖ΔB‖²_F`, in closed form `B = (M Āᵀ + λ B̄)(Ā Āᵀ + λ I)⁻¹`
+    /// (the paper weighs a cosine similarity and solves by gradient steps; the Frobenius form has
+    /// this exact solution). `lambda` is relative to `tr(Ā Āᵀ)/r`; M stays in factored form.
+    Fair {
+        /// The ridge weight λ, relative to the mean squared row norm of Ā.
+        lambda: f64,
+    },
+}
+
 /// How an [`Aggregator`] merges a round.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AggregateConfig {
@@ -106,12 +131,14 @@ pub struct AggregateConfig {
     pub rule: Rule,
     /// The server step.
     pub server_opt: ServerOpt,
+    /// How standard LoRA's factors merge (ignored for other kinds).
+    pub lora_merge: LoraMerge,
 }
 
 impl Default for AggregateConfig {
-    /// Plain weighted FedAvg: no clipping, mean, global += mean delta.
+    /// Plain weighted FedAvg: no clipping, mean, global += mean delta, LoRA factors averaged.
     fn default() -> Self {
-        Self { clip_norm: None, rule: Rule::Mean, server_opt: ServerOpt::Plain }
+        Self { clip_norm: None, rule: Rule::Mean, server_opt: ServerOpt::Plain, lora_merge: LoraMerge::FactorMean }
     }
 }
 
@@ -124,14 +151,17 @@ struct DenseTensor {
     pooled: bool,
     rows: usize,
     row_len: usize,
+    /// A standard LoRA factor: an update may leave it out (it was frozen), and its mean is over
+    /// the updates that carried it.
+    optional: bool,
 }
 
-/// The LoRA factor names of one target.
+/// The LoRA factor names of one target (`e`: AdaLoRA's E; standard LoRA has none).
 #[derive(Debug, Clone)]
 struct LoraNames {
     target: String,
     a: String,
-    e: String,
+    e: Option<String>,
     b: String,
     d_in: usize,
     d_out: usize,
@@ -151,8 +181,8 @@ struct Buffered {
 struct RoundState {
     active: bool,
     updates: usize,
-    /// Σ examples over the updates folded (the weight of every plain tensor).
-    plain_weight: f64,
+    /// Σ examples over the updates that carried each plain tensor, in `dense` order.
+    plain_weights: Vec<f64>,
     /// Σ usage counts per slot (the weight of every pooled tensor's row).
     slot_weight: Vec<f64>,
     /// Σ weight · delta per dense tensor (rule Mean only), in `dense` order.
@@ -215,7 +245,19 @@ impl Aggregator {
                 return err(format!("clip_norm {c} must be positive and finite"));
             }
         }
-        let is_lora = spec.kind == AdapterKind::Lora;
+        // AdaLoRA's triplets go through the exact product merge; standard LoRA's factors as its
+        // `lora_merge` says: averaged like plain tensors (FactorMean, Fair) and/or stacked into the
+        // exact product (Exact, Fair).
+        let standard = spec.kind == AdapterKind::Lora;
+        let merge = if standard { config.lora_merge } else { LoraMerge::FactorMean };
+        let factor_mean = standard && merge != LoraMerge::Exact;
+        let stacked = spec.kind == AdapterKind::AdaLora || (standard && merge != LoraMerge::FactorMean);
+        let is_lora = stacked;
+        if let LoraMerge::Fair { lambda } = merge {
+            if !(lambda.is_finite() && lambda > 0.0) {
+                return err(format!("LoRA-FAIR's lambda {lambda} must be positive and finite"));
+            }
+        }
         if let Rule::TrimmedMean { trim_fraction, max_updates } = config.rule {
             if !(0.0..0.5).contains(&trim_fraction) {
                 return err(format!("trim_fraction {trim_fraction} must be in [0, 0.5)"));
@@ -242,20 +284,25 @@ impl Aggregator {
         for l in spec.layout() {
             match l.role {
                 TensorRole::Pooled | TensorRole::Plain => dense.push(dense_tensor(&l)),
-                TensorRole::LoraA => {
-                    let target = l.target.clone().unwrap_or_default();
-                    let t = spec.targets.iter().find(|t| t.name == target);
-                    let (d_in, d_out) = t.map_or((0, 0), |t| (t.dim_in, t.dim_out));
-                    lora.push(LoraNames {
-                        a: format!("{target}.lora_A.weight"),
-                        e: format!("{target}.lora_E.weight"),
-                        b: format!("{target}.lora_B.weight"),
-                        target,
-                        d_in,
-                        d_out,
-                    });
+                TensorRole::LoraA | TensorRole::LoraB => {
+                    if factor_mean {
+                        dense.push(DenseTensor { optional: true, ..dense_tensor(&l) });
+                    }
+                    if stacked && l.role == TensorRole::LoraA {
+                        let target = l.target.clone().unwrap_or_default();
+                        let t = spec.targets.iter().find(|t| t.name == target);
+                        let (d_in, d_out) = t.map_or((0, 0), |t| (t.dim_in, t.dim_out));
+                        lora.push(LoraNames {
+                            a: format!("{target}.lora_A.weight"),
+                            e: (!standard).then(|| format!("{target}.lora_E.weight")),
+                            b: format!("{target}.lora_B.weight"),
+                            target,
+                            d_in,
+                            d_out,
+                        });
+                    }
                 }
-                TensorRole::LoraE | TensorRole::LoraB => {}
+                TensorRole::LoraE => {}
             }
         }
         let adam = match config.server_opt {
@@ -323,6 +370,9 @@ impl Aggregator {
         };
         for d in &self.dense {
             let Some(t) = delta.tensors.get(&d.name) else {
+                if d.optional {
+                    continue;
+                }
                 return err(format!("update lacks tensor {:?}", d.name));
             };
             let ok = if d.pooled {
@@ -346,7 +396,7 @@ impl Aggregator {
         }
         let known = |name: &str| {
             self.dense.iter().any(|d| d.name == name)
-                || self.lora.iter().any(|n| [n.a.as_str(), n.e.as_str(), n.b.as_str()].contains(&name))
+                || self.lora.iter().any(|n| n.a == name || n.b == name || n.e.as_deref() == Some(name))
         };
         if let Some(name) = delta.tensors.keys().find(|name| !known(name)) {
             return err(format!("update carries unknown tensor {name:?}"));
@@ -365,7 +415,7 @@ fn dense_tensor(l: &TensorLayout) -> DenseTensor {
     let pooled = l.role == TensorRole::Pooled;
     let numel = l.shape.iter().product::<usize>();
     let (rows, row_len) = if pooled { (l.shape[0], l.shape[1..].iter().product()) } else { (1, numel) };
-    DenseTensor { name: l.name.clone(), shape: l.shape.clone(), pooled, rows, row_len }
+    DenseTensor { name: l.name.clone(), shape: l.shape.clone(), pooled, rows, row_len, optional: false }
 }
 
 /// Checks a slot list against the pool and the update's example count.
@@ -393,11 +443,16 @@ fn triplet<'a>(
     n: &LoraNames,
     max_rank: usize,
 ) -> Result<Option<LoraTriplet<'a>>, AggregateError> {
-    let (a, e, b) = (delta.tensors.get(&n.a), delta.tensors.get(&n.e), delta.tensors.get(&n.b));
+    let (a, b) = (delta.tensors.get(&n.a), delta.tensors.get(&n.b));
+    let e = n.e.as_ref().map(|name| (name, delta.tensors.get(name)));
     let (a, e, b) = match (a, e, b) {
-        (None, None, None) => return Ok(None),
-        (Some(a), Some(e), Some(b)) => (a, e, b),
-        _ => return err(format!("update carries part of LoRA target {:?}: all of A, E, B or none", n.target)),
+        (None, None | Some((_, None)), None) => return Ok(None),
+        (Some(a), None, Some(b)) => (a, None, b),
+        (Some(a), Some((name, Some(e))), Some(b)) => (a, Some((name, e)), b),
+        _ => {
+            let parts = if n.e.is_some() { "A, E, B" } else { "A and B" };
+            return err(format!("update carries part of LoRA target {:?}: all of {parts} or none", n.target));
+        }
     };
     let r = a.shape().first().copied().unwrap_or(0);
     let want =
@@ -405,8 +460,10 @@ fn triplet<'a>(
     if r == 0 || r > max_rank || a.shape() != [r, n.d_in] {
         return err(format!("update tensor {:?} has shape {:?}, expected {}", n.a, a.shape(), want(&n.a, [r, n.d_in])));
     }
-    if e.shape() != [r, 1] {
-        return err(format!("update tensor {:?} has shape {:?}, expected {}", n.e, e.shape(), want(&n.e, [r, 1])));
+    if let Some((name, e)) = e {
+        if e.shape() != [r, 1] {
+            return err(format!("update tensor {name:?} has shape {:?}, expected {}", e.shape(), want(name, [r, 1])));
+        }
     }
     if b.shape() != [n.d_out, r] {
         return err(format!(
@@ -416,7 +473,7 @@ fn triplet<'a>(
             want(&n.b, [n.d_out, r])
         ));
     }
-    Ok(Some(LoraTriplet { a: a.data(), e: e.data(), b: b.data(), rank: r }))
+    Ok(Some(LoraTriplet { a: a.data(), e: e.map(|(_, e)| e.data()), b: b.data(), rank: r }))
 }
 
 /// Row `i` of an update's tensor: slot row `i` of a pooled tensor, the whole of a plain one.
@@ -442,7 +499,8 @@ impl Merge for Aggregator {
         let r = &mut self.round;
         r.active = true;
         r.updates = 0;
-        r.plain_weight = 0.0;
+        r.plain_weights.clear();
+        r.plain_weights.resize(self.dense.len(), 0.0);
         r.slot_weight.iter_mut().for_each(|w| *w = 0.0);
         r.buffered.clear();
         if self.config.rule == Rule::Mean {
@@ -455,7 +513,10 @@ impl Merge for Aggregator {
         for (stack, n) in r.lora.iter_mut().zip(&self.lora) {
             // The global passed validation, so every factor is present with its full shape.
             let get = |name: &str| global.tensors.get(name).map(HostTensor::data).unwrap_or_default();
-            stack.reset(get(&n.a), get(&n.e), get(&n.b));
+            // Standard LoRA is the SVD form with E = 1.
+            let ones = vec![1.0; self.spec.max_rank];
+            let e = n.e.as_deref().map_or(ones.as_slice(), get);
+            stack.reset(get(&n.a), e, get(&n.b));
         }
         Ok(())
     }
@@ -479,9 +540,13 @@ impl Merge for Aggregator {
         }
         let w = examples as f64;
         let r = &mut self.round;
-        for (d, sum) in self.dense.iter().zip(r.sums.iter_mut()) {
+        for (i, d) in self.dense.iter().enumerate() {
             // Presence and shape were checked by check_update.
             let Some(t) = delta.tensors.get(&d.name) else { continue };
+            if !d.pooled {
+                r.plain_weights[i] += w;
+            }
+            let Some(sum) = r.sums.get_mut(i) else { continue };
             match &delta.slots {
                 Some(u) if d.pooled => {
                     for (i, (&slot, &count)) in u.slots.iter().zip(&u.counts).enumerate() {
@@ -496,9 +561,6 @@ impl Merge for Aggregator {
             for (&slot, &count) in u.slots.iter().zip(&u.counts) {
                 r.slot_weight[slot as usize] += count as f64;
             }
-        }
-        if self.dense.iter().any(|d| !d.pooled) {
-            r.plain_weight += w;
         }
         for (stack, n) in r.lora.iter_mut().zip(&self.lora) {
             if let Some(t) = triplet(delta, n, self.spec.max_rank)? {
@@ -517,7 +579,8 @@ impl Merge for Aggregator {
         for (stack, n) in self.round.lora.iter().zip(&self.lora) {
             let same = |name: &str, want: &[f32]| global.tensors.get(name).is_some_and(|t| t.data() == want);
             let (a, e, b) = stack.global();
-            if !(same(&n.a, a) && same(&n.e, e) && same(&n.b, b)) {
+            let same_e = n.e.as_deref().is_none_or(|name| same(name, e));
+            if !(same(&n.a, a) && same_e && same(&n.b, b)) {
                 return err(format!("finish got a global pool whose LoRA target {:?} differs from begin's", n.target));
             }
         }
@@ -526,9 +589,19 @@ impl Merge for Aggregator {
             return Ok(global.clone());
         }
         // Fallible work first: nothing below the "apply" line may fail.
+        let fair = match (self.spec.kind, self.config.lora_merge) {
+            (AdapterKind::Lora, LoraMerge::Fair { lambda }) => Some(lambda),
+            _ => None,
+        };
         let mut factors = Vec::with_capacity(self.lora.len());
         for (stack, n) in self.round.lora.iter().zip(&self.lora) {
-            let f = stack.refactor().map_err(|e| AggregateError(format!("LoRA target {:?}: {e}", n.target)))?;
+            let f = if fair.is_some() {
+                None // B is refined below, from the merged factor means.
+            } else {
+                let f = stack.refactor().map_err(|e| AggregateError(format!("LoRA target {:?}: {e}", n.target)))?;
+                // Standard LoRA: B diag(E) A split evenly, B = B·√E, A = √E·A.
+                f.map(|f| if n.e.is_none() { f.balanced() } else { f })
+            };
             factors.push(f);
         }
         let combined = combined_deltas(&self.dense, &self.round, self.config.rule)?;
@@ -554,9 +627,28 @@ impl Merge for Aggregator {
         }
         for (f, n) in factors.into_iter().zip(&self.lora) {
             if let Some(f) = f {
-                for (name, data) in [(&n.a, f.a), (&n.e, f.e), (&n.b, f.b)] {
+                let mut parts = vec![(&n.a, f.a), (&n.b, f.b)];
+                if let Some(e) = &n.e {
+                    parts.push((e, f.e));
+                }
+                for (name, data) in parts {
                     if let Some(t) = out.tensors.get_mut(name) {
                         t.data_mut().copy_from_slice(&data);
+                    }
+                }
+            }
+        }
+        if let Some(lambda) = fair {
+            for (stack, n) in self.round.lora.iter().zip(&self.lora) {
+                let (Some(a), Some(b)) = (out.tensors.get(&n.a), out.tensors.get(&n.b)) else {
+                    return err(format!("merged pool lacks the factors of LoRA target {:?}", n.target));
+                };
+                if let Some(refined) = stack.fair_b(a.data(), b.data(), lambda) {
+                    if let Some(t) = out.tensors.get_mut(&n.b) {
+                        t.data_mut().copy_from_slice(&refined);
+                        if !t.all_finite() {
+                            return err(format!("LoRA-FAIR's B of target {:?} is not finite", n.target));
+                        }
                     }
                 }
             }
@@ -622,8 +714,11 @@ fn combined_deltas<'a>(
         let c = match rule {
             Rule::Mean => {
                 let inv = |w: f64| (w > 0.0).then(|| (1.0 / w) as f32);
-                let inv_weight =
-                    if d.pooled { r.slot_weight.iter().map(|&w| inv(w)).collect() } else { vec![inv(r.plain_weight)] };
+                let inv_weight = if d.pooled {
+                    r.slot_weight.iter().map(|&w| inv(w)).collect()
+                } else {
+                    vec![inv(r.plain_weights[i])]
+                };
                 Combined::Sum { sum: &r.sums[i], inv_weight }
             }
             Rule::TrimmedMean { trim_fraction, .. } => {

@@ -212,8 +212,11 @@ fn add_top_k_allowance(spec: &PoolSpec, per_triplet: &mut [f64]) -> f64 {
 }
 
 fn check_lora_spec(spec: &PoolSpec) -> Result<(), BudgetError> {
-    if spec.kind != AdapterKind::Lora {
-        return Err(BudgetError::Spec(format!("rank budgets need a LoRA pool, the spec is {:?}", spec.kind)));
+    if spec.kind != AdapterKind::AdaLora {
+        return Err(BudgetError::Spec(format!(
+            "rank budgets cut AdaLoRA triplets: they need an adalora pool, the spec is {:?}",
+            spec.kind
+        )));
     }
     spec.validate().map_err(|e| BudgetError::Spec(e.to_string()))?;
     if u32::try_from(spec.max_rank).is_err() {
@@ -624,7 +627,7 @@ mod tests {
     #[test]
     fn top_k_allowance_covers_each_value_and_tensor() {
         let t = |name: &str| TargetSpec { name: name.into(), dim_in: 127, dim_out: 0 };
-        let spec = PoolSpec::lora(vec![t("a"), t("b")], 4, 8.0, None);
+        let spec = PoolSpec::adalora(vec![t("a"), t("b")], 4, 8.0, None);
         let mut per = vec![1.0, 2.0];
         let fixed = add_top_k_allowance(&spec, &mut per);
         assert_eq!(per, vec![2.0, 3.0]);

@@ -15,7 +15,7 @@ use fedpool_common::frame::FrameLimits;
 use fedpool_common::{AdapterPool, BackboneFingerprint, PoolSpec, Round, Sha256};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::aggregate::{AggregateConfig, FedAdamConfig, Rule, ServerOpt};
+use crate::aggregate::{AggregateConfig, FedAdamConfig, LoraMerge, Rule, ServerOpt};
 use crate::net::NetSetup;
 use crate::ranks::BudgetSection;
 use crate::round::{Engine, EngineConfig};
@@ -83,6 +83,10 @@ Rounds:
   beta1 = 0.9                    fedadam: first-moment decay. Default 0.9.
   beta2 = 0.99                   fedadam: second-moment decay. Default 0.99.
   tau = 0.001                    fedadam: adaptivity. Default 0.001.
+  lora_merge = \"fedavg\"          standard LoRA (adapter lora): fedavg (A and B averaged, FedIT) |
+                                 exact (the mean product B·A, SVD to rank r: FlexLoRA) |
+                                 fair (LoRA-FAIR: Ā, and the B closest to the mean product). Default fedavg.
+  lora_fair_lambda = 0.01        fair: ridge weight, relative to the mean squared row norm of Ā. Default 0.01.
 
 [budget]                         Per-client LoRA rank budgets (LoRA pools only). Default: none.
   policy = \"importance\"          none | fixed | classes | importance.
@@ -176,6 +180,19 @@ pub struct AggregateSection {
     /// fedadam: adaptivity τ.
     #[serde(default)]
     pub tau: Option<f64>,
+    /// Standard LoRA's factor merge: `fedavg`, `exact` or `fair`.
+    #[serde(default = "default_lora_merge")]
+    pub lora_merge: String,
+    /// LoRA-FAIR's relative ridge weight.
+    #[serde(default = "default_fair_lambda")]
+    pub lora_fair_lambda: f64,
+}
+
+fn default_lora_merge() -> String {
+    "fedavg".into()
+}
+fn default_fair_lambda() -> f64 {
+    0.01
 }
 
 fn default_strategy() -> String {
@@ -199,6 +216,8 @@ impl Default for AggregateSection {
             beta1: None,
             beta2: None,
             tau: None,
+            lora_merge: default_lora_merge(),
+            lora_fair_lambda: default_fair_lambda(),
         }
     }
 }
@@ -232,7 +251,15 @@ impl AggregateSection {
         if adam_fields && self.strategy != "fedadam" {
             return Err(field("aggregate", "server_lr, beta1, beta2 and tau apply to strategy = \"fedadam\" only"));
         }
-        Ok(AggregateConfig { clip_norm: self.clip_norm, rule, server_opt })
+        let lora_merge = match self.lora_merge.as_str() {
+            "fedavg" => LoraMerge::FactorMean,
+            "exact" => LoraMerge::Exact,
+            "fair" => LoraMerge::Fair { lambda: self.lora_fair_lambda },
+            other => {
+                return Err(field("aggregate.lora_merge", format!("{other:?} is not fedavg, exact or fair")));
+            }
+        };
+        Ok(AggregateConfig { clip_norm: self.clip_norm, rule, server_opt, lora_merge })
     }
 }
 

@@ -128,8 +128,11 @@ impl RankPlanner {
         default_compute: Duration,
     ) -> Result<Self, BudgetError> {
         let bad = |field: &str, problem: String| BudgetError::Input { field: field.into(), problem };
-        if spec.kind != AdapterKind::Lora {
-            return Err(bad("budget", "rank budgets need a LoRA pool spec".into()));
+        if spec.kind != AdapterKind::AdaLora {
+            return Err(bad(
+                "budget",
+                format!("rank budgets cut AdaLoRA triplets: they need adapter kind adalora, not {:?}", spec.kind),
+            ));
         }
         let max = spec.max_rank;
         let in_range = |r: usize| (1..=max).contains(&r);

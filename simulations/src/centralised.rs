@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use fedpool_client::train::{self, QueryCache, Silent, TrainConfig};
+use fedpool_client::train::{self, CurvePoint, QueryCache, Silent, TrainConfig};
 use fedpool_common::adapter::AdapterPool;
 use serde::{Deserialize, Serialize};
 
@@ -32,29 +32,49 @@ pub struct CentralisedResult {
     pub steps: u64,
     /// Wall-clock seconds of training and evaluation.
     pub wall_seconds: f64,
+    /// The seed of the initialisation, batch order and dropout.
+    pub init_seed: u64,
+    /// Held-out metrics every `eval_every` steps (empty without it).
+    pub curve: Vec<CurvePoint>,
+}
+
+/// What a centralised run may change of the experiment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CentralisedOptions {
+    /// Seed of the initialisation, batch order and dropout (None: the experiment's seed).
+    pub init_seed: Option<u64>,
+    /// Evaluate every this many steps as well as at the end.
+    pub eval_every: Option<usize>,
 }
 
 /// Trains the experiment's adapter on the union of the clients' training data and evaluates it on
 /// the union of their held-out data.
-pub fn run_centralised(exp: &Experiment, pop: &Population) -> Result<CentralisedResult, SimError> {
+pub fn run_centralised(
+    exp: &Experiment,
+    pop: &Population,
+    options: &CentralisedOptions,
+) -> Result<CentralisedResult, SimError> {
     let t = Instant::now();
     let train_rows: Vec<_> = pop.clients.iter().flat_map(|c| c.train.iter().cloned()).collect();
     let eval_rows: Vec<_> = pop.clients.iter().flat_map(|c| c.eval.iter().cloned()).collect();
     let steps = exp.federation.rounds as usize * exp.clients_per_round() * exp.federation.local_steps as usize;
-    let config = TrainConfig { steps, ..exp.train_config()? };
-    let start = AdapterPool::init(&pop.spec, exp.seed).map_err(|e| SimError::Setup(e.to_string()))?;
+    let seed = options.init_seed.unwrap_or(exp.seed);
+    let config = TrainConfig { steps, seed, eval_every: options.eval_every, ..exp.train_config()? };
+    let start = AdapterPool::init(&pop.spec, seed).map_err(|e| SimError::Setup(e.to_string()))?;
     let mut queries = QueryCache::new(pop.model.config().hidden_size);
-    let data = train::TrainData { train: &train_rows, eval: &[], pad_id: pop.pad_id };
+    let data = train::TrainData { train: &train_rows, eval: &eval_rows, pad_id: pop.pad_id };
     let outcome = train::train(&pop.model, &pop.spec, &start, data, &mut queries, &config, &mut Silent)?;
-    let m = train::evaluate_pool(&pop.model, &pop.spec, &outcome.pool, &eval_rows, &mut queries, &config, pop.pad_id)?;
+    let m = outcome.metrics;
     Ok(CentralisedResult {
         name: format!("{}-centralised", exp.name),
         accuracy: m.accuracy,
         macro_f1: m.macro_f1,
-        loss: m.loss,
-        examples: m.examples as u64,
+        loss: m.eval_loss,
+        examples: m.eval_examples as u64,
         train_examples: train_rows.len() as u64,
         steps: steps as u64,
         wall_seconds: t.elapsed().as_secs_f64(),
+        init_seed: seed,
+        curve: m.curve,
     })
 }

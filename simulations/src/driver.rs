@@ -13,7 +13,10 @@
 //! late and its client listed as a straggler. A selected client that is unavailable in that round
 //! or drops out never answers. Federated evaluation (each client scores the committed global pool
 //! on its held-out examples) takes no simulated time and its bytes are not counted in
-//! `rounds.csv`: it is the researcher's measurement, not part of the training cost.
+//! `rounds.csv`: it is the researcher's measurement, not part of the training cost. So is the
+//! centralised evaluation on the experiment's global test set (`global_test`): each committed
+//! pool, as the server holds it, scored with the clients' own `evaluate_pool` into the round's
+//! `global_*` metrics.
 //!
 //! **Error feedback** works as in the daemon: a client's residual is replaced by the one its
 //! update left only when the engine acknowledges the update. Residuals live on disk between
@@ -27,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use fedpool_client::train::{self, QueryCache, Silent, TrainConfig, TrainError};
+use fedpool_client::train::{self, EvalMetrics, QueryCache, Silent, TrainConfig, TrainError};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta};
 use fedpool_common::checkpoint::CheckpointError;
 use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta};
@@ -155,7 +158,8 @@ struct Sim<'a> {
     codec: CodecConfig,
     limits: DecodeLimits,
     train_config: TrainConfig,
-    committed: BTreeMap<u64, RoundRecord>,
+    /// Committed rounds waiting for their federated evaluation, with their global test score.
+    committed: BTreeMap<u64, (RoundRecord, Option<EvalMetrics>)>,
     round_started: HashMap<u64, Instant>,
     rows: Vec<RoundRow>,
     records: Vec<RoundRecord>,
@@ -309,10 +313,11 @@ impl<'a> Sim<'a> {
                 Action::Drop { client, reason } => tracing::warn!(%client, "dropped by the engine: {reason}"),
                 Action::Commit(commit) => {
                     tracing::debug!(round = commit.round.0, clients = commit.record.clients.len(), "committed");
-                    self.committed.insert(commit.round.0, commit.record);
+                    let global = self.evaluate_global(commit.round, &commit.pool)?;
+                    self.committed.insert(commit.round.0, (commit.record, global));
                 }
                 Action::RecordEval { round, eval } => {
-                    let mut record = self.committed.remove(&round.0).ok_or_else(|| {
+                    let (mut record, global) = self.committed.remove(&round.0).ok_or_else(|| {
                         SimError::Engine(format!("an evaluation of round {round} that was never committed"))
                     })?;
                     let wall = self.round_started.remove(&round.0).map_or(0.0, |t| t.elapsed().as_secs_f64());
@@ -325,6 +330,9 @@ impl<'a> Sim<'a> {
                         bytes_down: record.bytes_down,
                         sim_seconds: record.committed_at_secs,
                         wall_seconds: wall,
+                        global_accuracy: global.as_ref().map(|m| m.accuracy),
+                        global_macro_f1: global.as_ref().map(|m| m.macro_f1),
+                        global_loss: global.as_ref().map(|m| m.loss),
                     };
                     record.eval = Some(eval);
                     self.progress.round_done(&row);
@@ -357,7 +365,7 @@ impl<'a> Sim<'a> {
     fn lockstep_applies(&self) -> bool {
         let spec = &self.pop.spec;
         let pool = spec.kind == AdapterKind::SsfPool && spec.has_keys() && spec.pool_size >= 2;
-        self.exp.mode == Mode::Lockstep && !self.train_config.head_only && (pool || spec.kind == AdapterKind::Lora)
+        self.exp.mode == Mode::Lockstep && !self.train_config.head_only && (pool || spec.kind.is_lora())
     }
 
     /// Trains the clients that got a task at `now` and schedules their updates' arrivals.
@@ -398,6 +406,7 @@ impl<'a> Sim<'a> {
             .map(|(c, _, task)| TrainConfig {
                 steps: task.local_steps.max(1) as usize,
                 seed: self.client_seed(*c) ^ task.round.0.wrapping_mul(ROUND_MIX),
+                lora_train: self.exp.train.lora_variant.factors(task.round.0),
                 ..self.train_config.clone()
             })
             .collect();
@@ -547,6 +556,25 @@ impl<'a> Sim<'a> {
             self.push(now, Event::EvalReport { client, report, wire_bytes });
         }
         Ok(())
+    }
+
+    /// Scores a committed global pool, exactly as the server holds it, on the population's global
+    /// test set (Flower's centralised evaluation) with the function, settings and query cache the
+    /// clients evaluate with; `None` without a global test set. No simulated time, no bytes.
+    fn evaluate_global(&mut self, round: Round, pool: &AdapterPool) -> Result<Option<EvalMetrics>, SimError> {
+        let pop = self.pop;
+        let Some(examples) = pop.global_test.as_deref() else { return Ok(None) };
+        self.progress.phase(round.0, &format!("evaluating on the global test set ({} examples)", examples.len()));
+        let metrics = train::evaluate_pool(
+            &pop.model,
+            &pop.spec,
+            pool,
+            examples,
+            &mut self.queries,
+            &self.train_config,
+            pop.pad_id,
+        )?;
+        Ok(Some(metrics))
     }
 }
 

@@ -95,6 +95,16 @@ pub enum PartitionScheme {
     },
 }
 
+/// The global test set an experiment names (its `global_test`), parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobalTest {
+    /// `"unused:N"`: N examples of the data that no client holds (neither training nor held-out),
+    /// drawn with the experiment's seed after the partition and the per-client subsets.
+    Unused(usize),
+    /// A JSON file holding an array of example ids, resolved against the experiment file's folder.
+    File(PathBuf),
+}
+
 fn default_min_size() -> usize {
     10
 }
@@ -195,6 +205,13 @@ pub struct Experiment {
     /// Each client evaluates on at most this many held-out examples (default: all).
     #[serde(default)]
     pub eval_max_examples: Option<usize>,
+    /// A global test set every committed global pool is also scored on (Flower's "centralised
+    /// evaluation"; default: none): `"unused:N"`, a seeded random N examples of the data that no
+    /// client holds, or a JSON file (relative to the experiment file's folder) holding an array of
+    /// example ids, none of them in a client's training set. Parsed by
+    /// [`Experiment::global_test_set`].
+    #[serde(default)]
+    pub global_test: Option<String>,
     /// Lockstep or sequential training of the selected clients.
     #[serde(default)]
     pub mode: Mode,
@@ -311,6 +328,7 @@ impl Experiment {
         if self.eval_max_examples == Some(0) {
             return Err(self.bad("eval_max_examples", "must be at least 1"));
         }
+        self.global_test_set()?;
         if self.max_rows_per_pass == Some(0) {
             return Err(self.bad("max_rows_per_pass", "must be at least 1"));
         }
@@ -359,6 +377,22 @@ impl Experiment {
         self.aggregate.to_config().map_err(|e| self.bad("aggregate", e.to_string()))?;
         self.network.validate().map_err(|e| self.bad("network", e.to_string()))?;
         Ok(())
+    }
+
+    /// The global test set `global_test` names (`None` without one): `"unused:N"` with a positive
+    /// whole N, or any other non-empty text as a file path taken from the experiment's folder.
+    pub fn global_test_set(&self) -> Result<Option<GlobalTest>, ExperimentError> {
+        let Some(text) = self.global_test.as_deref() else { return Ok(None) };
+        if let Some(count) = text.strip_prefix("unused:") {
+            return match count.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Some(GlobalTest::Unused(n))),
+                _ => Err(self.bad("global_test", format!("{text:?}: \"unused:N\" needs a whole number N ≥ 1"))),
+            };
+        }
+        if text.trim().is_empty() {
+            return Err(self.bad("global_test", "is empty: give \"unused:N\" or a JSON file of example ids"));
+        }
+        Ok(Some(GlobalTest::File(self.base_dir.join(text))))
     }
 
     /// Updates a round wants.
@@ -415,7 +449,11 @@ mod tests {
         assert_eq!(e.partition, PartitionScheme::Groups { groups_per_client: 2 });
         assert_eq!(e.adapter.kind, "ssf-pool");
         let again = Experiment::parse(&e.to_toml().unwrap(), Path::new("."), "again").unwrap();
-        assert_eq!(again, Experiment { origin: "again".into(), ..e });
+        assert_eq!(again, Experiment { origin: "again".into(), ..e.clone() });
+        let with_test = Experiment { global_test: Some("unused:50".into()), ..e };
+        let again = Experiment::parse(&with_test.to_toml().unwrap(), Path::new("."), "again").unwrap();
+        assert_eq!(again.global_test_set().unwrap(), Some(GlobalTest::Unused(50)));
+        assert_eq!(again, Experiment { origin: "again".into(), ..with_test });
     }
 
     #[test]
@@ -434,6 +472,9 @@ mod tests {
         check("[aggregate]\nstrategy = \"median\"", "aggregate");
         check("surprise = 1", "surprise");
         check("test_fraction = 1.5", "test_fraction");
+        check("global_test = \"unused:x\"", "global_test");
+        check("global_test = \"unused:0\"", "global_test");
+        check("global_test = \"\"", "global_test");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use fedpool_sim::centralised::run_centralised;
+use fedpool_sim::centralised::{run_centralised, CentralisedOptions};
 use fedpool_sim::device_check::DeviceCheckPlan;
 use fedpool_sim::driver::{self, Progress, RunOutput};
 use fedpool_sim::experiment::{Experiment, Mode, DEFAULT_EXPERIMENT};
@@ -26,16 +26,25 @@ An experiment file (TOML; `fedpool-sim default-config` prints the default one to
   max_examples_per_client    keep a seeded random subset of each client's examples
   test_fraction              held out per client for federated evaluation (0.2)
   eval_max_examples          held-out examples per client to evaluate on
+  global_test                also score each round's global pool on one test set (rounds.csv global_*):
+                             \"unused:N\" (N seeded random examples no client holds) or a JSON file of
+                             example ids (none in a client's training set)
   mode                       lockstep (one batched pass per step) | sequential
   max_rows_per_pass          rows per lockstep forward/backward (default: one client's batch on a CPU,
                              256 on a GPU)
-  [partition]  scheme = iid | dirichlet (alpha, min_size) | groups (groups_per_client) | file (file)
+  [partition]  scheme = iid | dirichlet (alpha, min_size) | groups (groups_per_client) | file (file:
+               {\"client\": [ids]} split by test_fraction, or {\"client\": {\"train\": [ids], \"test\": [ids]}};
+               every run writes the split it used as split.json, the second form)
   [federation] rounds, clients_per_round, quorum, over_selection, deadline_s, local_steps,
                seconds_per_sample (simulated compute per training example at speed 1)
-  [adapter]    kind = ssf-pool | ssf | lora | linear-probe, pool_size, top_k, rank, alpha, lora_modules
-  [train]      batch_size, lr, head_lr, max_len, lambda_match
+  [adapter]    kind = ssf-pool | ssf | lora (PEFT's B·A) | adalora (SVD form) | linear-probe,
+               pool_size, top_k, rank, alpha, lora_modules, pooling = mean | cls-pooler (HF's head)
+  [train]      batch_size, lr, head_lr, max_len, lambda_match, dropout (default: the model's
+               hidden_dropout_prob), weight_decay (LoRA and its head; 0.01), lora_variant = both |
+               ffa (B only) | rolora (B in odd rounds, A in even ones)
   [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level
-  [aggregate]  strategy = fedavg | trimmed-mean | fedadam, clip_norm, ...
+  [aggregate]  strategy = fedavg | trimmed-mean | fedadam, clip_norm, lora_merge = fedavg (A, B
+               averaged) | exact (FlexLoRA) | fair (LoRA-FAIR), lora_fair_lambda, ...
   [budget]     LoRA rank budgets: policy = none | fixed (rank) | classes (classes) | importance
                (safety_margin, init_rank, target_rank, ...), merge = exact | zero-pad
                (every field: fedpool-server run --help)
@@ -142,6 +151,13 @@ struct CentralisedArgs {
     /// Override the experiment's device.
     #[arg(long)]
     device: Option<String>,
+    /// Seed of the adapter's initialisation, batch order and dropout [default: the experiment's
+    /// seed]; the data and its split stay the experiment's (repeat with several for a spread)
+    #[arg(long)]
+    init_seed: Option<u64>,
+    /// Also evaluate every N steps (a learning curve in centralised.json)
+    #[arg(long, value_name = "N")]
+    eval_every: Option<usize>,
 }
 
 fn main() {
@@ -197,7 +213,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("{}", pop.description);
             let spinner = ProgressBar::new_spinner().with_message("training on the union of the clients' data");
             spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-            let result = run_centralised(&exp, &pop)?;
+            let options = CentralisedOptions { init_seed: args.init_seed, eval_every: args.eval_every };
+            let result = run_centralised(&exp, &pop, &options)?;
             spinner.finish_and_clear();
             std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
             let path = args.out.join("centralised.json");
@@ -295,6 +312,8 @@ fn simulate(exp: &Experiment, dir: &Path) -> anyhow::Result<RunOutput> {
     tracing::info!("{}: loading the backbone and the clients' data", exp.name);
     let pop = Population::load(exp)?;
     tracing::info!("{}", pop.description);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fedpool_sim::partition::to_split_file(&dir.join("split.json"), &pop.split())?;
     let mut bar = RoundBar::new(exp.federation.rounds, &exp.name);
     let out = driver::run(exp, &pop, &mut bar)?;
     bar.bar.finish_and_clear();
@@ -356,18 +375,21 @@ impl Progress for RoundBar {
     }
 }
 
-/// The runs as a markdown table: final accuracy and macro-F1, bytes, simulated and wall time,
-/// missed deadlines.
+/// The runs as a markdown table: final accuracy and macro-F1 (and accuracy on the global test
+/// set, when a run has one), bytes, simulated and wall time, missed deadlines.
 fn table(runs: &[(String, RunOutput)]) -> String {
-    let mut s = String::from(
-        "| run | rounds | accuracy | macro-F1 | MB up | MB down | simulated s | missed deadline | train samples/s |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    let global = runs.iter().any(|(_, out)| out.summary.final_global_accuracy.is_some());
+    let (global_head, global_rule) = if global { (" global acc |", " ---: |") } else { ("", "") };
+    let mut s = format!(
+        "| run | rounds | accuracy | macro-F1 |{global_head} MB up | MB down | simulated s | missed deadline | train samples/s |\n\
+         | --- | ---: | ---: | ---: |{global_rule} ---: | ---: | ---: | ---: | ---: |\n",
     );
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", 100.0 * v));
     for (name, out) in runs {
         let m = &out.summary;
+        let global_cell = if global { format!(" {} |", pct(m.final_global_accuracy)) } else { String::new() };
         s.push_str(&format!(
-            "| {name} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {:.2} |\n",
+            "| {name} | {} | {} | {} |{global_cell} {:.2} | {:.2} | {:.0} | {} | {:.2} |\n",
             m.rounds,
             pct(m.accuracy),
             pct(m.macro_f1),

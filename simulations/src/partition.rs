@@ -47,8 +47,11 @@ pub struct Partition {
 pub struct NamedPartition {
     /// Client names, in the split file's order; `names[c]` names `partition.clients[c]`.
     pub names: Vec<String>,
-    /// The example ids per client.
+    /// The example ids per client (with `tests`: their training ids).
     pub partition: Partition,
+    /// Each client's held-out ids when the split file gives them (`{"train": [...], "test":
+    /// [...]}` per client), sorted; `None`: held-out examples are drawn by `test_fraction`.
+    pub tests: Option<Vec<Vec<u64>>>,
 }
 
 /// Everything that can go wrong while building, reading or writing a partition.
@@ -160,7 +163,8 @@ pub enum PartitionError {
         /// The repeated name.
         name: String,
     },
-    /// Names given for writing a split file do not fit the partition.
+    /// Names given for writing a split file do not fit the partition, or a file mixes the
+    /// plain and the train/test forms.
     #[error("split file {path}: {reason}")]
     BadNames {
         /// The split file.
@@ -474,8 +478,23 @@ fn check_ids(
     Ok(())
 }
 
+/// One client's entry in a split file: its ids, or its training and held-out ids.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+enum SplitEntry {
+    /// The plain form: held-out examples are drawn from these by `test_fraction`.
+    Ids(Vec<u64>),
+    /// The explicit form.
+    TrainTest {
+        /// Training ids.
+        train: Vec<u64>,
+        /// Held-out ids.
+        test: Vec<u64>,
+    },
+}
+
 /// A JSON object read in file order, keeping repeated keys so they can be refused.
-struct OrderedSplit(Vec<(String, Vec<u64>)>);
+struct OrderedSplit(Vec<(String, SplitEntry)>);
 
 impl<'de> Deserialize<'de> for OrderedSplit {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -483,11 +502,13 @@ impl<'de> Deserialize<'de> for OrderedSplit {
         impl<'de> Visitor<'de> for V {
             type Value = OrderedSplit;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object mapping client names to arrays of example ids")
+                f.write_str(
+                    "an object mapping client names to arrays of example ids or to {\"train\": [...], \"test\": [...]}",
+                )
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedSplit, A::Error> {
                 let mut out = Vec::new();
-                while let Some(entry) = map.next_entry::<String, Vec<u64>>()? {
+                while let Some(entry) = map.next_entry::<String, SplitEntry>()? {
                     out.push(entry);
                 }
                 Ok(OrderedSplit(out))
@@ -497,11 +518,13 @@ impl<'de> Deserialize<'de> for OrderedSplit {
     }
 }
 
-/// Reads a split file, a JSON object `{"client-name": [ids...], ...}`, and honours it exactly.
+/// Reads a split file, a JSON object `{"client-name": [ids...], ...}` or `{"client-name":
+/// {"train": [ids...], "test": [ids...]}, ...}` (one form per file), and honours it exactly.
 ///
 /// Clients keep the file's key order (not sorted by name); each client's ids are sorted. Items
 /// the file does not mention belong to no client. Errors name the file, client and id: an id
-/// that is not among `items`, an id held twice, a client named twice, or malformed JSON.
+/// that is not among `items`, an id held twice (in two clients, or in a client's training and
+/// held-out lists), a client named twice, mixed forms, or malformed JSON.
 pub fn from_split_file(path: &Path, items: &[Item]) -> Result<NamedPartition, PartitionError> {
     let bytes = std::fs::read(path).map_err(|source| PartitionError::Io { path: path.into(), source })?;
     let OrderedSplit(entries) =
@@ -512,10 +535,39 @@ pub fn from_split_file(path: &Path, items: &[Item]) -> Result<NamedPartition, Pa
             return Err(PartitionError::DuplicateClient { path: path.into(), name: name.clone() });
         }
     }
-    let (names, clients): (Vec<String>, Vec<Vec<u64>>) = entries.into_iter().unzip();
+    let explicit = entries.iter().filter(|(_, e)| matches!(e, SplitEntry::TrainTest { .. })).count();
+    if explicit != 0 && explicit != entries.len() {
+        return Err(PartitionError::BadNames {
+            path: path.into(),
+            reason: format!(
+                "{explicit} of {} clients give {{\"train\", \"test\"}} and the others a plain list: use one form",
+                entries.len()
+            ),
+        });
+    }
+    let (mut names, mut clients, mut tests) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, entry) in entries {
+        names.push(name);
+        match entry {
+            SplitEntry::Ids(ids) => clients.push(ids),
+            SplitEntry::TrainTest { train, test } => {
+                clients.push(train);
+                tests.push(test);
+            }
+        }
+    }
     let known: HashSet<u64> = items.iter().map(|it| it.id).collect();
-    check_ids(&clients, &names, &known, &format!("split file {}", path.display()))?;
-    Ok(NamedPartition { names, partition: Partition::from_unsorted(clients) })
+    let context = format!("split file {}", path.display());
+    if explicit == 0 {
+        check_ids(&clients, &names, &known, &context)?;
+        return Ok(NamedPartition { names, partition: Partition::from_unsorted(clients), tests: None });
+    }
+    let all: Vec<Vec<u64>> = clients.iter().chain(&tests).cloned().collect();
+    let all_names: Vec<String> =
+        names.iter().map(|n| format!("{n} (train)")).chain(names.iter().map(|n| format!("{n} (test)"))).collect();
+    check_ids(&all, &all_names, &known, &context)?;
+    let tests = Partition::from_unsorted(tests).clients;
+    Ok(NamedPartition { names, partition: Partition::from_unsorted(clients), tests: Some(tests) })
 }
 
 /// Default client names for `n` clients: `client-000`, `client-001`, … (zero-padded to at least
@@ -542,9 +594,23 @@ pub fn to_split_file(path: &Path, split: &NamedPartition) -> Result<(), Partitio
             return Err(PartitionError::DuplicateClient { path: path.into(), name: name.clone() });
         }
     }
+    let entries: Vec<SplitEntry> = match &split.tests {
+        None => clients.iter().map(|ids| SplitEntry::Ids(ids.clone())).collect(),
+        Some(tests) if tests.len() == clients.len() => clients
+            .iter()
+            .zip(tests)
+            .map(|(train, test)| SplitEntry::TrainTest { train: train.clone(), test: test.clone() })
+            .collect(),
+        Some(tests) => {
+            return Err(PartitionError::BadNames {
+                path: path.into(),
+                reason: format!("{} held-out lists for {} clients", tests.len(), clients.len()),
+            })
+        }
+    };
     let mut bytes = Vec::new();
     let mut ser = serde_json::Serializer::pretty(&mut bytes);
-    serde::Serializer::collect_map(&mut ser, split.names.iter().zip(clients))
+    serde::Serializer::collect_map(&mut ser, split.names.iter().zip(&entries))
         .map_err(|source| PartitionError::Json { path: path.into(), source })?;
     bytes.push(b'\n');
     fedpool_common::checkpoint::atomic_write(path, &bytes)

@@ -2,6 +2,9 @@
 //! round), `summary.json` (a [`Summary`]) and charts of accuracy against rounds and bytes, and of
 //! simulated time per round ([`plot_runs`]).
 //!
+//! `rounds.csv`'s last three columns are the round's score on the experiment's global test set
+//! (`global_test`; empty without one); a file written before they existed (8 columns) still reads.
+//!
 //! Numbers are written in a fixed format — accuracy, macro-F1 and loss with 6 decimals, seconds with
 //! 3 — so that the same rows always give the same bytes, and reading a file back gives exactly the
 //! numbers that were written.
@@ -19,9 +22,25 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// The exact header of `rounds.csv` (DESIGN.md, "The command line").
-pub const ROUNDS_CSV_HEADER: [&str; 8] =
-    ["round", "accuracy", "macro_f1", "loss", "bytes_up", "bytes_down", "sim_seconds", "wall_seconds"];
+/// The exact header of `rounds.csv`: DESIGN.md's ("The command line"), then the global test set's
+/// metrics.
+pub const ROUNDS_CSV_HEADER: [&str; 11] = [
+    "round",
+    "accuracy",
+    "macro_f1",
+    "loss",
+    "bytes_up",
+    "bytes_down",
+    "sim_seconds",
+    "wall_seconds",
+    "global_accuracy",
+    "global_macro_f1",
+    "global_loss",
+];
+
+/// Columns of a `rounds.csv` written before the global test set's: the first 8 of
+/// [`ROUNDS_CSV_HEADER`].
+const OLD_ROUNDS_CSV_COLUMNS: usize = 8;
 
 /// Decimals written for accuracy, macro-F1 and loss.
 const METRIC_DECIMALS: usize = 6;
@@ -55,8 +74,13 @@ pub enum ReportError {
         #[source]
         source: csv::Error,
     },
-    /// `rounds.csv` does not start with [`ROUNDS_CSV_HEADER`].
-    #[error("{}: header is {found:?}, expected {:?}", path.display(), ROUNDS_CSV_HEADER.join(","))]
+    /// `rounds.csv`'s header is neither [`ROUNDS_CSV_HEADER`] nor its first 8 columns (a file
+    /// written before the global test set's columns).
+    #[error(
+        "{}: header is {found:?}, expected {:?} (or its first {OLD_ROUNDS_CSV_COLUMNS} columns, as written before the global test set's)",
+        path.display(),
+        ROUNDS_CSV_HEADER.join(",")
+    )]
     Header {
         /// The CSV file.
         path: PathBuf,
@@ -127,6 +151,13 @@ pub struct RoundRow {
     pub sim_seconds: f64,
     /// Wall-clock seconds the simulator spent on this round.
     pub wall_seconds: f64,
+    /// Accuracy of the round's committed global pool on the global test set, if the experiment
+    /// has one and the round was evaluated.
+    pub global_accuracy: Option<f64>,
+    /// Macro-F1 on the global test set, as [`RoundRow::global_accuracy`].
+    pub global_macro_f1: Option<f64>,
+    /// Mean loss on the global test set, as [`RoundRow::global_accuracy`].
+    pub global_loss: Option<f64>,
 }
 
 /// Formats an optional metric with [`METRIC_DECIMALS`]; `None` is the empty field.
@@ -158,6 +189,9 @@ pub fn write_rounds_csv(path: &Path, rows: &[RoundRow]) -> Result<(), ReportErro
                 row.bytes_down.to_string(),
                 seconds_field(row.sim_seconds),
                 seconds_field(row.wall_seconds),
+                metric_field(row.global_accuracy),
+                metric_field(row.global_macro_f1),
+                metric_field(row.global_loss),
             ])
             .map_err(csv_error)?;
     }
@@ -167,14 +201,16 @@ pub fn write_rounds_csv(path: &Path, rows: &[RoundRow]) -> Result<(), ReportErro
 }
 
 /// Reads a `rounds.csv` written by [`write_rounds_csv`]. The header must be exactly
-/// [`ROUNDS_CSV_HEADER`]; an empty field in `accuracy`, `macro_f1` or `loss` reads as `None`, in any
-/// other column it is an error.
+/// [`ROUNDS_CSV_HEADER`], or its first 8 columns (a file written before the global test set's
+/// columns: those read as `None`); an empty field in a metric column (`accuracy`, `macro_f1`,
+/// `loss`, `global_*`) reads as `None`, in any other column it is an error.
 pub fn read_rounds_csv(path: &Path) -> Result<Vec<RoundRow>, ReportError> {
     let bytes = std::fs::read(path).map_err(|source| ReportError::Io { path: path.to_path_buf(), source })?;
     let csv_error = |source| ReportError::Csv { path: path.to_path_buf(), source };
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes.as_slice());
     let header = reader.headers().map_err(csv_error)?;
-    if header.iter().ne(ROUNDS_CSV_HEADER) {
+    let with_global = header.iter().eq(ROUNDS_CSV_HEADER);
+    if !with_global && header.iter().ne(ROUNDS_CSV_HEADER[..OLD_ROUNDS_CSV_COLUMNS].iter().copied()) {
         return Err(ReportError::Header {
             path: path.to_path_buf(),
             found: header.iter().collect::<Vec<_>>().join(","),
@@ -198,6 +234,7 @@ pub fn read_rounds_csv(path: &Path) -> Result<Vec<RoundRow>, ReportError> {
             "" => Ok(None),
             text => text.parse::<f64>().map(Some).map_err(|_| bad(column, "a number or empty")),
         };
+        let global = |column| if with_global { optional(column) } else { Ok(None) };
         rows.push(RoundRow {
             round: integer(0)?,
             accuracy: optional(1)?,
@@ -207,6 +244,9 @@ pub fn read_rounds_csv(path: &Path) -> Result<Vec<RoundRow>, ReportError> {
             bytes_down: integer(5)?,
             sim_seconds: number(6)?,
             wall_seconds: number(7)?,
+            global_accuracy: global(8)?,
+            global_macro_f1: global(9)?,
+            global_loss: global(10)?,
         });
     }
     Ok(rows)
@@ -237,12 +277,17 @@ pub struct Summary {
     pub best_accuracy: Option<f64>,
     /// Updates that arrived after their round's deadline, all rounds together.
     pub missed_deadline: u64,
+    /// Accuracy on the global test set after the last round (`null` without a global test set, or
+    /// if the last round was not evaluated; absent from files written before it existed).
+    #[serde(default)]
+    pub final_global_accuracy: Option<f64>,
 }
 
 impl Summary {
     /// Summarises the rows of one run: accuracy and macro-F1 of the last row, bytes and wall-clock
     /// seconds summed, `rounds` = number of rows, `sim_seconds` = the last row's (it is cumulative),
-    /// `best_accuracy` = the largest accuracy of any row. No rows give zeros and `None`s.
+    /// `best_accuracy` = the largest accuracy of any row, `final_global_accuracy` = the last row's
+    /// global test accuracy. No rows give zeros and `None`s.
     pub fn from_rows(name: &str, rows: &[RoundRow], examples: u64, missed_deadline: u64) -> Summary {
         let last = rows.last();
         Summary {
@@ -257,6 +302,7 @@ impl Summary {
             sim_seconds: last.map_or(0.0, |r| r.sim_seconds),
             best_accuracy: rows.iter().filter_map(|r| r.accuracy).reduce(f64::max),
             missed_deadline,
+            final_global_accuracy: last.and_then(|r| r.global_accuracy),
         }
     }
 }

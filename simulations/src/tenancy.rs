@@ -9,9 +9,11 @@
 //! out without changing the others. The result equals training each client alone with
 //! [`fedpool_client::train::train`] (the equivalence test in `tests/tenancy.rs`).
 //!
-//! LoRA (AdaLoRA's SVD form) runs the same way: each factor is stacked with a leading client axis
-//! `[K, ...]`, each row gathers its client's P, λ, Q and head (per-row factors in the model's
-//! hooks, batched matmuls), and each client's loss adds its own orthogonality term.
+//! LoRA (both forms) runs the same way: each factor is stacked with a leading client axis
+//! `[K, ...]`, each row gathers its client's B, A (and AdaLoRA's λ) and head (per-row factors in
+//! the model's hooks, batched matmuls), and each AdaLoRA client's loss adds its own orthogonality
+//! term. Dropout masks are keyed by each client's seed, step and example
+//! ([`fedpool_client::model::Dropout`]), so a row drops what it would drop trained alone.
 //!
 //! Memory: the backbone once; per client its adapters and two AdamW moments. AdaLoRA's importance
 //! scores are not tracked in lockstep (they do not change the adapters).
@@ -21,9 +23,11 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor, Var};
 use fedpool_client::model::BertEncoder;
+use fedpool_client::model::Dropout;
 use fedpool_client::select::SlotCounter;
 use fedpool_client::train::{
-    forward_masked, Batch, BatchOrder, Encoded, QueryCache, TrainConfig, TrainError, TrainableParams,
+    dropout_probability, forward_masked, head_features, weight_decays, Batch, BatchOrder, Encoded, QueryCache,
+    TrainConfig, TrainError, TrainableParams,
 };
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta, PoolSpec, SlotUsage};
 use fedpool_common::tensor::HostTensor;
@@ -77,10 +81,10 @@ pub struct ClientOutcome {
     pub correct: usize,
 }
 
-/// AdamW (decoupled weight decay 0, as the trainer uses) over tensors whose leading axis is made
-/// of per-client blocks of rows: moments per element, step count and learning rate per client,
-/// and only the rows of the clients active in a step move. Its update is candle's `AdamW`
-/// formula, element by element.
+/// AdamW over tensors whose leading axis is made of per-client blocks of rows: moments per
+/// element, step count and learning rate per client, and only the rows of the clients active in
+/// a step move. Its update is candle's `AdamW` formula (decoupled weight decay, as the trainer
+/// uses: [`fedpool_client::train::weight_decays`]), element by element.
 #[derive(Debug)]
 pub struct MaskedAdamW {
     vars: Vec<(Var, Tensor, Tensor, bool)>,
@@ -89,12 +93,20 @@ pub struct MaskedAdamW {
     beta1: f64,
     beta2: f64,
     eps: f64,
+    /// Weight decay of (adapter, head) tensors.
+    decays: (f64, f64),
 }
 
 impl MaskedAdamW {
     /// An optimizer for `vars` (leading axis `clients × rows_per_client`); `is_head[i]` says
-    /// whether var i learns at the head's rate. β and ε are candle's `ParamsAdamW` defaults.
-    pub fn new(vars: Vec<(Var, bool)>, clients: usize, rows_per_client: usize) -> Result<Self, TenancyError> {
+    /// whether var i learns at the head's rate and decays by `decays.1` (else `decays.0`). β and
+    /// ε are candle's `ParamsAdamW` defaults.
+    pub fn new(
+        vars: Vec<(Var, bool)>,
+        clients: usize,
+        rows_per_client: usize,
+        decays: (f64, f64),
+    ) -> Result<Self, TenancyError> {
         let mut out = Vec::new();
         for (v, head) in vars {
             let zeros = v.as_tensor().zeros_like()?;
@@ -107,7 +119,15 @@ impl MaskedAdamW {
             out.push((v, zeros.clone(), zeros, head));
         }
         let d = candle_nn::ParamsAdamW::default();
-        Ok(Self { vars: out, rows_per_client, steps: vec![0; clients], beta1: d.beta1, beta2: d.beta2, eps: d.eps })
+        Ok(Self {
+            vars: out,
+            rows_per_client,
+            steps: vec![0; clients],
+            beta1: d.beta1,
+            beta2: d.beta2,
+            eps: d.eps,
+            decays,
+        })
     }
 
     /// One step for the clients in `active` (by index), each at its own learning rates
@@ -138,6 +158,10 @@ impl MaskedAdamW {
             let device = var.device().clone();
             let column = |values: &[f32]| Tensor::from_slice(values, col.as_slice(), &device);
             let lr = per_row(&|c| if *head { lrs[c].1 } else { lrs[c].0 });
+            let decay = if *head { self.decays.1 } else { self.decays.0 };
+            // candle's θ·(1 − lr·λ) for an active row, θ·1 for the others.
+            let shrink =
+                per_row(&|c| if active[c] { 1.0 - (if *head { lrs[c].1 } else { lrs[c].0 }) * decay } else { 1.0 });
             let (mask_t, keep_t) = (column(&mask)?, column(&mask.iter().map(|x| 1.0 - x).collect::<Vec<_>>())?);
             let next_m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let next_v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
@@ -145,7 +169,9 @@ impl MaskedAdamW {
             let v_hat = next_v.broadcast_mul(&column(&scale_v)?)?;
             let adjusted = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
             let step = adjusted.broadcast_mul(&column(&lr)?)?.broadcast_mul(&mask_t)?;
-            var.set(&(var.as_tensor() - step)?)?;
+            let theta =
+                if decay > 0.0 { var.as_tensor().broadcast_mul(&column(&shrink)?)? } else { var.as_tensor().clone() };
+            var.set(&(theta - step)?)?;
             *m = (next_m.broadcast_mul(&mask_t)? + m.broadcast_mul(&keep_t)?)?;
             *v = (next_v.broadcast_mul(&mask_t)? + v.broadcast_mul(&keep_t)?)?;
         }
@@ -206,7 +232,7 @@ pub fn train_lockstep(
     if clients.is_empty() {
         return Ok(Vec::new());
     }
-    if spec.kind == AdapterKind::Lora {
+    if spec.kind.is_lora() {
         return train_lockstep_lora(model, spec, clients, pad_id);
     }
     if !spec.has_keys() || spec.pool_size < 2 {
@@ -217,7 +243,7 @@ pub fn train_lockstep(
     let k = clients.len();
     let p = spec.pool_size;
     let device = model.device().clone();
-    check_clients(spec, clients)?;
+    let (dropout, decays) = check_clients(model, spec, clients)?;
 
     // The stacked pool: every tensor's slot axis concatenated over clients.
     let stacked_spec = PoolSpec { pool_size: k * p, ..spec.clone() };
@@ -230,7 +256,7 @@ pub fn train_lockstep(
     let (adapter_vars, head_vars) = params.trainable_vars_by_group();
     let vars: Vec<(Var, bool)> =
         adapter_vars.into_iter().map(|v| (v, false)).chain(head_vars.into_iter().map(|v| (v, true))).collect();
-    let mut optimizer = MaskedAdamW::new(vars, k, p)?;
+    let mut optimizer = MaskedAdamW::new(vars, k, p, decays)?;
 
     // Examples re-identified per client, batch orders as the solo trainer makes them.
     let rows: Vec<Vec<Encoded>> = clients
@@ -251,10 +277,12 @@ pub fn train_lockstep(
         let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
         let mut batch_rows: Vec<&Encoded> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
+        let mut row_keys = Vec::new();
         for c in (0..k).filter(|&c| active[c]) {
             for i in orders[c].next_batch() {
                 batch_rows.push(&rows[c][i]);
                 owner.push(c);
+                row_keys.push(Dropout::row_key(clients[c].config.seed, step, clients[c].train[i].id));
             }
         }
         let batch = Batch::pad(&batch_rows, pad_id, &device)?;
@@ -271,7 +299,7 @@ pub fn train_lockstep(
         }
         let bias = Tensor::from_vec(bias, (owner.len(), k * p), &device)?;
         let weights = Tensor::from_vec(weights, owner.len(), &device)?;
-        let adapters = params.tracked(&stacked_spec, false);
+        let adapters = params.tracked(&stacked_spec, false).with_dropout(Dropout { p: dropout, row_keys });
         let out = forward_masked(model, &adapters, &batch, Some(&q), lambda, Some(&bias))?;
         let total = (&out.loss_per_example * &weights)?.sum_all()?;
         let per_row: Vec<f32> = out.loss_per_example.to_dtype(DType::F32)?.to_vec1()?;
@@ -322,13 +350,26 @@ fn outcome(
     if let Some(u) = usage {
         delta = delta.restrict_to_slots(u).map_err(TrainError::from)?;
     }
+    vc.config.lora_train.drop_frozen(&mut delta);
     let steps = vc.config.steps;
     Ok(ClientOutcome { pool, delta, train_loss: loss_sum / steps.max(1) as f64, steps, samples, correct })
 }
 
-/// Checks what every lockstep run needs of its clients.
-fn check_clients(spec: &PoolSpec, clients: &[VirtualClient<'_>]) -> Result<(), TenancyError> {
+/// Checks what every lockstep run needs of its clients; returns the dropout probability and the
+/// (adapter, head) weight decays they share.
+fn check_clients(
+    model: &BertEncoder,
+    spec: &PoolSpec,
+    clients: &[VirtualClient<'_>],
+) -> Result<(f64, (f64, f64)), TenancyError> {
+    let first = &clients[0].config;
+    let shared = (dropout_probability(model, first)?, weight_decays(spec, first)?);
     for (c, vc) in clients.iter().enumerate() {
+        if (dropout_probability(model, &vc.config)?, weight_decays(spec, &vc.config)?) != shared {
+            return Err(TenancyError::Unsupported(format!(
+                "client {c}'s dropout or weight decay differs from client 0's: lockstep clients share them"
+            )));
+        }
         vc.start.validate(spec).map_err(TrainError::from)?;
         if vc.train.is_empty() || vc.config.batch_size == 0 {
             return Err(TenancyError::Unsupported(format!("client {c} has no training examples or batch size 0")));
@@ -337,7 +378,7 @@ fn check_clients(spec: &PoolSpec, clients: &[VirtualClient<'_>]) -> Result<(), T
             return Err(TenancyError::Unsupported("all clients must share λ and train adapters, not a probe".into()));
         }
     }
-    Ok(())
+    Ok(shared)
 }
 
 /// The learning rates `(adapters, head)` of every client at `step`.
@@ -364,7 +405,7 @@ fn train_lockstep_lora(
     use fedpool_client::train::{orthogonality, AdapterTensors};
     use std::collections::BTreeMap;
 
-    check_clients(spec, clients)?;
+    let (dropout, decays) = check_clients(model, spec, clients)?;
     let k = clients.len();
     let device = model.device().clone();
     let head = spec.head.ok_or_else(|| TenancyError::Unsupported("the LoRA spec has no head".into()))?;
@@ -382,8 +423,14 @@ fn train_lockstep_lora(
             .collect::<Result<_, TenancyError>>()?;
         stacked.insert(name.clone(), Var::from_tensor(&Tensor::cat(&parts, 0)?)?);
     }
-    let vars: Vec<(Var, bool)> = stacked.iter().map(|(n, v)| (v.clone(), is_head(n))).collect();
-    let mut optimizer = MaskedAdamW::new(vars, k, 1)?;
+    // Frozen factors (FFA-LoRA, RoLoRA) never reach the optimizer; the clients of a pass share them.
+    let lora_train = clients[0].config.lora_train;
+    if clients.iter().any(|vc| vc.config.lora_train != lora_train) {
+        return Err(TenancyError::Unsupported("lockstep clients train the same LoRA factors".into()));
+    }
+    let vars: Vec<(Var, bool)> =
+        stacked.iter().filter(|(n, _)| !lora_train.freezes(n)).map(|(n, v)| (v.clone(), is_head(n))).collect();
+    let mut optimizer = MaskedAdamW::new(vars, k, 1, decays)?;
     let mut orders: Vec<BatchOrder> =
         clients.iter().map(|vc| BatchOrder::new(vc.train.len(), vc.config.batch_size, vc.config.seed)).collect();
     let max_steps = clients.iter().map(|vc| vc.config.steps).max().unwrap_or(0);
@@ -396,10 +443,12 @@ fn train_lockstep_lora(
         // Every client still stepping takes part in this step's pass.
         let active: Vec<bool> = clients.iter().map(|vc| step < vc.config.steps).collect();
         let (mut batch_rows, mut owner): (Vec<&Encoded>, Vec<u32>) = (Vec::new(), Vec::new());
+        let mut row_keys = Vec::new();
         for c in (0..k).filter(|&c| active[c]) {
             for i in orders[c].next_batch() {
                 batch_rows.push(&clients[c].train[i]);
                 owner.push(c as u32);
+                row_keys.push(Dropout::row_key(clients[c].config.seed, step, clients[c].train[i].id));
             }
         }
         let batch = Batch::pad(&batch_rows, pad_id, &device)?;
@@ -417,13 +466,22 @@ fn train_lockstep_lora(
             })
         };
         let mut hooks = Hooks::new();
+        hooks.set_dropout(Dropout { p: dropout, row_keys });
+        // Standard LoRA is B·A: a constant λ = 1 (per row when the factors are).
+        let ones = match only {
+            Some(_) => Tensor::ones(spec.max_rank, DType::F32, &device)?,
+            None => Tensor::ones((owner.len(), spec.max_rank), DType::F32, &device)?,
+        };
         for t in &spec.targets {
             let q = rows(&format!("{}.lora_A.weight", t.name))?;
-            let lambda = rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?;
+            let lambda = match spec.kind {
+                AdapterKind::AdaLora => rows(&format!("{}.lora_E.weight", t.name))?.squeeze(D::Minus1)?,
+                _ => ones.clone(),
+            };
             let p = rows(&format!("{}.lora_B.weight", t.name))?;
             hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));
         }
-        let features = model.pooled(&batch.ids, &batch.mask, &hooks).map_err(TrainError::from)?;
+        let features = head_features(model, spec, &batch, &hooks)?;
         let w = rows(fedpool_common::adapter::HEAD_WEIGHT)?; // [B, L, d], or [L, d] shared
         let b = rows(fedpool_common::adapter::HEAD_BIAS)?; // [B, L], or [L] shared
         let logits = match only {
@@ -440,7 +498,7 @@ fn train_lockstep_lora(
         let mut orth_values = vec![0.0f64; k];
         for c in (0..k).filter(|&c| active[c]) {
             let weight = clients[c].config.orth_reg_weight;
-            if weight > 0.0 {
+            if weight > 0.0 && spec.kind == AdapterKind::AdaLora {
                 let own: BTreeMap<String, Tensor> = stacked
                     .iter()
                     .map(|(n, v)| Ok((n.clone(), v.as_tensor().narrow(0, c, 1)?.squeeze(0)?)))

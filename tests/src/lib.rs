@@ -45,6 +45,7 @@ impl Federation {
             rank: 4,
             alpha: 8.0,
             lora_modules: vec!["attention.self.query".into(), "attention.self.value".into()],
+            pooling: fedpool_common::Pooling::Mean,
         };
         Self::with_options(clients, model_config, &options)
     }
@@ -131,8 +132,9 @@ idle_timeout = "5s"
     /// `declared_upload_bps = 1000`).
     pub fn write_client_config_with(&self, name: &str, model: &str, codec: &str, top: &str) -> PathBuf {
         let adapter = match self.spec.kind {
-            fedpool_common::AdapterKind::Lora => {
-                format!("kind = \"lora\"\nrank = {}\nalpha = {}", self.spec.max_rank, self.spec.lora_alpha)
+            kind @ (fedpool_common::AdapterKind::Lora | fedpool_common::AdapterKind::AdaLora) => {
+                let name = if kind == fedpool_common::AdapterKind::Lora { "lora" } else { "adalora" };
+                format!("kind = \"{name}\"\nrank = {}\nalpha = {}", self.spec.max_rank, self.spec.lora_alpha)
             }
             _ => format!("kind = \"ssf-pool\"\npool_size = {}\ntop_k = {}", self.spec.pool_size, self.spec.top_k),
         };

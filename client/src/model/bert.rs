@@ -1,8 +1,9 @@
 //! A BERT encoder (all-MiniLM-L6-v2 and friends) loaded from HF weights, with adapter hooks.
 //!
-//! Same tensor names and structure as HF `BertModel` (and candle-transformers' `bert.rs`), minus
-//! the pooler: sentence embeddings are the masked mean of the last hidden state, as in
-//! sentence-transformers.
+//! Same tensor names and structure as HF `BertModel` (and candle-transformers' `bert.rs`). Two
+//! sentence features: the masked mean of the last hidden state (sentence-transformers), or HF's
+//! pooler `tanh(dense(h_[CLS]))` when the checkpoint has one (what `BertForSequenceClassification`
+//! feeds its classifier). Training passes may carry [`Dropout`](super::Dropout) at HF's sites.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,11 @@ use candle_core::{DType, Device, Tensor, D};
 use fedpool_kernels::attention::AttentionShape;
 use serde::{Deserialize, Serialize};
 
+use super::dropout::DropoutSite;
 use super::hooks::{Hooks, LinearTarget, SsfPoint};
+
+/// No adapters: the pooler is frozen and never adapted.
+static NO_HOOKS: std::sync::LazyLock<Hooks> = std::sync::LazyLock::new(Hooks::new);
 use super::weights::Weights;
 use super::{ModelError, Result};
 
@@ -34,6 +39,11 @@ pub enum PositionEmbeddingType {
 
 fn default_layer_norm_eps() -> f64 {
     1e-12
+}
+
+/// HF `BertConfig`'s default dropout probabilities.
+fn default_dropout() -> f64 {
+    0.1
 }
 
 /// The fields of HF `config.json` that a BERT encoder needs; other fields are ignored.
@@ -61,6 +71,13 @@ pub struct BertConfig {
     /// Must be `"absolute"` when present.
     #[serde(default)]
     pub position_embedding_type: PositionEmbeddingType,
+    /// Dropout on hidden states while training (HF's default 0.1 when absent).
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities in HF (0.1 when absent). fedpool's fused attention
+    /// has none: read, reported, not applied (README, "PEFT equivalence").
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
 }
 
 impl BertConfig {
@@ -77,6 +94,8 @@ impl BertConfig {
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             position_embedding_type: PositionEmbeddingType::Absolute,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
         }
     }
 
@@ -106,6 +125,14 @@ impl BertConfig {
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(format!("{name} {p} must be in [0, 1)"));
+            }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(format!(
@@ -177,6 +204,10 @@ impl BertConfig {
                 shapes.push((format!("{}.bias", point.name), vec![point.dim]));
             }
         }
+        // Optional when loading (sentence-transformers checkpoints may lack it); last, so the
+        // random models' other values do not depend on it.
+        shapes.push(("pooler.dense.weight".into(), vec![h, h]));
+        shapes.push(("pooler.dense.bias".into(), vec![h]));
         shapes
     }
 }
@@ -219,6 +250,14 @@ struct Pass<'a> {
 impl Pass<'_> {
     fn fused(&self) -> bool {
         self.kernels == Kernels::Fused
+    }
+
+    /// `x` with the pass's dropout (if any) at `site`.
+    fn dropout(&self, x: Tensor, site: DropoutSite) -> Result<Tensor> {
+        match self.hooks.dropout() {
+            Some(d) if !d.is_off() => d.apply(&x, site, self.packed()),
+            _ => Ok(x),
+        }
     }
 
     /// The batch-row offsets of packed tokens.
@@ -376,14 +415,14 @@ impl Embeddings {
             let position = self.position.index_select(&Tensor::from_vec(positions, n, device)?, 0)?;
             let token_type = self.token_type.narrow(0, 0, 1)?;
             let x = words.broadcast_add(&token_type)?.add(&position)?;
-            return self.layer_norm.forward(&x, pass);
+            return pass.dropout(self.layer_norm.forward(&x, pass)?, DropoutSite::Embeddings);
         }
         let (b, t) = ids.dims2()?;
         let words = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         let token_type = self.token_type.narrow(0, 0, 1)?;
         let position = self.position.narrow(0, 0, t)?;
         let x = words.broadcast_add(&token_type)?.broadcast_add(&position)?;
-        self.layer_norm.forward(&x, pass)
+        pass.dropout(self.layer_norm.forward(&x, pass)?, DropoutSite::Embeddings)
     }
 }
 
@@ -444,6 +483,7 @@ impl SelfAttention {
 /// One encoder layer: attention block and feed-forward block, each with residual + LayerNorm.
 #[derive(Clone)]
 struct Layer {
+    index: usize,
     attention: SelfAttention,
     attention_output: Linear,
     attention_norm: LayerNorm,
@@ -453,10 +493,11 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(w: &Weights, cfg: &BertConfig) -> Result<Self> {
+    fn load(w: &Weights, cfg: &BertConfig, index: usize) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let attention = w.pp("attention");
         Ok(Self {
+            index,
             attention: SelfAttention::load(&attention.pp("self"), cfg)?,
             attention_output: Linear::load(&attention.pp("output").pp("dense"), h, h)?,
             attention_norm: LayerNorm::load(&attention.pp("output").pp("LayerNorm"), h, eps)?,
@@ -469,9 +510,10 @@ impl Layer {
     fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let context = self.attention.forward(x, pass)?;
         let attended = self.attention_output.forward(&context, pass)?;
+        let attended = pass.dropout(attended, DropoutSite::AttentionOutput(self.index))?;
         let x = self.attention_norm.forward(&(attended + x)?, pass)?;
         let inner = self.intermediate.forward_gelu(&x, pass)?;
-        let out = self.output.forward(&inner, pass)?;
+        let out = pass.dropout(self.output.forward(&inner, pass)?, DropoutSite::FeedForwardOutput(self.index))?;
         self.output_norm.forward(&(out + x)?, pass)
     }
 
@@ -497,6 +539,8 @@ pub struct BertEncoder {
     config: BertConfig,
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    /// HF's pooler (`pooler.dense`), when the checkpoint has one.
+    pooler: Option<Linear>,
     ssf_dims: BTreeMap<String, usize>,
     lora_dims: BTreeMap<String, (usize, usize)>,
     device: Device,
@@ -520,14 +564,21 @@ impl BertEncoder {
         let w = Weights::open(weights, device, "embeddings.word_embeddings.weight", "bert")?;
         let embeddings = Embeddings::load(&w.pp("embeddings"), &config)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(&w.pp("encoder").pp("layer").pp(i), &config))
+            .map(|i| Layer::load(&w.pp("encoder").pp("layer").pp(i), &config, i))
             .collect::<Result<Vec<_>>>()?;
+        let pooler_weights = w.pp("pooler").pp("dense");
+        let pooler = if pooler_weights.contains("weight") {
+            Some(Linear::load(&pooler_weights, config.hidden_size, config.hidden_size)?)
+        } else {
+            None
+        };
         let ssf_dims = config.ssf_points().into_iter().map(|p| (p.name, p.dim)).collect();
         let lora_dims = config.lora_targets().into_iter().map(|t| (t.name, (t.d_in, t.d_out))).collect();
         Ok(Self {
             config,
             embeddings,
             layers,
+            pooler,
             ssf_dims,
             lora_dims,
             device: device.clone(),
@@ -590,6 +641,31 @@ impl BertEncoder {
             averaging[row * n + w[0]..row * n + w[1]].iter_mut().for_each(|a| *a = share);
         }
         Ok(Tensor::from_vec(averaging, (b, n), x.device())?.matmul(&x)?)
+    }
+
+    /// True when the checkpoint has HF's pooler ([`pooled_cls`](Self::pooled_cls) works).
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// HF `BertPooler`'s sentence feature `[B, H]`: `tanh(h_[CLS] Wᵀ + b)` with the frozen
+    /// `pooler.dense` (the first token of every row; what `BertForSequenceClassification` feeds
+    /// its dropout and classifier). An error naming the tensor when the checkpoint has no pooler.
+    pub fn pooled_cls(&self, ids: &Tensor, mask: &Tensor, hooks: &Hooks) -> Result<Tensor> {
+        let pooler = self.pooler.as_ref().ok_or_else(|| ModelError::Input(
+            "pooling = \"cls-pooler\" needs the checkpoint's pooler.dense.weight, which this model lacks: use \"mean\"".into(),
+        ))?;
+        let (x, pass) = self.encode(ids, mask, hooks)?;
+        let cls = match pass.packed() {
+            Some(offsets) => {
+                let first: Vec<u32> = offsets[..offsets.len() - 1].iter().map(|&o| o as u32).collect();
+                let n = first.len();
+                x.index_select(&Tensor::from_vec(first, n, x.device())?, 0)?
+            }
+            None => x.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        let plain = Pass { hooks: &NO_HOOKS, kernels: self.kernels, tokens: Tokens::Packed { offsets: Vec::new() } };
+        Ok(pooler.forward(&cls, &plain)?.tanh()?)
     }
 
     /// Runs the encoder: the last hidden state in the pass's layout ([`Tokens`]), and the pass.

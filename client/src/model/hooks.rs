@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::dropout::Dropout;
 use super::{ModelError, Result};
 
 /// An op whose output SSF can scale and shift, with the width of that output.
@@ -149,12 +150,14 @@ impl Lora {
     }
 }
 
-/// The adapter parameters for one forward pass, by point name. Empty hooks run the frozen
-/// backbone. The model rejects a name it does not have, so a typo is never silently ignored.
+/// The adapter parameters for one forward pass, by point name, and the pass's dropout (training
+/// only). Empty hooks run the frozen backbone. The model rejects a name it does not have, so a
+/// typo is never silently ignored.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
     ssf: BTreeMap<String, Ssf>,
     lora: BTreeMap<String, Lora>,
+    dropout: Option<Dropout>,
 }
 
 impl Hooks {
@@ -173,6 +176,17 @@ impl Hooks {
     pub fn set_lora(&mut self, target: impl Into<String>, lora: Lora) -> &mut Self {
         self.lora.insert(target.into(), lora);
         self
+    }
+
+    /// Sets the pass's dropout (one key per batch row).
+    pub fn set_dropout(&mut self, dropout: Dropout) -> &mut Self {
+        self.dropout = Some(dropout);
+        self
+    }
+
+    /// The pass's dropout, if any.
+    pub fn dropout(&self) -> Option<&Dropout> {
+        self.dropout.as_ref()
     }
 
     /// The SSF at `point`, if any.
@@ -208,6 +222,15 @@ impl Hooks {
         lora_dims: &BTreeMap<String, (usize, usize)>,
         batch: usize,
     ) -> Result<()> {
+        if let Some(d) = &self.dropout {
+            if !(0.0..1.0).contains(&d.p) || (!d.is_off() && d.row_keys.len() != batch) {
+                return Err(ModelError::Input(format!(
+                    "dropout p = {} with {} row keys for a batch of {batch}: expected p in [0, 1) and a key per row",
+                    d.p,
+                    d.row_keys.len()
+                )));
+            }
+        }
         for (name, ssf) in &self.ssf {
             let dim = ssf_dims.get(name).ok_or_else(|| ModelError::UnknownHook {
                 kind: "SSF",

@@ -12,6 +12,7 @@
 //! `layer_norm` / `softmax_last_dim`: they silently drop gradients (DESIGN.md, "candle pitfalls").
 
 mod bert;
+mod dropout;
 mod hooks;
 mod random;
 mod weights;
@@ -19,6 +20,7 @@ mod weights;
 use std::path::PathBuf;
 
 pub use bert::{mean_pool, BertConfig, BertEncoder, HiddenAct, Kernels, PositionEmbeddingType};
+pub use dropout::{Dropout, DropoutSite};
 pub use hooks::{Hooks, LinearTarget, Lora, Ssf, SsfPoint};
 pub use random::write_random_model;
 

@@ -51,6 +51,11 @@ impl Weights<'_> {
         &self.path
     }
 
+    /// True when the files hold a tensor `name` under this path.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
     /// The tensor `name` under this path, which must have shape `shape`. A plain tensor, never a
     /// `Var`: backbone weights are frozen.
     pub(crate) fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {

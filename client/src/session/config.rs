@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedpool_common::codec::{CodecConfig, CodecSettings};
+use fedpool_common::Pooling;
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceChoice;
 use crate::spec::{AdapterChoice, AdapterOptions, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK};
-use crate::train::{Schedule, TrainConfig};
+use crate::train::{LoraVariant, Schedule, TrainConfig};
 
 /// Every field of `client.toml`, for `--help`.
 pub const CONFIG_HELP: &str = "\
@@ -65,6 +66,9 @@ pub struct AdapterSection {
     /// LoRA modules within each layer.
     #[serde(default = "default_lora_modules")]
     pub lora_modules: Vec<String>,
+    /// The feature the head reads: `mean` or `cls-pooler` (HF's pretrained pooler).
+    #[serde(default)]
+    pub pooling: Pooling,
 }
 
 fn default_kind() -> String {
@@ -95,6 +99,7 @@ impl Default for AdapterSection {
             rank: default_rank(),
             alpha: default_alpha(),
             lora_modules: default_lora_modules(),
+            pooling: Pooling::Mean,
         }
     }
 }
@@ -109,6 +114,7 @@ impl AdapterSection {
             rank: self.rank,
             alpha: self.alpha,
             lora_modules: self.lora_modules.clone(),
+            pooling: self.pooling,
         })
     }
 }
@@ -132,6 +138,16 @@ pub struct TrainSection {
     /// FedIns' key-matching weight.
     #[serde(default = "default_lambda")]
     pub lambda_match: f64,
+    /// Dropout while training (default: the model's `hidden_dropout_prob`).
+    #[serde(default)]
+    pub dropout: Option<f64>,
+    /// AdamW's decoupled weight decay of LoRA factors and their head (SSF adapters never decay).
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Which LoRA factors train in which round: `both`, `ffa` (B only; A frozen at its shared
+    /// initialisation) or `rolora` (B in odd rounds, A in even ones). Standard LoRA only.
+    #[serde(default)]
+    pub lora_variant: LoraVariant,
 }
 
 impl TrainSection {
@@ -149,6 +165,8 @@ impl TrainSection {
             seed,
             lambda_match: self.lambda_match,
             head_only: choice.head_only(),
+            dropout: self.dropout,
+            weight_decay: self.weight_decay,
             ..TrainConfig::default()
         }
     }
@@ -163,6 +181,9 @@ fn default_max_len() -> usize {
 fn default_lambda() -> f64 {
     crate::train::FEDINS_LAMBDA
 }
+fn default_weight_decay() -> f64 {
+    crate::train::WEIGHT_DECAY
+}
 
 impl Default for TrainSection {
     fn default() -> Self {
@@ -172,6 +193,9 @@ impl Default for TrainSection {
             head_lr: None,
             max_len: default_max_len(),
             lambda_match: default_lambda(),
+            dropout: None,
+            weight_decay: default_weight_decay(),
+            lora_variant: LoraVariant::Both,
         }
     }
 }

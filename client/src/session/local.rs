@@ -19,7 +19,9 @@ use crate::data::{load_spec, DataOptions};
 use crate::device;
 use crate::model::BertEncoder;
 use crate::spec::pool_spec;
-use crate::train::{self, encode_examples, tokenizer_for_training, Encoded, QueryCache, Silent, TrainConfig};
+use crate::train::{
+    self, encode_examples, tokenizer_for_training, Encoded, LoraVariant, QueryCache, Silent, TrainConfig,
+};
 
 /// Why local work failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub struct LocalWork {
     pad_id: u32,
     queries: QueryCache,
     train_config: TrainConfig,
+    /// Which LoRA factors train in which round.
+    lora_variant: LoraVariant,
     codec: CodecConfig,
     residual: ErrorFeedback,
     residual_store: ResidualStore,
@@ -155,6 +159,7 @@ impl LocalWork {
             pad_id,
             queries,
             train_config,
+            lora_variant: config.train.lora_variant,
             codec: config.upload_codec().map_err(|e| setup(&e))?,
             residual,
             residual_store,
@@ -209,6 +214,7 @@ impl LocalWork {
             steps: task.local_steps.max(1) as usize,
             // A new batch order every round.
             seed: self.seed ^ task.round.0.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            lora_train: self.lora_variant.factors(task.round.0),
             ..self.train_config.clone()
         };
         let data = train::TrainData { train: &self.train_rows, eval: &[], pad_id: self.pad_id };

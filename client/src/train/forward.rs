@@ -7,8 +7,9 @@ use candle_core::{Tensor, D};
 use super::batches::Batch;
 use super::params::AdapterTensors;
 use super::TrainError;
-use crate::model::BertEncoder;
+use crate::model::{BertEncoder, DropoutSite, Hooks};
 use crate::select::{cosine_similarity, matched_cosine, top_k, Selection};
+use fedpool_common::{PoolSpec, Pooling};
 
 /// The result of one forward pass.
 #[derive(Debug, Clone)]
@@ -35,6 +36,19 @@ impl Forward {
     pub fn predictions(&self) -> Result<Vec<usize>, TrainError> {
         Ok(self.logits.argmax(D::Minus1)?.to_vec1::<u32>()?.into_iter().map(|p| p as usize).collect())
     }
+}
+
+/// The feature the head of `spec` reads for `batch` (its pooling: the masked mean or HF's pooler),
+/// with the classifier's dropout when `hooks` carry dropout (a training pass).
+pub fn head_features(model: &BertEncoder, spec: &PoolSpec, batch: &Batch, hooks: &Hooks) -> Result<Tensor, TrainError> {
+    let features = match spec.head.map(|h| h.pooling).unwrap_or_default() {
+        Pooling::Mean => model.pooled(&batch.ids, &batch.mask, hooks)?,
+        Pooling::ClsPooler => model.pooled_cls(&batch.ids, &batch.mask, hooks)?,
+    };
+    Ok(match hooks.dropout() {
+        Some(d) => d.apply(&features, DropoutSite::Classifier, None)?,
+        None => features,
+    })
 }
 
 /// Runs `batch` through the backbone with `adapters`.
@@ -79,9 +93,13 @@ pub fn forward_masked(
         (Selection::single(batch.len()), None)
     };
     let features = if adapters.head_only() {
-        queries.ok_or_else(need_query)?.clone()
+        let features = queries.ok_or_else(need_query)?;
+        match adapters.dropout() {
+            Some(d) => d.apply(features, DropoutSite::Classifier, None)?,
+            None => features.clone(),
+        }
     } else {
-        model.pooled(&batch.ids, &batch.mask, &adapters.hooks(&selection)?)?
+        head_features(model, spec, batch, &adapters.hooks(&selection)?)?
     };
     let logits = adapters.head_logits(&features, &selection)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

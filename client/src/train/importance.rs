@@ -49,7 +49,7 @@ impl ImportanceTracker {
 
     /// As [`ImportanceTracker::new`] with explicit β₁, β₂.
     pub fn with_betas(spec: &PoolSpec, beta1: f32, beta2: f32) -> Option<Self> {
-        if spec.kind != AdapterKind::Lora {
+        if spec.kind != AdapterKind::AdaLora {
             return None;
         }
         let targets = spec.targets.iter().map(|t| (t.name.clone(), spec.max_rank, t.dim_in, t.dim_out)).collect();
@@ -135,7 +135,7 @@ fn distance_to_identity(m: &Tensor) -> Result<Tensor, TrainError> {
 pub fn orthogonality(adapters: &AdapterTensors<'_>) -> Result<Tensor, TrainError> {
     let spec = adapters.spec();
     let mut total = Tensor::zeros((), DType::F32, adapters.device())?;
-    if spec.kind != AdapterKind::Lora {
+    if spec.kind != AdapterKind::AdaLora {
         return Ok(total);
     }
     for t in &spec.targets {

@@ -18,13 +18,14 @@ mod schedule;
 mod trainer;
 
 pub use batches::{encode_examples, length_sorted_chunks, tokenizer_for_training, Batch, BatchOrder, Encoded};
-pub use forward::{forward, forward_masked, Forward};
+pub use forward::{forward, forward_masked, head_features, Forward};
 pub use importance::{orthogonality, ImportanceTracker, ADALORA_BETA1, ADALORA_BETA2, ORTH_REG_WEIGHT};
 pub use metrics::{accuracy, macro_f1, EvalMetrics};
+
 pub use params::{AdapterTensors, TrainableParams};
 pub use queries::QueryCache;
 pub use schedule::{Schedule, UnknownSchedule};
-pub use trainer::{evaluate, evaluate_pool, train};
+pub use trainer::{dropout_probability, evaluate, evaluate_pool, train, weight_decays};
 
 use fedpool_common::adapter::{AdapterPool, PoolDelta, PoolError, SlotUsage};
 use fedpool_common::wire::{TrainMetrics, TripletImportance};
@@ -35,6 +36,11 @@ use crate::tokenize::TokenizeError;
 /// FedIns' weight of the key-matching surrogate in the loss (Feng et al. 2023, following L2P's
 /// `pull_constraint_coeff`): λ = 0.1.
 pub const FEDINS_LAMBDA: f64 = 0.1;
+
+/// AdamW's decoupled weight decay of LoRA factors and LoRA heads: PyTorch's `AdamW` default, what
+/// a PEFT run uses unless told otherwise. SSF specs never decay (it would pull γ toward 0, away
+/// from the identity, and move a pooled head's unused slots).
+pub const WEIGHT_DECAY: f64 = 0.01;
 
 /// What went wrong while training or evaluating.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,83 @@ pub enum TrainError {
     Input(String),
 }
 
+/// Which LoRA factors a run trains (and uploads): the others stay frozen at the start's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum LoraTrain {
+    /// A and B (and AdaLoRA's E).
+    #[default]
+    Both,
+    /// Only B (A frozen).
+    BOnly,
+    /// Only A (B frozen).
+    AOnly,
+}
+
+/// The federated LoRA variant: which factors train in which round. Cheap variants of
+/// FedAvg-LoRA that keep averaging exact for what moves (averaging one factor while the other is
+/// shared and frozen makes avg(B)·A = avg(B·A)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraVariant {
+    /// Both factors every round (FedIT / FedAvg-LoRA).
+    #[default]
+    Both,
+    /// FFA-LoRA (Sun et al., ICLR 2024): A frozen at its shared random initialisation, only B
+    /// trained and uploaded (half the bytes of r·(d_in + d_out) when d_in = d_out).
+    Ffa,
+    /// RoLoRA (Chen et al. 2024): alternate by round — odd rounds train B (A frozen), even rounds
+    /// train A (B frozen); each upload carries only the factor that moved.
+    RoLora,
+}
+
+impl LoraTrain {
+    /// True when tensor `name` is a LoRA factor this setting keeps frozen.
+    pub fn freezes(self, name: &str) -> bool {
+        match self {
+            LoraTrain::Both => false,
+            LoraTrain::BOnly => name.ends_with(".lora_A.weight") || name.ends_with(".lora_E.weight"),
+            LoraTrain::AOnly => name.ends_with(".lora_B.weight") || name.ends_with(".lora_E.weight"),
+        }
+    }
+
+    /// `delta` without the frozen factors (they did not move: nothing to upload).
+    pub fn drop_frozen(self, delta: &mut PoolDelta) {
+        delta.tensors.retain(|name, _| !self.freezes(name));
+    }
+}
+
+impl LoraVariant {
+    /// The variant's name in configuration files: `both`, `ffa`, `rolora`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraVariant::Both => "both",
+            LoraVariant::Ffa => "ffa",
+            LoraVariant::RoLora => "rolora",
+        }
+    }
+
+    /// The factors trained in `round` (1 is the first).
+    pub fn factors(self, round: u64) -> LoraTrain {
+        match self {
+            LoraVariant::Both => LoraTrain::Both,
+            LoraVariant::Ffa => LoraTrain::BOnly,
+            LoraVariant::RoLora if round % 2 == 1 => LoraTrain::BOnly,
+            LoraVariant::RoLora => LoraTrain::AOnly,
+        }
+    }
+}
+
+impl std::str::FromStr for LoraVariant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [LoraVariant::Both, LoraVariant::Ffa, LoraVariant::RoLora]
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| format!("unknown LoRA variant {s:?}: expected both, ffa or rolora"))
+    }
+}
+
 /// How to train.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
@@ -82,8 +165,7 @@ pub struct TrainConfig {
     pub steps: usize,
     /// Examples per step.
     pub batch_size: usize,
-    /// Peak learning rate of AdamW for the adapters (weight decay 0: decay would pull SSF's γ
-    /// toward 0).
+    /// Peak learning rate of AdamW for the adapters.
     pub lr: f64,
     /// Peak learning rate of the classification head (None: `lr`). A head learns at its own pace
     /// whatever the adapter, so comparisons between adapters can hold it fixed.
@@ -104,6 +186,16 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     /// Train the head only (the linear probe): the backbone runs without adapters.
     pub head_only: bool,
+    /// Dropout probability while training (None: the model's `hidden_dropout_prob`).
+    pub dropout: Option<f64>,
+    /// AdamW's decoupled weight decay of LoRA factors and their head ([`WEIGHT_DECAY`]; none in
+    /// SSF specs).
+    pub weight_decay: f64,
+    /// Evaluate on the held-out examples every this many steps as well as at the end (a learning
+    /// curve in [`TrainReport::curve`]); None: only at the end.
+    pub eval_every: Option<usize>,
+    /// Which LoRA factors train and are uploaded (LoRA specs; the round's [`LoraVariant`]).
+    pub lora_train: LoraTrain,
 }
 
 impl Default for TrainConfig {
@@ -121,6 +213,10 @@ impl Default for TrainConfig {
             orth_reg_weight: ORTH_REG_WEIGHT,
             eval_batch_size: 64,
             head_only: false,
+            dropout: None,
+            weight_decay: WEIGHT_DECAY,
+            eval_every: None,
+            lora_train: LoraTrain::Both,
         }
     }
 }
@@ -178,6 +274,19 @@ pub struct SlotReport {
     pub eval_counts: Vec<u64>,
 }
 
+/// One point of a learning curve: the held-out metrics after `step` optimizer steps.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CurvePoint {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Held-out accuracy.
+    pub accuracy: f64,
+    /// Held-out macro-F1.
+    pub macro_f1: f64,
+    /// Held-out mean cross-entropy.
+    pub loss: f64,
+}
+
 /// Numbers from one training run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainReport {
@@ -209,6 +318,8 @@ pub struct TrainReport {
     pub eval_seconds: f64,
     /// Training rows per second of `train_seconds`.
     pub samples_per_second: f64,
+    /// Held-out metrics every `eval_every` steps (empty without it); the last point is the end.
+    pub curve: Vec<CurvePoint>,
 }
 
 impl TrainReport {

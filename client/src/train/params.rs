@@ -8,8 +8,8 @@ use candle_core::{Device, Tensor, Var};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolSpec, HEAD_BIAS, HEAD_WEIGHT, KEYS};
 use fedpool_common::tensor::HostTensor;
 
-use super::TrainError;
-use crate::model::{Hooks, Lora, Ssf};
+use super::{LoraTrain, TrainError};
+use crate::model::{Dropout, Hooks, Lora, Ssf};
 use crate::select::{gather_mean, Selection};
 
 /// The pool's tensors as `Var`s, and which of them the optimizer updates.
@@ -25,6 +25,16 @@ impl TrainableParams {
     /// Moves `pool` to `device` as `Var`s. With `head_only`, only the head is trainable (the
     /// linear probe); otherwise every tensor is.
     pub fn new(pool: &AdapterPool, head_only: bool, device: &Device) -> Result<Self, TrainError> {
+        Self::with_frozen(pool, head_only, LoraTrain::Both, device)
+    }
+
+    /// As [`TrainableParams::new`], with the LoRA factors `lora_train` leaves out frozen.
+    pub fn with_frozen(
+        pool: &AdapterPool,
+        head_only: bool,
+        lora_train: LoraTrain,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         let mut vars = BTreeMap::new();
         for (name, t) in &pool.tensors {
             let tensor = t.to_candle(device).map_err(|e| TrainError::Input(format!("tensor {name:?}: {e}")))?;
@@ -33,6 +43,7 @@ impl TrainableParams {
         let trainable = vars
             .keys()
             .filter(|n| !head_only || n.as_str() == HEAD_WEIGHT || n.as_str() == HEAD_BIAS)
+            .filter(|n| !lora_train.freezes(n))
             .cloned()
             .collect();
         Ok(Self { vars, trainable, spec_hash: pool.spec_hash, device: device.clone() })
@@ -65,13 +76,13 @@ impl TrainableParams {
     /// A view for a forward pass that records gradients (training).
     pub fn tracked<'a>(&self, spec: &'a PoolSpec, head_only: bool) -> AdapterTensors<'a> {
         let tensors = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        AdapterTensors { spec, head_only, tensors, device: self.device.clone() }
+        AdapterTensors { spec, head_only, tensors, device: self.device.clone(), dropout: None }
     }
 
     /// A view with no gradient tracking (evaluation).
     pub fn detached<'a>(&self, spec: &'a PoolSpec, head_only: bool) -> AdapterTensors<'a> {
         let tensors = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
-        AdapterTensors { spec, head_only, tensors, device: self.device.clone() }
+        AdapterTensors { spec, head_only, tensors, device: self.device.clone(), dropout: None }
     }
 
     /// The current values as a pool (copied to the host).
@@ -93,6 +104,7 @@ pub struct AdapterTensors<'a> {
     head_only: bool,
     tensors: BTreeMap<String, Tensor>,
     device: Device,
+    dropout: Option<Dropout>,
 }
 
 impl<'a> AdapterTensors<'a> {
@@ -108,7 +120,7 @@ impl<'a> AdapterTensors<'a> {
             let tensor = t.to_candle(device).map_err(|e| TrainError::Input(format!("tensor {name:?}: {e}")))?;
             tensors.insert(name.clone(), tensor);
         }
-        Ok(Self { spec, head_only, tensors, device: device.clone() })
+        Ok(Self { spec, head_only, tensors, device: device.clone(), dropout: None })
     }
 
     /// A view of given tensors (tracked or not) by name, e.g. one client's slice of stacked
@@ -119,7 +131,18 @@ impl<'a> AdapterTensors<'a> {
         tensors: BTreeMap<String, Tensor>,
         device: &Device,
     ) -> Self {
-        Self { spec, head_only, tensors, device: device.clone() }
+        Self { spec, head_only, tensors, device: device.clone(), dropout: None }
+    }
+
+    /// The same view with dropout for a training pass (one key per batch row; `p = 0` is none).
+    pub fn with_dropout(mut self, dropout: Dropout) -> Self {
+        self.dropout = (!dropout.is_off()).then_some(dropout);
+        self
+    }
+
+    /// The pass's dropout, if any.
+    pub fn dropout(&self) -> Option<&Dropout> {
+        self.dropout.as_ref()
     }
 
     /// The device the tensors live on.
@@ -160,6 +183,9 @@ impl<'a> AdapterTensors<'a> {
     /// The model hooks for a batch with this slot `selection` (none for the linear probe).
     pub fn hooks(&self, selection: &Selection) -> Result<Hooks, TrainError> {
         let mut hooks = Hooks::new();
+        if let Some(d) = &self.dropout {
+            hooks.set_dropout(d.clone());
+        }
         if self.head_only {
             return Ok(hooks);
         }
@@ -170,9 +196,14 @@ impl<'a> AdapterTensors<'a> {
                     let shift = self.mixed(&format!("{}.ssf_shift", t.name), selection)?;
                     hooks.set_ssf(t.name.clone(), Ssf::new(scale, shift));
                 }
-                AdapterKind::Lora => {
+                AdapterKind::Lora | AdapterKind::AdaLora => {
                     let q = self.get(&format!("{}.lora_A.weight", t.name))?.clone();
-                    let lambda = self.get(&format!("{}.lora_E.weight", t.name))?.flatten_all()?;
+                    let lambda = if self.spec.kind == AdapterKind::AdaLora {
+                        self.get(&format!("{}.lora_E.weight", t.name))?.flatten_all()?
+                    } else {
+                        // Standard LoRA: ΔW = B·A, a constant λ = 1 (no gradient, r values).
+                        Tensor::ones(self.spec.max_rank, candle_core::DType::F32, &self.device)?
+                    };
                     let p = self.get(&format!("{}.lora_B.weight", t.name))?.clone();
                     let scaling = f64::from(self.spec.lora_alpha) / self.spec.max_rank as f64;
                     hooks.set_lora(t.name.clone(), Lora::new(p, lambda, q, scaling));

@@ -12,8 +12,10 @@ use super::importance::{orthogonality, ImportanceTracker};
 use super::metrics::{accuracy, macro_f1, EvalMetrics};
 use super::params::{AdapterTensors, TrainableParams};
 use super::queries::QueryCache;
-use super::{Observer, Phase, SlotReport, TrainConfig, TrainData, TrainError, TrainOutcome, TrainReport};
-use crate::model::BertEncoder;
+use super::{
+    CurvePoint, LoraTrain, Observer, Phase, SlotReport, TrainConfig, TrainData, TrainError, TrainOutcome, TrainReport,
+};
+use crate::model::{BertEncoder, Dropout};
 use crate::select::SlotCounter;
 
 /// Checks labels and lengths of `examples` against the head and the configuration.
@@ -31,6 +33,26 @@ fn check_examples(examples: &[Encoded], num_labels: usize, max_len: usize) -> Re
         }
     }
     Ok(())
+}
+
+/// The dropout probability of a run: the configuration's, else the model's `hidden_dropout_prob`.
+pub fn dropout_probability(model: &BertEncoder, config: &TrainConfig) -> Result<f64, TrainError> {
+    let p = config.dropout.unwrap_or(model.config().hidden_dropout_prob);
+    if !(0.0..1.0).contains(&p) {
+        return Err(TrainError::Input(format!("dropout {p} must be in [0, 1)")));
+    }
+    Ok(p)
+}
+
+/// AdamW's weight decay for (adapter, head) tensors: in LoRA specs the factors and the head decay
+/// by `config.weight_decay` (as a PEFT run with PyTorch's AdamW); SSF specs never decay (it pulls
+/// γ toward 0, and a pooled head's unused slots would move without being trained).
+pub fn weight_decays(spec: &PoolSpec, config: &TrainConfig) -> Result<(f64, f64), TrainError> {
+    let wd = config.weight_decay;
+    if !(wd.is_finite() && wd >= 0.0) {
+        return Err(TrainError::Input(format!("weight decay {wd} must be finite and at least 0")));
+    }
+    Ok(if spec.kind.is_lora() { (wd, wd) } else { (0.0, 0.0) })
 }
 
 /// Trains the adapters of `start` (which follows `spec`) on `data.train` for `config.steps`
@@ -78,20 +100,28 @@ pub fn train(
         query_seconds += t.elapsed().as_secs_f64();
     }
 
-    let params = TrainableParams::new(start, config.head_only, device)?;
+    if config.lora_train != LoraTrain::Both && spec.kind != AdapterKind::Lora {
+        return Err(TrainError::Input(
+            "training one LoRA factor (ffa, rolora) needs standard LoRA (adapter lora)".into(),
+        ));
+    }
+    let params = TrainableParams::with_frozen(start, config.head_only, config.lora_train, device)?;
     let head_lr = config.head_lr.unwrap_or(config.lr);
     if !(head_lr.is_finite() && head_lr > 0.0) {
         return Err(TrainError::Input(format!("head learning rate {head_lr} must be positive")));
     }
+    let dropout = dropout_probability(model, config)?;
     let (adapter_vars, head_vars) = params.trainable_vars_by_group();
-    let adamw = |lr| ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() };
-    let mut optimizer = AdamW::new(adapter_vars, adamw(config.lr))?;
-    let mut head_optimizer = AdamW::new(head_vars, adamw(head_lr))?;
+    let (adapter_decay, head_decay) = weight_decays(spec, config)?;
+    let adamw = |lr, weight_decay| ParamsAdamW { lr, weight_decay, ..Default::default() };
+    let mut optimizer = AdamW::new(adapter_vars, adamw(config.lr, adapter_decay))?;
+    let mut head_optimizer = AdamW::new(head_vars, adamw(head_lr, head_decay))?;
     let mut order = BatchOrder::new(data.train.len(), config.batch_size, config.seed);
     let mut counter = SlotCounter::new(spec.pool_size);
     let mut last_selection: std::collections::HashMap<u64, Vec<u32>> = std::collections::HashMap::new();
     let mut tracker = ImportanceTracker::new(spec);
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+    let mut curve = Vec::new();
 
     let t_train = Instant::now();
     observer.phase(Phase::Train, config.steps);
@@ -108,10 +138,11 @@ pub fn train(
         } else {
             None
         };
-        let adapters = params.tracked(spec, config.head_only);
+        let row_keys = batch.example_ids.iter().map(|&id| Dropout::row_key(config.seed, step, id)).collect();
+        let adapters = params.tracked(spec, config.head_only).with_dropout(Dropout { p: dropout, row_keys });
         let out = forward(model, &adapters, &batch, q.as_ref(), config.lambda_match)?;
         let mut loss = out.loss()?;
-        if spec.kind == AdapterKind::Lora && config.orth_reg_weight > 0.0 {
+        if spec.kind == AdapterKind::AdaLora && config.orth_reg_weight > 0.0 {
             loss = (loss + (orthogonality(&adapters)? * config.orth_reg_weight)?)?;
         }
         let loss_value = loss.to_scalar::<f32>()?;
@@ -133,6 +164,12 @@ pub fn train(
         seen += batch.len();
         loss_sum += f64::from(loss_value);
         observer.progress(step + 1, Some(loss_value));
+        let due = config.eval_every.is_some_and(|n| n > 0 && (step + 1) % n == 0 && step + 1 < config.steps);
+        if due && !data.eval.is_empty() {
+            let detached = params.detached(spec, config.head_only);
+            let m = evaluate(model, &detached, data.eval, queries, config, data.pad_id)?;
+            curve.push(CurvePoint { step: step + 1, accuracy: m.accuracy, macro_f1: m.macro_f1, loss: m.loss });
+        }
     }
     observer.finish();
     let train_seconds = t_train.elapsed().as_secs_f64();
@@ -148,6 +185,14 @@ pub fn train(
         r
     };
     let eval_seconds = t_eval.elapsed().as_secs_f64();
+    if config.eval_every.is_some() && !data.eval.is_empty() {
+        curve.push(CurvePoint {
+            step: config.steps,
+            accuracy: eval.accuracy,
+            macro_f1: eval.macro_f1,
+            loss: eval.loss,
+        });
+    }
 
     // Usage counts what each distinct example selected at its last visit: a count is a number of
     // examples (the server refuses counts above the example count), whatever the number of epochs.
@@ -162,12 +207,13 @@ pub fn train(
         } else {
             counter.usage().ok_or_else(|| TrainError::Input("no slot was selected".into()))?
         }),
-        AdapterKind::Lora => None,
+        AdapterKind::Lora | AdapterKind::AdaLora => None,
     };
-    let delta = match &usage {
+    let mut delta = match &usage {
         Some(u) => full_delta.restrict_to_slots(u.clone())?,
         None => full_delta,
     };
+    config.lora_train.drop_frozen(&mut delta);
     let slot_usage = spec.has_keys().then(|| SlotReport {
         counts: counter.counts().to_vec(),
         entropy_bits: counter.entropy_bits(),
@@ -190,6 +236,7 @@ pub fn train(
         train_seconds,
         eval_seconds,
         samples_per_second: seen as f64 / train_seconds.max(1e-9),
+        curve,
     };
     let importance = tracker.map(|t| t.scores()).unwrap_or_default();
     Ok(TrainOutcome { pool, delta, metrics, importance, slot_usage, usage })

@@ -25,7 +25,7 @@ fn train_writes_the_adapter_and_the_metrics() {
     let work = tempfile::tempdir().unwrap();
     let csv = work.path().join("small.csv");
     write_csv(&csv);
-    for adapter in ["ssf-pool", "lora"] {
+    for adapter in ["ssf-pool", "lora", "adalora"] {
         let out = work.path().join(adapter);
         let output = client()
             .args(["train", "--model"])
@@ -52,8 +52,11 @@ fn train_writes_the_adapter_and_the_metrics() {
         if adapter == "ssf-pool" {
             assert_eq!(metrics["slot_usage"]["counts"].as_array().unwrap().len(), 6);
             assert!(metrics["slot_usage"]["entropy_bits"].is_number());
-        } else {
+        } else if adapter == "adalora" {
             assert_eq!(metrics["importance"].as_array().unwrap().len(), 4, "q and v of 2 layers");
+        } else {
+            assert!(metrics["importance"].as_array().is_none_or(|a| a.is_empty()), "standard LoRA has no triplets");
+            assert!(!pool.tensors.keys().any(|n| n.contains("lora_E")), "standard LoRA has no E");
         }
     }
 }

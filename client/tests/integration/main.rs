@@ -17,5 +17,6 @@ mod support;
 mod train_gradients;
 mod train_importance;
 mod train_learning;
+mod train_lora_forms;
 mod train_selection;
 mod train_support;

@@ -91,6 +91,39 @@ fn reference_embeddings_match_hf() {
     eprintln!("max |diff| over all sentences: {worst:.2e}");
 }
 
+#[derive(Deserialize)]
+struct PoolerReference {
+    sentences: Vec<PoolerSentence>,
+}
+
+#[derive(Deserialize)]
+struct PoolerSentence {
+    text: String,
+    pooler_output: Vec<f32>,
+}
+
+#[test]
+fn the_cls_pooler_feature_is_hf_pooler_output_batched_and_with_either_kernels() {
+    let dir = minilm_dir();
+    let tokenizer = TextTokenizer::from_file(dir.join("tokenizer.json"), 128, Padding::Longest).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_pooler.json");
+    let reference: PoolerReference = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let texts: Vec<&str> = reference.sentences.iter().map(|s| s.text.as_str()).collect();
+    let batch = tokenizer.encode_batch(&texts).unwrap();
+    assert!(batch.mask.contains(&0), "padded");
+    let (ids, mask) = batch.to_tensors(&Device::Cpu).unwrap();
+    for kernels in [fedpool_client::model::Kernels::Fused, fedpool_client::model::Kernels::Composed] {
+        let model = BertEncoder::load(&dir, &Device::Cpu).unwrap().with_kernels(kernels);
+        assert!(model.has_pooler());
+        let pooled = model.pooled_cls(&ids, &mask, &Hooks::new()).unwrap();
+        for (row, sentence) in reference.sentences.iter().enumerate() {
+            let got = values(&pooled.get(row).unwrap());
+            let d = max_diff(&got, &sentence.pooler_output);
+            assert!(d < 1e-4, "{kernels:?} {:?}: max |diff| {d}", sentence.text);
+        }
+    }
+}
+
 #[test]
 fn batched_forward_with_padding_equals_each_alone() {
     let dir = minilm_dir();

@@ -23,10 +23,17 @@ fn gradient_norms(choice: AdapterChoice) -> BTreeMap<String, f32> {
     let spec = pool_spec(&BertConfig::tiny(), &options, 3).unwrap();
     let pool = AdapterPool::init(&spec, 2).unwrap();
     let params = TrainableParams::new(&pool, choice.head_only(), &Device::Cpu).unwrap();
-    // LoRA starts with λ = 0, which zeroes the gradients of P and Q: start from a non-zero λ.
+    // AdaLoRA starts with λ = 0, which zeroes the gradients of P and Q: start from a non-zero λ.
     for name in params.trainable_names().iter().filter(|n| n.ends_with("lora_E.weight")) {
         let var = params.var(name).unwrap();
         var.set(&var.as_tensor().ones_like().unwrap()).unwrap();
+    }
+    // Standard LoRA starts with B = 0, which zeroes A's gradient: start from a non-zero B.
+    if choice == AdapterChoice::Lora {
+        for name in params.trainable_names().iter().filter(|n| n.ends_with("lora_B.weight")) {
+            let var = params.var(name).unwrap();
+            var.set(&(var.as_tensor().ones_like().unwrap() * 0.1).unwrap()).unwrap();
+        }
     }
     let examples = separable(12, 3, 9);
     let mut queries = QueryCache::new(BertConfig::tiny().hidden_size);
@@ -78,9 +85,12 @@ fn every_plain_ssf_tensor_gets_a_gradient() {
 
 #[test]
 fn every_lora_factor_gets_a_gradient() {
-    let norms = gradient_norms(AdapterChoice::Lora);
-    assert!(norms.keys().any(|n| n.ends_with("lora_B.weight")));
-    assert_all_trained(AdapterChoice::Lora);
+    for choice in [AdapterChoice::Lora, AdapterChoice::AdaLora] {
+        let norms = gradient_norms(choice);
+        assert!(norms.keys().any(|n| n.ends_with("lora_B.weight")));
+        assert_eq!(norms.keys().any(|n| n.ends_with("lora_E.weight")), choice == AdapterChoice::AdaLora);
+        assert_all_trained(choice);
+    }
 }
 
 #[test]

@@ -16,7 +16,7 @@ use train_support::{load, separable, tiny_model_dir};
 
 /// One target, rank 2, d_in 3, d_out 2.
 fn small_spec() -> PoolSpec {
-    PoolSpec::lora(vec![TargetSpec { name: "t".into(), dim_in: 3, dim_out: 2 }], 2, 4.0, None)
+    PoolSpec::adalora(vec![TargetSpec { name: "t".into(), dim_in: 3, dim_out: 2 }], 2, 4.0, None)
 }
 
 #[test]
@@ -59,7 +59,7 @@ fn one_step_scores_follow_the_ema_formulas() {
 fn training_returns_one_finite_score_per_triplet() {
     let dir = tiny_model_dir(6);
     let model = load(dir.path());
-    let options = AdapterOptions { choice: AdapterChoice::Lora, rank: 4, ..Default::default() };
+    let options = AdapterOptions { choice: AdapterChoice::AdaLora, rank: 4, ..Default::default() };
     let spec = pool_spec(&BertConfig::tiny(), &options, 2).unwrap();
     let start = AdapterPool::init(&spec, 1).unwrap();
     let examples = separable(32, 2, 3);

@@ -13,7 +13,7 @@ fn spec() -> PoolSpec {
         TargetSpec { name: "encoder.layer.0.attention.self.query".into(), dim_in: 32, dim_out: 32 },
         TargetSpec { name: "encoder.layer.0.attention.self.value".into(), dim_in: 32, dim_out: 32 },
     ];
-    PoolSpec::lora(targets, 4, 8.0, Some(HeadSpec { dim_in: 32, num_labels: 3 }))
+    PoolSpec::adalora(targets, 4, 8.0, Some(HeadSpec::new(32, 3)))
 }
 
 fn meta(round: u64) -> CheckpointMeta {

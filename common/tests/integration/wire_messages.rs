@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 fn spec() -> PoolSpec {
     let targets = (0..2).map(|i| TargetSpec { name: format!("layer.{i}.query"), dim_in: 16, dim_out: 16 }).collect();
-    PoolSpec::ssf_pool(targets, 16, 5, 2, Some(HeadSpec { dim_in: 16, num_labels: 2 }))
+    PoolSpec::ssf_pool(targets, 16, 5, 2, Some(HeadSpec::new(16, 2)))
 }
 
 fn task() -> ExpectedTask {

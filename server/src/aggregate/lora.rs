@@ -42,6 +42,7 @@
 
 use std::collections::BTreeMap;
 
+use faer::linalg::solvers::Solve;
 use faer::{Mat, MatRef};
 use fedpool_common::{AdapterKind, AdapterPool, PoolDelta, PoolSpec};
 
@@ -52,11 +53,11 @@ use super::AggregateError;
 pub const LORA_STACK_SLACK: usize = 2;
 
 /// One update's factor deltas for one target (checked shapes: A `[rank, d_in]`, E `[rank, 1]`,
-/// B `[d_out, rank]`, row-major).
+/// B `[d_out, rank]`, row-major). Standard LoRA has no E: its E is 1 and does not move.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct LoraTriplet<'a> {
     pub a: &'a [f32],
-    pub e: &'a [f32],
+    pub e: Option<&'a [f32]>,
     pub b: &'a [f32],
     pub rank: usize,
 }
@@ -67,6 +68,21 @@ pub(super) struct LoraFactors {
     pub a: Vec<f32>,
     pub e: Vec<f32>,
     pub b: Vec<f32>,
+}
+
+impl LoraFactors {
+    /// The same product as standard LoRA's two factors: `B·√E` and `√E·A` (E ≥ 0), E left at 1.
+    pub(super) fn balanced(mut self) -> Self {
+        let r = self.e.len();
+        let d_in = self.a.len() / r.max(1);
+        for (j, e) in self.e.iter_mut().enumerate() {
+            let s = e.max(0.0).sqrt();
+            self.a[j * d_in..(j + 1) * d_in].iter_mut().for_each(|x| *x *= s);
+            self.b.iter_mut().skip(j).step_by(r).for_each(|x| *x *= s);
+            *e = 1.0;
+        }
+        self
+    }
 }
 
 /// The running, exactly compressed stack of one LoRA target.
@@ -141,7 +157,7 @@ impl LoraStack {
         self.right.reserve(r * d_in);
         self.left.reserve(r * d_out);
         for j in 0..r {
-            let e = f64::from(self.global_e[j]) + s * f64::from(t.e[j]);
+            let e = f64::from(self.global_e[j]) + s * t.e.map_or(0.0, |e| f64::from(e[j]));
             let a_row = (0..d_in).map(|i| f64::from(self.global_a[j * d_in + i]) + s * f64::from(t.a[j * d_in + i]));
             self.right.extend(a_row);
             let we = weight * e;
@@ -178,6 +194,36 @@ impl LoraStack {
         store_col_major(new_left.as_ref(), &mut self.left);
         store_col_major(new_right.as_ref(), &mut self.right);
         self.rank = new_left.ncols();
+    }
+
+    /// LoRA-FAIR's refined B for the merged factor means `a_bar` (`[max_rank, d_in]`) and `b_bar`
+    /// (`[d_out, max_rank]`, row-major): `(M Āᵀ + λ' B̄)(Ā Āᵀ + λ' I)⁻¹` with `M` the stack's mean
+    /// product (never formed: `M Āᵀ = L (Rᵀ Āᵀ) / Σw`) and `λ' = lambda · tr(Ā Āᵀ) / r`. `None`
+    /// when no update carried this target, or when the system is singular.
+    pub(super) fn fair_b(&self, a_bar: &[f32], b_bar: &[f32], lambda: f64) -> Option<Vec<f32>> {
+        let (d_in, d_out, n, r) = (self.d_in, self.d_out, self.rank, self.max_rank);
+        if n == 0 || self.weight <= 0.0 || a_bar.len() != r * d_in || b_bar.len() != d_out * r {
+            return None;
+        }
+        let left = MatRef::from_column_major_slice(&self.left, d_out, n);
+        let right = MatRef::from_column_major_slice(&self.right, d_in, n);
+        let a = Mat::<f64>::from_fn(r, d_in, |i, j| f64::from(a_bar[i * d_in + j]));
+        let b = Mat::<f64>::from_fn(d_out, r, |i, j| f64::from(b_bar[i * r + j]));
+        let gram: Mat<f64> = a.as_ref() * a.transpose();
+        let trace: f64 = (0..r).map(|i| gram[(i, i)]).sum();
+        let ridge = lambda * trace / r as f64;
+        let m_at: Mat<f64> = (left * (right.transpose() * a.transpose())) * (1.0 / self.weight);
+        let rhs: Mat<f64> = m_at + b.as_ref() * ridge;
+        let system = Mat::<f64>::from_fn(r, r, |i, j| gram[(i, j)] + if i == j { ridge } else { 0.0 });
+        // B (ĀĀᵀ + λI) = rhs; the system is symmetric positive definite for λ > 0.
+        let solved: Mat<f64> = system.llt(faer::Side::Lower).ok()?.solve(rhs.transpose()).transpose().to_owned();
+        let mut out = vec![0.0f32; d_out * r];
+        for i in 0..d_out {
+            for j in 0..r {
+                out[i * r + j] = solved[(i, j)] as f32;
+            }
+        }
+        Some(out)
     }
 
     /// The merged target re-factorised to `max_rank` triplets, or `None` when no update carried
@@ -290,8 +336,8 @@ pub fn truncate_lora(
     spec: &PoolSpec,
     ranks: &BTreeMap<String, usize>,
 ) -> Result<PoolDelta, AggregateError> {
-    if spec.kind != AdapterKind::Lora {
-        return Err(AggregateError("truncate_lora needs a LoRA spec".into()));
+    if spec.kind != AdapterKind::AdaLora {
+        return Err(AggregateError("truncate_lora needs an AdaLoRA spec".into()));
     }
     pool.validate(spec).map_err(|e| AggregateError(format!("global pool: {e}")))?;
     if let Some(t) = ranks.keys().find(|t| !spec.targets.iter().any(|s| &s.name == *t)) {

@@ -45,8 +45,8 @@ impl ZeroPadLora {
     /// A zero-padding merge for the LoRA pool `spec`; the head is merged by an [`Aggregator`] with
     /// `config`.
     pub fn new(spec: PoolSpec, config: AggregateConfig) -> Result<Self, AggregateError> {
-        if spec.kind != fedpool_common::AdapterKind::Lora {
-            return Err(AggregateError("the zero-padding average needs a LoRA spec".into()));
+        if spec.kind != fedpool_common::AdapterKind::AdaLora {
+            return Err(AggregateError("the zero-padding average needs an AdaLoRA spec".into()));
         }
         let factors = spec
             .layout()
@@ -136,7 +136,7 @@ mod tests {
 
     fn spec() -> PoolSpec {
         let targets = vec![TargetSpec { name: "q".into(), dim_in: 3, dim_out: 2 }];
-        PoolSpec::lora(targets, 2, 4.0, Some(HeadSpec { dim_in: 3, num_labels: 2 }))
+        PoolSpec::adalora(targets, 2, 4.0, Some(HeadSpec::new(3, 2)))
     }
 
     fn delta(spec: &PoolSpec, rank: usize, a: f32) -> PoolDelta {

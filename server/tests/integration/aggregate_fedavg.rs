@@ -12,7 +12,7 @@ fn ssf_spec() -> PoolSpec {
         TargetSpec { name: "layer.0.query".into(), dim_in: 16, dim_out: 16 },
         TargetSpec { name: "layer.0.output".into(), dim_in: 16, dim_out: 33 },
     ];
-    PoolSpec::ssf(targets, Some(HeadSpec { dim_in: 16, num_labels: 3 }))
+    PoolSpec::ssf(targets, Some(HeadSpec::new(16, 3)))
 }
 
 fn random_delta(spec: &PoolSpec, rng: &mut ChaCha8Rng, examples: u64) -> PoolDelta {

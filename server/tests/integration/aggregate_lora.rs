@@ -21,7 +21,7 @@ fn spec() -> PoolSpec {
         TargetSpec { name: Q.into(), dim_in: D_IN, dim_out: D_OUT },
         TargetSpec { name: V.into(), dim_in: D_IN, dim_out: 24 },
     ];
-    PoolSpec::lora(targets, MAX_RANK, 32.0, Some(HeadSpec { dim_in: D_IN, num_labels: 3 }))
+    PoolSpec::adalora(targets, MAX_RANK, 32.0, Some(HeadSpec::new(D_IN, 3)))
 }
 
 fn name(target: &str, factor: &str) -> String {

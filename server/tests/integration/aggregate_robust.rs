@@ -125,7 +125,7 @@ fn trimmed_mean_refuses_updates_beyond_max_updates() {
 #[test]
 fn trimmed_mean_and_fedadam_are_refused_for_lora() {
     let targets = vec![TargetSpec { name: "q".into(), dim_in: 4, dim_out: 4 }];
-    let lora = PoolSpec::lora(targets, 2, 4.0, Some(HeadSpec { dim_in: 4, num_labels: 2 }));
+    let lora = PoolSpec::adalora(targets, 2, 4.0, Some(HeadSpec::new(4, 2)));
     let rule = Rule::TrimmedMean { trim_fraction: 0.1, max_updates: 10 };
     let e = Aggregator::new(lora.clone(), AggregateConfig { rule, ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("trimmed mean"), "{e}");

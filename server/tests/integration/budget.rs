@@ -24,7 +24,7 @@ fn spec_with(targets: usize, max_rank: usize) -> PoolSpec {
     let targets = (0..targets)
         .map(|i| TargetSpec { name: format!("encoder.layer.{i}.attention.self.query"), dim_in: D_IN, dim_out: D_OUT })
         .collect();
-    PoolSpec::lora(targets, max_rank, 16.0, Some(HeadSpec { dim_in: D_IN, num_labels: 2 }))
+    PoolSpec::adalora(targets, max_rank, 16.0, Some(HeadSpec::new(D_IN, 2)))
 }
 
 fn spec() -> PoolSpec {
@@ -187,7 +187,7 @@ fn the_bound_holds_at_every_rank_with_the_longest_ids() {
         TargetSpec { name: "q".into(), dim_in: 40, dim_out: 24 },
         TargetSpec { name: "ffn.output.dense".into(), dim_in: 36, dim_out: 300 },
     ];
-    let spec = PoolSpec::lora(targets, MAX_RANK, 16.0, Some(HeadSpec { dim_in: 40, num_labels: 5 }));
+    let spec = PoolSpec::adalora(targets, MAX_RANK, 16.0, Some(HeadSpec::new(40, 5)));
     let top_k = CodecConfig { top_k: Some(0.25), quantization: Quantization::Int8, block_size: 16, zstd_level: None };
     let int4 = CodecConfig { quantization: Quantization::Int4, block_size: 32, ..CodecConfig::default() };
     for codec in [fp32(), int8(), int4, top_k] {

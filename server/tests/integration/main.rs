@@ -6,6 +6,7 @@
 
 mod aggregate_fedavg;
 mod aggregate_lora;
+mod aggregate_lora_standard;
 mod aggregate_pool;
 mod aggregate_robust;
 mod budget;

@@ -19,12 +19,12 @@ use proptest::prelude::*;
 
 fn ssf_spec() -> PoolSpec {
     let targets = (0..2).map(|i| TargetSpec { name: format!("layer.{i}.output"), dim_in: 4, dim_out: 4 }).collect();
-    PoolSpec::ssf_pool(targets, 4, 3, 1, Some(HeadSpec { dim_in: 4, num_labels: 2 }))
+    PoolSpec::ssf_pool(targets, 4, 3, 1, Some(HeadSpec::new(4, 2)))
 }
 
 fn lora_spec() -> PoolSpec {
     let targets = vec![TargetSpec { name: "layer.0.query".into(), dim_in: 4, dim_out: 4 }];
-    PoolSpec::lora(targets, 2, 4.0, Some(HeadSpec { dim_in: 4, num_labels: 2 }))
+    PoolSpec::adalora(targets, 2, 4.0, Some(HeadSpec::new(4, 2)))
 }
 
 fn backbone() -> BackboneFingerprint {

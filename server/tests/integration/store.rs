@@ -14,7 +14,7 @@ use fedpool_server::store::{Store, StoreError, ROUND_LOG};
 
 fn spec() -> PoolSpec {
     let targets = (0..2).map(|i| TargetSpec { name: format!("layer.{i}.output"), dim_in: 4, dim_out: 4 }).collect();
-    PoolSpec::ssf_pool(targets, 4, 3, 1, Some(HeadSpec { dim_in: 4, num_labels: 2 }))
+    PoolSpec::ssf_pool(targets, 4, 3, 1, Some(HeadSpec::new(4, 2)))
 }
 
 fn backbone() -> BackboneFingerprint {

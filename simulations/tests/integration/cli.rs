@@ -1,4 +1,5 @@
-//! The `fedpool-sim` binary: one run, a comparison, the default config, and a bad experiment.
+//! The `fedpool-sim` binary: one run, a comparison, a run with a global test set, the default
+//! config, and a bad experiment.
 
 use std::path::Path;
 use std::process::Command;
@@ -47,6 +48,7 @@ fn run_and_compare_write_tables_and_plots() {
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(stdout.contains("| pool | 2 |"), "{stdout}");
+    assert!(!stdout.contains("global acc"), "no global test set, no column: {stdout}");
     let rows = fedpool_sim::report::read_rounds_csv(&out.join("rounds.csv")).unwrap();
     assert_eq!(rows.len(), 2);
 
@@ -87,6 +89,27 @@ fn run_and_compare_write_tables_and_plots() {
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let svg = std::fs::read_to_string(replot.join("accuracy_vs_sim_time.svg")).unwrap();
     assert!(svg.contains("pool") && svg.contains("lora"));
+}
+
+#[test]
+fn a_run_with_a_global_test_set_tables_its_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let path = write_experiment(dir.path(), "global", "kind = \"ssf-pool\"\npool_size = 4\ntop_k = 2");
+    // 3 clients keep 20 of their 30 examples: 30 are held by no client.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("max_examples_per_client = 20\nglobal_test = \"unused:25\"\n{text}")).unwrap();
+    let out = dir.path().join("run");
+    let status = Command::new(BIN).args(["run", "--config"]).arg(&path).arg("--out").arg(&out).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    let mut lines = stdout.lines().filter(|l| l.starts_with('|'));
+    assert!(lines.next().is_some_and(|h| h.contains("| macro-F1 | global acc | MB up |")), "{stdout}");
+    let row = lines.nth(1).unwrap_or_default();
+    let cell = row.split('|').nth(5).unwrap_or_default().trim();
+    assert!(cell.parse::<f64>().is_ok_and(|v| (0.0..=100.0).contains(&v)), "{stdout}");
+    let rows = fedpool_sim::report::read_rounds_csv(&out.join("rounds.csv")).unwrap();
+    assert!(rows.iter().all(|r| r.global_accuracy.is_some()), "{rows:?}");
 }
 
 #[test]

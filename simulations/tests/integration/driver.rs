@@ -7,11 +7,15 @@
 //! - a client whose upload cannot meet the deadline is a straggler in every round, refused as
 //!   late by the engine, and the rounds commit without it;
 //! - upload sizes are the real codec's: int8 uploads are about a quarter of fp32's;
-//! - the centralised reference learns the task.
+//! - the centralised reference learns the task;
+//! - a global test set (`global_test`): `"unused:N"` draws N examples no client holds, the same
+//!   for a seed, and scores every round without changing it; a file of ids is refused if an id
+//!   is unknown or in a client's training set; a malformed value is refused naming the field.
 
+use std::collections::HashSet;
 use std::path::Path;
 
-use fedpool_sim::centralised::run_centralised;
+use fedpool_sim::centralised::{run_centralised, CentralisedOptions};
 use fedpool_sim::driver::{self, Quiet, RunOutput};
 use fedpool_sim::experiment::{Experiment, Mode};
 use fedpool_sim::outputs::write_run;
@@ -69,12 +73,12 @@ fn simulate(exp: &Experiment) -> RunOutput {
     driver::run(exp, &pop, &mut Quiet).unwrap()
 }
 
-/// `rounds.csv` without its last column (wall-clock seconds).
+/// `rounds.csv` without its wall-clock seconds column.
 fn without_wall_clock(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| l.rsplit_once(',').map_or(l, |(head, _)| head).to_string())
+    let text = std::fs::read_to_string(path).unwrap();
+    let wall = text.lines().next().unwrap().split(',').position(|c| c == "wall_seconds").unwrap();
+    text.lines()
+        .map(|l| l.split(',').enumerate().filter(|&(i, _)| i != wall).map(|(_, f)| f).collect::<Vec<_>>().join(","))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -221,7 +225,10 @@ fn centralised_training_learns_the_task() {
     fixture(dir.path());
     let exp = experiment(dir.path(), "", "");
     let pop = Population::load(&exp).unwrap();
-    let c = run_centralised(&exp, &pop).unwrap();
+    let c = run_centralised(&exp, &pop, &CentralisedOptions { init_seed: None, eval_every: Some(10) }).unwrap();
+    // A point every 10 steps and the end (36 steps): 10, 20, 30, 36; the last is the result.
+    assert_eq!(c.curve.iter().map(|p| p.step).collect::<Vec<_>>(), [10, 20, 30, 36]);
+    assert_eq!(c.curve.last().map(|p| p.accuracy), Some(c.accuracy));
     assert_eq!(c.steps, 3 * 4 * 3);
     assert_eq!(c.examples, pop.clients.iter().map(|c| c.eval.len() as u64).sum::<u64>());
     assert!(c.accuracy > 0.75, "{c:?}");
@@ -252,6 +259,21 @@ fn a_split_file_deals_exactly_its_examples_to_its_named_clients() {
     let out = driver::run(&exp, &pop, &mut Quiet).unwrap();
     assert_eq!(out.records[0].clients, ["bank-d", "hospital-a", "hospital-b", "lab-c"]);
 
+    // The population's own split (a run's split.json) reproduces it exactly, held-out sets included.
+    fedpool_sim::partition::to_split_file(&dir.path().join("own.json"), &pop.split()).unwrap();
+    let mut again = exp.clone();
+    again.partition = fedpool_sim::experiment::PartitionScheme::File { file: "own.json".into() };
+    let same = Population::load(&again).unwrap();
+    for (a, b) in pop.clients.iter().zip(&same.clients) {
+        let ids = |rows: &[fedpool_client::train::Encoded]| {
+            rows.iter().map(|e| e.id).collect::<std::collections::BTreeSet<u64>>()
+        };
+        assert_eq!((ids(&a.train), ids(&a.eval)), (ids(&b.train), ids(&b.eval)), "client {}", a.name);
+    }
+    again.max_examples_per_client = Some(3);
+    let err = Population::load(&again).unwrap_err().to_string();
+    assert!(err.contains("max_examples_per_client"), "{err}");
+
     exp.clients = 5;
     let err = Population::load(&exp).unwrap_err().to_string();
     assert!(err.contains("split.json") && err.contains("4 clients") && err.contains("clients = 5"), "{err}");
@@ -261,10 +283,10 @@ fn a_split_file_deals_exactly_its_examples_to_its_named_clients() {
 fn importance_budgets_keep_a_slow_client_within_the_deadline_where_a_fixed_rank_misses_it() {
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
-    let lora = "[adapter]\nkind = \"lora\"\nrank = 4\n[train]\nbatch_size = 4\nmax_len = 32\nlr = 0.01\n";
+    let lora = "[adapter]\nkind = \"adalora\"\nrank = 4\n[train]\nbatch_size = 4\nmax_len = 32\nlr = 0.01\n";
     let spec = {
         let mut e = experiment(dir.path(), "", "");
-        e.adapter.kind = "lora".into();
+        e.adapter.kind = "adalora".into();
         e.adapter.rank = 4;
         Population::load(&e).unwrap().spec
     };
@@ -296,4 +318,154 @@ fn importance_budgets_keep_a_slow_client_within_the_deadline_where_a_fixed_rank_
         budgets.records.iter().map(|r| &r.stragglers).collect::<Vec<_>>()
     );
     assert!(budgets.records.iter().all(|r| r.clients.len() == 4), "every client's update is merged");
+}
+
+/// The ids of some encoded examples, sorted.
+fn sorted_ids<'a>(rows: impl IntoIterator<Item = &'a fedpool_client::train::Encoded>) -> Vec<u64> {
+    let mut ids: Vec<u64> = rows.into_iter().map(|e| e.id).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn an_unused_global_test_set_holds_no_clients_examples_and_scores_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    // 4 clients keep 30 of their 60 examples each: 120 of the 240 are held by no client.
+    let exp = experiment(dir.path(), "max_examples_per_client = 30\nglobal_test = \"unused:50\"", "");
+    let pop = Population::load(&exp).unwrap();
+    let global = sorted_ids(pop.global_test.as_ref().unwrap());
+    assert_eq!(global.len(), 50);
+    assert_eq!(global.iter().collect::<HashSet<_>>().len(), 50, "no example twice");
+    let held: HashSet<u64> = pop.clients.iter().flat_map(|c| c.train.iter().chain(&c.eval)).map(|e| e.id).collect();
+    assert_eq!(held.len(), 120);
+    assert!(global.iter().all(|id| !held.contains(id)), "{global:?}");
+    // The same seed draws the same set; another seed another.
+    assert_eq!(sorted_ids(Population::load(&exp).unwrap().global_test.as_ref().unwrap()), global);
+    let other = Experiment { seed: 5, ..exp.clone() };
+    assert_ne!(sorted_ids(Population::load(&other).unwrap().global_test.as_ref().unwrap()), global);
+
+    let out = driver::run(&exp, &pop, &mut Quiet).unwrap();
+    assert_eq!(out.rows.len(), 3);
+    for r in &out.rows {
+        let unit = |v: Option<f64>| v.is_some_and(|v| (0.0..=1.0).contains(&v));
+        assert!(unit(r.global_accuracy) && unit(r.global_macro_f1), "{r:?}");
+        assert!(r.global_loss.is_some_and(|l| l.is_finite() && l >= 0.0), "{r:?}");
+    }
+    assert_eq!(out.summary.final_global_accuracy, out.rows[2].global_accuracy);
+    // It takes no simulated time and no bytes, and changes nothing else.
+    let plain = simulate(&Experiment { global_test: None, ..exp.clone() });
+    for (x, y) in out.rows.iter().zip(&plain.rows) {
+        assert_eq!(
+            (x.accuracy, x.macro_f1, x.loss, x.bytes_up, x.bytes_down, x.sim_seconds),
+            (y.accuracy, y.macro_f1, y.loss, y.bytes_up, y.bytes_down, y.sim_seconds)
+        );
+        assert_eq!((y.global_accuracy, y.global_macro_f1, y.global_loss), (None, None, None));
+    }
+    assert_eq!(plain.summary.final_global_accuracy, None);
+    // rounds.csv carries the scores, and the resolved config names the set again.
+    write_run(&dir.path().join("run"), &exp, &out).unwrap();
+    let rows = read_rounds_csv(&dir.path().join("run/rounds.csv")).unwrap();
+    assert!(rows.iter().zip(&out.rows).all(|(a, b)| {
+        let near = |p: Option<f64>, q: Option<f64>| matches!((p, q), (Some(p), Some(q)) if (p - q).abs() <= 5e-7);
+        near(a.global_accuracy, b.global_accuracy) && near(a.global_loss, b.global_loss)
+    }));
+    let resolved = std::fs::read_to_string(dir.path().join("run/config.toml")).unwrap();
+    let again = Experiment::parse(&resolved, dir.path(), "resolved").unwrap();
+    assert_eq!(again.global_test.as_deref(), Some("unused:50"));
+
+    // More than there are is refused, saying how many there are.
+    let greedy = Experiment { global_test: Some("unused:121".into()), ..exp };
+    let err = Population::load(&greedy).unwrap_err().to_string();
+    assert!(err.contains("global_test") && err.contains("only 120"), "{err}");
+}
+
+#[test]
+fn a_global_test_file_may_hold_held_out_ids_but_no_training_or_unknown_id() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let exp = experiment(dir.path(), "", "");
+    let pop = Population::load(&exp).unwrap();
+    let with_file = |name: &str, ids: &[u64]| {
+        std::fs::write(dir.path().join(name), serde_json::to_string(ids).unwrap()).unwrap();
+        Population::load(&Experiment { global_test: Some(name.into()), ..exp.clone() })
+    };
+    // Every client's held-out examples: allowed (the path is taken from the experiment's folder).
+    let held_out = sorted_ids(pop.clients.iter().flat_map(|c| &c.eval));
+    let global = with_file("global.json", &held_out).unwrap();
+    assert_eq!(sorted_ids(global.global_test.as_ref().unwrap()), held_out);
+
+    // An id client 1 trains on would leak: refused naming the file, the id and the client.
+    let trained = pop.clients[1].train[0].id;
+    let err = with_file("leak.json", &[held_out[0], trained]).unwrap_err().to_string();
+    assert!(
+        err.contains("leak.json") && err.contains(&format!("id {trained} ")) && err.contains("client-001"),
+        "{err}"
+    );
+    // An id that is not in the data: refused naming it.
+    let err = with_file("unknown.json", &[held_out[0], 99_999]).unwrap_err().to_string();
+    assert!(err.contains("unknown.json") && err.contains("99999"), "{err}");
+    // A file that is not there is named too.
+    let err = Population::load(&Experiment { global_test: Some("missing.json".into()), ..exp.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.json"), "{err}");
+}
+
+#[test]
+fn a_malformed_global_test_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["unused:x", "unused:0", "unused:-3", "unused:", ""] {
+        let text = format!("global_test = {bad:?}");
+        let err = Experiment::parse(&text, dir.path(), "sim.toml").unwrap_err().to_string();
+        assert!(err.starts_with("sim.toml: global_test:"), "{bad:?}: {err}");
+    }
+    let ok = Experiment::parse("global_test = \"unused:7\"", dir.path(), "sim.toml").unwrap();
+    assert_eq!(ok.global_test_set().unwrap(), Some(fedpool_sim::experiment::GlobalTest::Unused(7)));
+}
+
+#[test]
+fn lora_variants_move_and_upload_only_their_factors_in_lockstep_and_sequentially() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let lora = "[adapter]\nkind = \"lora\"\nrank = 2\n[train]\nbatch_size = 4\nmax_len = 32\nlr = 0.01\n";
+    let run = |variant: &str, rounds: u64, merge: &str, sequential: bool| {
+        let mut e = experiment(dir.path(), "", &format!("[aggregate]\nlora_merge = \"{merge}\"\n"));
+        let lora_exp = Experiment::parse(lora, dir.path(), "lora").unwrap();
+        e.adapter = lora_exp.adapter;
+        e.train = lora_exp.train;
+        e.train.lora_variant = variant.parse().unwrap();
+        e.federation.rounds = rounds;
+        if sequential {
+            e.mode = fedpool_sim::experiment::Mode::Sequential;
+        }
+        simulate(&e)
+    };
+    let factor = |out: &RunOutput, f: &str| {
+        out.global.tensors.iter().filter(|(n, _)| n.contains(f)).map(|(_, t)| t.clone()).collect::<Vec<_>>()
+    };
+    let both = run("both", 1, "fedavg", false);
+    let start = {
+        let mut e = experiment(dir.path(), "", "");
+        e.adapter = Experiment::parse(lora, dir.path(), "lora").unwrap().adapter;
+        fedpool_common::AdapterPool::init(&Population::load(&e).unwrap().spec, e.seed).unwrap()
+    };
+    let start_a: Vec<_> = start.tensors.iter().filter(|(n, _)| n.contains("lora_A")).map(|(_, t)| t.clone()).collect();
+    assert_ne!(factor(&both, "lora_A"), start_a, "both factors train");
+    for sequential in [false, true] {
+        // FFA-LoRA: A never moves, and B-only uploads are smaller.
+        let ffa = run("ffa", 1, "fedavg", sequential);
+        assert_eq!(factor(&ffa, "lora_A"), start_a, "FFA-LoRA keeps A (sequential: {sequential})");
+        assert!(ffa.summary.bytes_up < both.summary.bytes_up, "{} vs {}", ffa.summary.bytes_up, both.summary.bytes_up);
+        // RoLoRA: round 1 trains B only (A as FFA), round 2 trains A with round 1's B.
+        let one = run("rolora", 1, "fedavg", sequential);
+        assert_eq!(factor(&one, "lora_A"), start_a);
+        assert_eq!(factor(&one, "lora_B"), factor(&ffa, "lora_B"), "round 1 of RoLoRA is FFA-LoRA's");
+        let two = run("rolora", 2, "fedavg", sequential);
+        assert_eq!(factor(&two, "lora_B"), factor(&one, "lora_B"), "round 2 leaves B");
+        assert_ne!(factor(&two, "lora_A"), start_a, "round 2 trains A");
+    }
+    // LoRA-FAIR's server-side refinement runs in a simulation too.
+    let fair = run("both", 1, "fair", false);
+    assert_eq!(fair.records[0].clients.len(), 4, "LoRA-FAIR merges every update");
 }

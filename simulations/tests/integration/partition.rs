@@ -98,7 +98,7 @@ proptest! {
     fn split_file_round_trips_any_partition(n in 0usize..200, clients in 1usize..12, seed: u64) {
         let its = items(n, 3, 4);
         let partition = iid(&its, clients, seed).unwrap();
-        let split = NamedPartition { names: default_client_names(clients), partition };
+        let split = NamedPartition { names: default_client_names(clients), partition, tests: None };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("split.json");
         to_split_file(&path, &split).unwrap();
@@ -186,6 +186,33 @@ fn split_file_is_honoured_exactly_in_file_order() {
     let out = dir.path().join("out.json");
     to_split_file(&out, &split).unwrap();
     assert_eq!(from_split_file(&out, &its).unwrap(), split);
+}
+
+#[test]
+fn split_file_may_give_each_clients_training_and_held_out_ids() {
+    let its = items(10, 2, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("split.json");
+    std::fs::write(
+        &path,
+        r#"{"b": {"train": [1021, 1000], "test": [1007]}, "a": {"train": [1014], "test": [1028, 1035]}}"#,
+    )
+    .unwrap();
+    let split = from_split_file(&path, &its).unwrap();
+    assert_eq!(split.names, ["b", "a"]);
+    assert_eq!(split.partition.clients, vec![vec![1000, 1021], vec![1014]]);
+    assert_eq!(split.tests, Some(vec![vec![1007], vec![1028, 1035]]));
+    let out = dir.path().join("out.json");
+    to_split_file(&out, &split).unwrap();
+    assert_eq!(from_split_file(&out, &its).unwrap(), split, "the explicit form round-trips");
+
+    // An id in a client's training and held-out lists, and mixed forms, are refused by name.
+    std::fs::write(&path, r#"{"a": {"train": [1000], "test": [1000]}}"#).unwrap();
+    let msg = from_split_file(&path, &its).unwrap_err().to_string();
+    assert!(msg.contains("1000") && msg.contains("a (train)") && msg.contains("a (test)"), "{msg}");
+    std::fs::write(&path, r#"{"a": {"train": [1000], "test": [1007]}, "b": [1014]}"#).unwrap();
+    let msg = from_split_file(&path, &its).unwrap_err().to_string();
+    assert!(msg.contains("one form"), "{msg}");
 }
 
 #[test]

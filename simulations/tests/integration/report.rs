@@ -1,5 +1,6 @@
-//! The simulator's outputs: `rounds.csv` has DESIGN.md's exact header, reads back exactly what was
-//! written and is byte-identical for the same rows; `Summary::from_rows` takes the last round's
+//! The simulator's outputs: `rounds.csv` has DESIGN.md's exact header and then the global test
+//! set's columns, reads back exactly what was written (an old 8-column file too) and is
+//! byte-identical for the same rows; `Summary::from_rows` takes the last round's
 //! metrics and sums the rest; `plot_runs` writes three charts as PNG and SVG with every run in the
 //! legend, and refuses an empty run list.
 
@@ -22,6 +23,9 @@ fn rows(n: u64, offset: f64) -> Vec<RoundRow> {
             bytes_down: 2_000_000 * round,
             sim_seconds: 12.5 * round as f64 + 0.125 * (round * round) as f64,
             wall_seconds: 0.75 + 0.125 * round as f64,
+            global_accuracy: (round % 2 == 1).then_some(0.4375 + 0.015625 * round as f64),
+            global_macro_f1: (round % 2 == 1).then_some(0.40625 + 0.015625 * round as f64),
+            global_loss: (round % 2 == 1).then_some(2.5 - 0.25 * round as f64),
         })
         .collect()
 }
@@ -32,7 +36,13 @@ fn rounds_csv_header_is_exactly_designs() {
     let path = dir.path().join("rounds.csv");
     write_rounds_csv(&path, &rows(3, 0.0)).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.lines().next(), Some("round,accuracy,macro_f1,loss,bytes_up,bytes_down,sim_seconds,wall_seconds"));
+    assert_eq!(
+        text.lines().next(),
+        Some(
+            "round,accuracy,macro_f1,loss,bytes_up,bytes_down,sim_seconds,wall_seconds,\
+             global_accuracy,global_macro_f1,global_loss"
+        )
+    );
     assert_eq!(ROUNDS_CSV_HEADER.join(","), text.lines().next().unwrap());
     assert_eq!(text.lines().count(), 4, "header + one line per row:\n{text}");
 }
@@ -59,10 +69,13 @@ fn rounds_csv_numbers_have_fixed_decimals() {
         bytes_down: 0,
         sim_seconds: 7.0,
         wall_seconds: 0.12345,
+        global_accuracy: Some(0.5),
+        global_macro_f1: None,
+        global_loss: Some(0.2345678),
     };
     write_rounds_csv(&path, std::slice::from_ref(&row)).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.lines().nth(1), Some("3,0.123457,1.000000,,42,0,7.000,0.123"));
+    assert_eq!(text.lines().nth(1), Some("3,0.123457,1.000000,,42,0,7.000,0.123,0.500000,,0.234568"));
     // Reading back gives the written precision, and writing that again gives the same bytes.
     let back = read_rounds_csv(&path).unwrap();
     assert_eq!(back[0].accuracy, Some(0.123457));
@@ -117,13 +130,58 @@ fn rounds_csv_with_a_bad_number_names_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rounds.csv");
     let mut text = format!("{}\n", ROUNDS_CSV_HEADER.join(","));
-    text.push_str("1,0.5,0.5,0.5,10,10,1.000,1.000\n");
-    text.push_str("2,0.5,0.5,0.5,ten,10,2.000,1.000\n");
+    text.push_str("1,0.5,0.5,0.5,10,10,1.000,1.000,,,\n");
+    text.push_str("2,0.5,0.5,0.5,ten,10,2.000,1.000,,,\n");
     std::fs::write(&path, text).unwrap();
     let err = read_rounds_csv(&path).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, ReportError::Field { line: 3, column: "bytes_up", .. }), "{err:?}");
     assert!(message.contains("rounds.csv") && message.contains("\"ten\""), "{message}");
+}
+
+#[test]
+fn rounds_csv_round_trips_the_global_test_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    let written = rows(4, 0.0);
+    assert!(written[0].global_accuracy.is_some() && written[1].global_accuracy.is_none());
+    write_rounds_csv(&path, &written).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].ends_with(",wall_seconds,global_accuracy,global_macro_f1,global_loss"), "{text}");
+    // Round 1: 0.4375 + 0.015625, 0.40625 + 0.015625, 2.5 - 0.25; round 2 has none.
+    assert!(lines[1].ends_with(",0.453125,0.421875,2.250000"), "{text}");
+    assert!(lines[2].ends_with(",,,"), "{text}");
+    assert_eq!(read_rounds_csv(&path).unwrap(), written);
+    // A summary takes the last row's global accuracy (round 4 has none, round 3 does).
+    assert_eq!(Summary::from_rows("x", &written, 0, 0).final_global_accuracy, None);
+    assert_eq!(Summary::from_rows("x", &written[..3], 0, 0).final_global_accuracy, Some(0.484375));
+}
+
+#[test]
+fn an_old_rounds_csv_without_the_global_columns_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rounds.csv");
+    let old = "round,accuracy,macro_f1,loss,bytes_up,bytes_down,sim_seconds,wall_seconds\n\
+               1,0.625000,0.500000,0.750000,1000,2000,12.500,0.875\n\
+               2,,,,1000,2000,25.000,1.000\n";
+    std::fs::write(&path, old).unwrap();
+    let rows = read_rounds_csv(&path).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].round, rows[0].accuracy, rows[0].bytes_down, rows[0].wall_seconds),
+        (1, Some(0.625), 2000, 0.875)
+    );
+    assert_eq!(rows[1].accuracy, None);
+    assert!(rows.iter().all(|r| (r.global_accuracy, r.global_macro_f1, r.global_loss) == (None, None, None)));
+    // Written again, it gains the new columns, empty.
+    write_rounds_csv(&path, &rows).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().nth(1), Some("1,0.625000,0.500000,0.750000,1000,2000,12.500,0.875,,,"));
+    // An old summary.json (no final_global_accuracy) still reads.
+    let summary = r#"{"name": "old", "accuracy": 0.5, "macro_f1": 0.5, "examples": 10, "wall_seconds": 1.0,
+        "rounds": 2, "bytes_up": 1, "bytes_down": 1, "sim_seconds": 2.0, "best_accuracy": 0.5, "missed_deadline": 0}"#;
+    assert_eq!(serde_json::from_str::<Summary>(summary).unwrap().final_global_accuracy, None);
 }
 
 #[test]
@@ -146,6 +204,9 @@ fn summary_takes_last_metrics_and_sums_bytes_and_wall_time() {
         bytes_down,
         sim_seconds,
         wall_seconds,
+        global_accuracy: accuracy.map(|a| a - 0.05),
+        global_macro_f1: None,
+        global_loss: None,
     };
     let rows = vec![
         row(1, Some(0.6), 100, 1_000, 10.0, 1.5),
@@ -167,6 +228,7 @@ fn summary_takes_last_metrics_and_sums_bytes_and_wall_time() {
             sim_seconds: 45.0,
             best_accuracy: Some(0.8),
             missed_deadline: 2,
+            final_global_accuracy: Some(0.75 - 0.05),
         }
     );
 

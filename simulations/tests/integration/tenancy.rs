@@ -38,6 +38,25 @@ fn four_lora_clients_in_lockstep_equal_four_clients_alone() {
     lockstep_equals_alone(options, 1e-5);
 }
 
+#[test]
+fn four_adalora_clients_in_lockstep_equal_four_clients_alone() {
+    let options = AdapterOptions { choice: AdapterChoice::AdaLora, rank: 4, alpha: 8.0, ..AdapterOptions::default() };
+    lockstep_equals_alone(options, 1e-5);
+}
+
+#[test]
+fn lora_with_the_hf_pooler_head_in_lockstep_equals_alone() {
+    // Dropout (the tiny model's 0.1), weight decay and the pooler head all on.
+    let options = AdapterOptions {
+        choice: AdapterChoice::Lora,
+        rank: 4,
+        alpha: 8.0,
+        pooling: fedpool_common::Pooling::ClsPooler,
+        ..AdapterOptions::default()
+    };
+    lockstep_equals_alone(options, 1e-5);
+}
+
 fn lockstep_equals_alone(options: AdapterOptions, tolerance: f64) {
     let dir = tempfile::tempdir().unwrap();
     fedpool_client::testkit::write_tiny_model(dir.path(), 3).unwrap();

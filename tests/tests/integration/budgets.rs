@@ -28,7 +28,7 @@ const DEADLINE_S: f64 = 30.0;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_with_different_bandwidth_get_different_ranks_and_the_global_is_their_exact_merge() {
     let options = AdapterOptions {
-        choice: AdapterChoice::Lora,
+        choice: AdapterChoice::AdaLora,
         rank: 4,
         alpha: 8.0,
         lora_modules: vec!["attention.self.query".into(), "attention.self.value".into()],

@@ -7,8 +7,9 @@
 # Knobs (environment): CLIENTS (8), ROUNDS (3), STEPS local steps per round (8), BATCH (16),
 # EVAL_MAX held-out examples evaluated per client (100), CODEC (compressed: top-10% + int8 uploads
 # with error feedback; or fp32), DOWNLOAD (fp32, or int8: the global pool quantized on the way
-# down too, a quarter of the bytes but noisier starting points), ADAPTER (ssf-pool, or lora:
-# rank 8 on q and v), BUDGET (none, or importance: LoRA rank budgets under bandwidth — client i
+# down too, a quarter of the bytes but noisier starting points), ADAPTER (ssf-pool; lora: PEFT's
+# standard form, rank 8 on q and v; adalora: the SVD form), BUDGET (none, or importance: AdaLoRA
+# rank budgets under bandwidth — client i
 # declares an upload of 1, 4, 16 or 64 kB/s, rounds have a 120 s deadline, and the server grants
 # each client the triplets its link carries; its log lists the grants), DEMO_DIR (demo-run),
 # BIN (target/release).
@@ -32,15 +33,16 @@ ADAPTER=${ADAPTER:-ssf-pool}
 BUDGET=${BUDGET:-none}
 case "$ADAPTER" in
   ssf-pool) LR=0.005 ;;
-  lora) LR=0.002 ;;
-  *) echo "ADAPTER must be ssf-pool or lora, not $ADAPTER" >&2; exit 2 ;;
+  lora) LR=0.0005 ;;
+  adalora) LR=0.002 ;;
+  *) echo "ADAPTER must be ssf-pool, lora or adalora, not $ADAPTER" >&2; exit 2 ;;
 esac
 DEADLINE=30m
 BUDGET_TOML=""
 case "$BUDGET" in
   none) ;;
   importance)
-    [ "$ADAPTER" = lora ] || { echo "BUDGET=importance needs ADAPTER=lora" >&2; exit 2; }
+    [ "$ADAPTER" = adalora ] || { echo "BUDGET=importance cuts AdaLoRA triplets: it needs ADAPTER=adalora" >&2; exit 2; }
     DEADLINE=120s
     BUDGET_TOML=$'[budget]\npolicy = "importance"\nsafety_margin = 0.8\nexpected_compute_s = 30' ;;
   *) echo "BUDGET must be none or importance, not $BUDGET" >&2; exit 2 ;;

@@ -128,10 +128,18 @@ impl RankPlanner {
         default_compute: Duration,
     ) -> Result<Self, BudgetError> {
         let bad = |field: &str, problem: String| BudgetError::Input { field: field.into(), problem };
-        if spec.kind != AdapterKind::AdaLora {
+        // Fixed and class ranks cut either LoRA form (the global is kept in SVD order: exact merge);
+        // importance budgets score AdaLoRA's triplets.
+        let needs_triplets = matches!(policy, RankPolicy::Importance(_));
+        if !spec.kind.is_lora() || (needs_triplets && spec.kind != AdapterKind::AdaLora) {
             return Err(bad(
                 "budget",
-                format!("rank budgets cut AdaLoRA triplets: they need adapter kind adalora, not {:?}", spec.kind),
+                format!(
+                    "{} need adapter kind {}, not {:?}",
+                    if needs_triplets { "importance budgets score AdaLoRA triplets: they" } else { "rank budgets" },
+                    if needs_triplets { "adalora" } else { "lora or adalora" },
+                    spec.kind
+                ),
             ));
         }
         let max = spec.max_rank;
@@ -446,6 +454,12 @@ impl BudgetSection {
     /// average for `merge = "zero-pad"`.
     pub fn merge(&self, spec: &PoolSpec, config: AggregateConfig) -> Result<Box<dyn Merge>, AggregateError> {
         match self.merge.as_str() {
+            // Standard LoRA under budgets: the exact product merge (FlexLoRA) keeps the global in
+            // SVD order, so a grant's leading pairs are the best rank-r part.
+            "exact" if self.policy != "none" && spec.kind == AdapterKind::Lora => {
+                let config = AggregateConfig { lora_merge: crate::aggregate::LoraMerge::Exact, ..config };
+                Ok(Box::new(Aggregator::new(spec.clone(), config)?))
+            }
             "exact" => Ok(Box::new(Aggregator::new(spec.clone(), config)?)),
             "zero-pad" => Ok(Box::new(ZeroPadLora::new(spec.clone(), config)?)),
             other => Err(AggregateError(format!("budget.merge: {other:?} is not exact or zero-pad"))),

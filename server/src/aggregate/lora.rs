@@ -44,7 +44,7 @@ use std::collections::BTreeMap;
 
 use faer::linalg::solvers::Solve;
 use faer::{Mat, MatRef};
-use fedpool_common::{AdapterKind, AdapterPool, PoolDelta, PoolSpec};
+use fedpool_common::{AdapterPool, PoolDelta, PoolSpec};
 
 use super::AggregateError;
 
@@ -72,12 +72,17 @@ pub(super) struct LoraFactors {
 
 impl LoraFactors {
     /// The same product as standard LoRA's two factors: `B·√E` and `√E·A` (E ≥ 0), E left at 1.
+    /// A pair with E = 0 (the merged product has fewer directions than the rank) keeps its unit A
+    /// row and gets B = 0, as PEFT initialises a pair: it adds nothing and can still learn (both
+    /// factors zero would never get a gradient).
     pub(super) fn balanced(mut self) -> Self {
         let r = self.e.len();
         let d_in = self.a.len() / r.max(1);
         for (j, e) in self.e.iter_mut().enumerate() {
             let s = e.max(0.0).sqrt();
-            self.a[j * d_in..(j + 1) * d_in].iter_mut().for_each(|x| *x *= s);
+            if s > 0.0 {
+                self.a[j * d_in..(j + 1) * d_in].iter_mut().for_each(|x| *x *= s);
+            }
             self.b.iter_mut().skip(j).step_by(r).for_each(|x| *x *= s);
             *e = 1.0;
         }
@@ -336,8 +341,8 @@ pub fn truncate_lora(
     spec: &PoolSpec,
     ranks: &BTreeMap<String, usize>,
 ) -> Result<PoolDelta, AggregateError> {
-    if spec.kind != AdapterKind::AdaLora {
-        return Err(AggregateError("truncate_lora needs an AdaLoRA spec".into()));
+    if !spec.kind.is_lora() {
+        return Err(AggregateError("truncate_lora needs a LoRA spec".into()));
     }
     pool.validate(spec).map_err(|e| AggregateError(format!("global pool: {e}")))?;
     if let Some(t) = ranks.keys().find(|t| !spec.targets.iter().any(|s| &s.name == *t)) {

@@ -469,3 +469,38 @@ fn lora_variants_move_and_upload_only_their_factors_in_lockstep_and_sequentially
     let fair = run("both", 1, "fair", false);
     assert_eq!(fair.records[0].clients.len(), 4, "LoRA-FAIR merges every update");
 }
+
+#[test]
+fn standard_lora_takes_fixed_rank_grants_with_the_exact_merge_flexlora() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let lora = "[adapter]\nkind = \"lora\"\nrank = 4\n[train]\nbatch_size = 4\nmax_len = 32\nlr = 0.01\n";
+    let run = |budget: &str| {
+        let mut e = experiment(dir.path(), "", budget);
+        let lora_exp = Experiment::parse(lora, dir.path(), "lora").unwrap();
+        e.adapter = lora_exp.adapter;
+        e.train = lora_exp.train;
+        e.federation.rounds = 2;
+        simulate(&e)
+    };
+    let full = run("");
+    let half = run("[budget]\npolicy = \"fixed\"\nrank = 2\n");
+    assert!(half.records.iter().all(|r| r.clients.len() == 4), "every rank-2 update is merged");
+    let (up_full, up_half) = (full.summary.bytes_up as f64, half.summary.bytes_up as f64);
+    assert!(up_half < 0.75 * up_full, "rank 2 of 4 uploads less: {up_half} vs {up_full}");
+    // The exact merge keeps the global in SVD order (B's columns by falling norm), so a grant's
+    // leading pairs are the best rank-r part.
+    for (name, b) in half.global.tensors.iter().filter(|(n, _)| n.ends_with("lora_B.weight")) {
+        let cols = b.shape()[1];
+        let norm = |j: usize| b.data().iter().skip(j).step_by(cols).map(|x| x * x).sum::<f32>().sqrt();
+        for j in 1..cols {
+            assert!(norm(j) <= norm(j - 1) * (1.0 + 1e-4), "{name}: column {j} {} > {}", norm(j), norm(j - 1));
+        }
+    }
+    // Importance budgets score AdaLoRA triplets: refused for standard LoRA, by name.
+    let mut e = experiment(dir.path(), "", "[budget]\npolicy = \"importance\"\n");
+    e.adapter = Experiment::parse(lora, dir.path(), "lora").unwrap().adapter;
+    let pop = Population::load(&e).unwrap();
+    let err = driver::run(&e, &pop, &mut Quiet).unwrap_err().to_string();
+    assert!(err.contains("adalora"), "{err}");
+}

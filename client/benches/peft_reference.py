@@ -344,6 +344,19 @@ def run_centralised(args, model, params, clients, test, seed, emit, pad_id):
     return total
 
 
+def write_rounds_csv(folder, history, bytes_per_round):
+    """fedpool-sim's rounds.csv header and decimals; macro-F1 and simulated time are not measured."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "rounds.csv"), "w", encoding="utf-8") as f:
+        f.write("round,accuracy,macro_f1,loss,bytes_up,bytes_down,sim_seconds,wall_seconds,"
+                "global_accuracy,global_macro_f1,global_loss\n")
+        previous = 0.0
+        for r in history:  # "seconds" counts from the run's start; rounds.csv has each round's
+            f.write(f"{r['round']},{r['accuracy']:.6f},,{r['loss']:.6f},{bytes_per_round},{bytes_per_round},"
+                    f"0.000,{r['seconds'] - previous:.3f},,,\n")
+            previous = r["seconds"]
+
+
 def main():
     ap = argparse.ArgumentParser(description="PyTorch + PEFT LoRA reference for fedpool (federated / centralised).")
     ap.add_argument("mode", choices=["federated", "centralised"])
@@ -373,6 +386,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write every line to this JSONL file")
+    ap.add_argument("--rounds-csv", metavar="DIR",
+                    help="federated, one seed: also write DIR/rounds.csv in fedpool-sim's format (bytes: the fp32 "
+                         "payload of every client's upload and download, no framing), for `fedpool-sim plot`")
     args = ap.parse_args()
     args.head_lr = args.lr if args.head_lr is None else args.head_lr
     if min(args.rounds, args.epochs, args.local_epochs, args.batch, args.eval_batch) < 1:
@@ -427,6 +443,8 @@ def main():
                    "test_examples": len(test), "config": {k: v for k, v in vars(args).items() if k != "out"}}
         if args.mode == "federated":
             summary["upload_bytes_fp32"] = 4 * values
+            if args.rounds_csv:
+                write_rounds_csv(args.rounds_csv, history, len(clients) * 4 * values)
         line = json.dumps(summary)
         print(line, flush=True)
         if out:

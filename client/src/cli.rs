@@ -50,6 +50,49 @@ pub enum Command {
     /// Run the client daemon: join the federation in client.toml, train and evaluate on the
     /// server's tasks, upload compressed deltas; reconnects by itself; stops on SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Convert between fedpool checkpoints and HF PEFT adapters (LoRA or AdaLoRA of a BERT
+    /// sequence classifier with HF's pooler head, pooling = cls-pooler).
+    #[command(subcommand)]
+    Peft(PeftCommand),
+}
+
+/// `fedpool-client peft` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PeftCommand {
+    /// Read a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) and write it
+    /// as a fedpool checkpoint (evaluate it with `eval`, or start a federation from it).
+    Import(PeftImportArgs),
+    /// Write a fedpool checkpoint (`train`'s adapter.safetensors or a server's round file) as a
+    /// PEFT adapter folder: `PeftModel.from_pretrained(BertForSequenceClassification...)` loads it.
+    Export(PeftExportArgs),
+}
+
+/// `fedpool-client peft import` options.
+#[derive(Debug, Clone, Args)]
+pub struct PeftImportArgs {
+    /// The PEFT adapter folder
+    #[arg(long, value_name = "DIR")]
+    pub peft: PathBuf,
+    /// HF model folder the adapter was trained on [default: $FEDPOOL_ASSETS/minilm]
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// The fedpool checkpoint to write
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `fedpool-client peft export` options.
+#[derive(Debug, Clone, Args)]
+pub struct PeftExportArgs {
+    /// The fedpool checkpoint
+    #[arg(long, value_name = "FILE")]
+    pub adapter: PathBuf,
+    /// The base model's name or path written into adapter_config.json
+    #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
+    pub base_model: String,
+    /// The PEFT adapter folder to write (created)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 /// `fedpool-client run` options.
@@ -282,6 +325,9 @@ pub enum CliError {
     /// A checkpoint could not be written.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A PEFT adapter could not be read or written.
+    #[error(transparent)]
+    Peft(#[from] crate::peft::PeftError),
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -606,6 +652,28 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
         metrics,
         wall_seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Runs `fedpool-client peft import`: the PEFT adapter as a fedpool checkpoint for the model in
+/// `--model` (its fingerprint recorded, as `train` does); returns the spec.
+pub fn run_peft_import(args: &PeftImportArgs) -> Result<PoolSpec, CliError> {
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    if !model_dir.is_dir() {
+        return Err(CliError::ModelNotFound(model_dir));
+    }
+    let config = BertConfig::from_file(model_dir.join("config.json"))?;
+    let (spec, pool) = crate::peft::import(&args.peft, &config)?;
+    let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
+        .map_err(|source| CliError::Io { path: model_dir.clone(), source })?;
+    write_pool(&args.out, &pool, &CheckpointMeta::now(Round(0), spec.clone(), fingerprint))?;
+    Ok(spec)
+}
+
+/// Runs `fedpool-client peft export`.
+pub fn run_peft_export(args: &PeftExportArgs) -> Result<(), CliError> {
+    let (pool, meta) = read_pool(&args.adapter)?;
+    crate::peft::export(&args.out, &meta.spec, &pool, &args.base_model)?;
+    Ok(())
 }
 
 /// Runs `fedpool-client spec`: the pool spec `train` would use for this model (only its

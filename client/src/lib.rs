@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod malloc;
 pub mod model;
+pub mod peft;
 mod rng;
 pub mod select;
 pub mod session;

@@ -1,7 +1,10 @@
 //! `fedpool-client`: parses the command line and calls the library (`fedpool_client::cli`).
 
 use clap::Parser;
-use fedpool_client::cli::{run_eval, run_spec, run_train, spec_json, Cli, Command, ProgressObserver};
+use fedpool_client::cli::{
+    run_eval, run_peft_export, run_peft_import, run_spec, run_train, spec_json, Cli, Command, PeftCommand,
+    ProgressObserver,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
@@ -50,6 +53,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run_daemon(&args.config),
+        Command::Peft(PeftCommand::Import(args)) => {
+            let spec = run_peft_import(&args)?;
+            eprintln!(
+                "wrote {} ({:?}, rank {}, {} targets)",
+                args.out.display(),
+                spec.kind,
+                spec.max_rank,
+                spec.targets.len()
+            );
+            Ok(())
+        }
+        Command::Peft(PeftCommand::Export(args)) => {
+            run_peft_export(&args)?;
+            eprintln!("wrote {}/adapter_config.json and adapter_model.safetensors", args.out.display());
+            Ok(())
+        }
         Command::Spec(args) => {
             let spec = run_spec(&args)?;
             match &args.out {

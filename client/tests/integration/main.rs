@@ -11,6 +11,7 @@ mod data_builtin;
 mod data_files;
 mod kernels;
 mod load_errors;
+mod peft_interop;
 mod reference;
 mod select_usage;
 mod support;

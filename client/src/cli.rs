@@ -138,6 +138,9 @@ pub struct TrainArgs {
     /// never decay)
     #[arg(long, default_value_t = train::WEIGHT_DECAY)]
     pub weight_decay: f64,
+    /// Also evaluate on the held-out part every N steps (a learning curve in metrics.json)
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<usize>,
     /// Linear warmup steps [default: 10% of --steps]
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -469,6 +472,7 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
         head_only: choice.head_only(),
         dropout: args.dropout,
         weight_decay: args.weight_decay,
+        eval_every: args.eval_every,
         ..TrainConfig::default()
     };
     let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)

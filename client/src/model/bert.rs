@@ -14,9 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use super::dropout::DropoutSite;
 use super::hooks::{Hooks, LinearTarget, SsfPoint};
-
-/// No adapters: the pooler is frozen and never adapted.
-static NO_HOOKS: std::sync::LazyLock<Hooks> = std::sync::LazyLock::new(Hooks::new);
 use super::weights::Weights;
 use super::{ModelError, Result};
 
@@ -664,8 +661,14 @@ impl BertEncoder {
             }
             None => x.narrow(1, 0, 1)?.squeeze(1)?,
         };
-        let plain = Pass { hooks: &NO_HOOKS, kernels: self.kernels, tokens: Tokens::Packed { offsets: Vec::new() } };
-        Ok(pooler.forward(&cls, &plain)?.tanh()?)
+        // The pooler is frozen and never adapted: a plain linear layer, then tanh.
+        let dense = match self.kernels {
+            Kernels::Fused => fedpool_kernels::frozen_linear(&cls, &pooler.weight, Some(&pooler.bias))?,
+            Kernels::Composed => {
+                fedpool_kernels::frozen_matmul(&cls, &pooler.weight.t()?)?.broadcast_add(&pooler.bias)?
+            }
+        };
+        Ok(dense.tanh()?)
     }
 
     /// Runs the encoder: the last hidden state in the pass's layout ([`Tokens`]), and the pass.

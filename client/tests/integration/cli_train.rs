@@ -33,7 +33,7 @@ fn train_writes_the_adapter_and_the_metrics() {
             .args(["--data"])
             .arg(&csv)
             .args(["--adapter", adapter, "--pool-size", "6", "--rank", "4", "--steps", "6", "--batch-size", "8"])
-            .args(["--device", "cpu", "--out"])
+            .args(["--eval-every", "4", "--device", "cpu", "--out"])
             .arg(&out)
             .output()
             .unwrap();
@@ -48,6 +48,9 @@ fn train_writes_the_adapter_and_the_metrics() {
             assert!(metrics[field].is_number(), "{adapter}: metrics.json lacks {field}: {metrics}");
         }
         assert_eq!(metrics["adapter"], adapter);
+        let curve: Vec<u64> =
+            metrics["curve"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+        assert_eq!(curve, [4, 6], "{adapter}: a point every 4 steps and the end");
         assert_eq!(metrics["examples"], 48, "60 examples, 20% held out");
         if adapter == "ssf-pool" {
             assert_eq!(metrics["slot_usage"]["counts"].as_array().unwrap().len(), 6);

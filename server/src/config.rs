@@ -644,4 +644,15 @@ mod tests {
         let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
         assert!(e.contains("aggregate.strategy"), "{e}");
     }
+
+    #[test]
+    fn lora_merges_parse_and_a_bad_one_is_named() {
+        let section = |body: &str| -> AggregateSection { toml::from_str(body).unwrap() };
+        assert_eq!(section("").to_config().unwrap().lora_merge, LoraMerge::FactorMean);
+        assert_eq!(section("lora_merge = \"exact\"").to_config().unwrap().lora_merge, LoraMerge::Exact);
+        let fair = section("lora_merge = \"fair\"\nlora_fair_lambda = 0.5").to_config().unwrap();
+        assert_eq!(fair.lora_merge, LoraMerge::Fair { lambda: 0.5 });
+        let e = section("lora_merge = \"median\"").to_config().unwrap_err().to_string();
+        assert!(e.contains("aggregate.lora_merge") && e.contains("median"), "{e}");
+    }
 }

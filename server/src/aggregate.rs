@@ -252,7 +252,6 @@ impl Aggregator {
         let merge = if standard { config.lora_merge } else { LoraMerge::FactorMean };
         let factor_mean = standard && merge != LoraMerge::Exact;
         let stacked = spec.kind == AdapterKind::AdaLora || (standard && merge != LoraMerge::FactorMean);
-        let is_lora = stacked;
         if let LoraMerge::Fair { lambda } = merge {
             if !(lambda.is_finite() && lambda > 0.0) {
                 return err(format!("LoRA-FAIR's lambda {lambda} must be positive and finite"));
@@ -265,17 +264,18 @@ impl Aggregator {
             if max_updates == 0 {
                 return err("max_updates must be at least 1".into());
             }
-            if is_lora {
-                return err("the trimmed mean is not defined for the exact LoRA merge: use Rule::Mean with \
-                            clip_norm for LoRA pools"
+            if stacked {
+                return err("the trimmed mean is not defined for the exact LoRA merge (AdaLoRA, or lora_merge \
+                            exact / fair): use Rule::Mean with clip_norm, or standard LoRA's factor mean"
                     .into());
             }
         }
         if let ServerOpt::FedAdam(cfg) = config.server_opt {
             cfg.validate()?;
-            if is_lora {
+            if stacked {
                 return err("FedAdam needs coordinate-wise pseudo-gradients, but the exact LoRA merge \
-                            re-factorises the adapter every round: use ServerOpt::Plain for LoRA pools"
+                            re-factorises the adapter every round (AdaLoRA, or lora_merge exact / fair): use \
+                            ServerOpt::Plain, or standard LoRA's factor mean"
                     .into());
             }
         }

@@ -197,3 +197,18 @@ fn standard_lora_updates_with_an_e_or_a_missing_factor_are_refused() {
     let bad = AggregateConfig { lora_merge: LoraMerge::Fair { lambda: 0.0 }, ..Default::default() };
     assert!(Aggregator::new(spec, bad).unwrap_err().to_string().contains("lambda"));
 }
+
+#[test]
+fn the_factor_mean_takes_fedadam_and_the_trimmed_mean_the_product_merges_do_not() {
+    use fedpool_server::aggregate::{FedAdamConfig, Rule, ServerOpt};
+    let spec = spec();
+    let adam = ServerOpt::FedAdam(FedAdamConfig::default());
+    let trim = Rule::TrimmedMean { trim_fraction: 0.1, max_updates: 8 };
+    for (lora_merge, ok) in
+        [(LoraMerge::FactorMean, true), (LoraMerge::Exact, false), (LoraMerge::Fair { lambda: 0.01 }, false)]
+    {
+        let with = |config: AggregateConfig| Aggregator::new(spec.clone(), AggregateConfig { lora_merge, ..config });
+        assert_eq!(with(AggregateConfig { server_opt: adam, ..Default::default() }).is_ok(), ok, "{lora_merge:?}");
+        assert_eq!(with(AggregateConfig { rule: trim, ..Default::default() }).is_ok(), ok, "{lora_merge:?}");
+    }
+}

@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use fedpool_client::cli::default_model_dir;
 use fedpool_client::data::{assets_dir, load_spec, DataOptions};
 use fedpool_client::model::{BertEncoder, Kernels};
+use fedpool_client::setup::default_model_dir;
 use fedpool_client::spec::{pool_spec, AdapterChoice, AdapterOptions};
 use fedpool_client::train::{
     encode_examples, evaluate, forward, orthogonality, tokenizer_for_training, AdapterTensors, Batch, BatchOrder,

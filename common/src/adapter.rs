@@ -395,7 +395,7 @@ fn normal(rng: &mut ChaCha8Rng, mean: f32, std: f32) -> f32 {
 }
 
 impl AdapterPool {
-    /// A fresh pool, initialised as DESIGN.md says: SSF γ ~ N(1, σ²), β ~ N(0, σ²); keys uniform in
+    /// A fresh pool, initialised as docs/design.md says ("Initialisation"): SSF γ ~ N(1, σ²), β ~ N(0, σ²); keys uniform in
     /// [-1, 1] (as L2P does — FedIns' zero keys make the first selection arbitrary); AdaLoRA A, B
     /// random and E = 0; standard LoRA as PEFT (A uniform in ±1/√d_in, B = 0): ΔW = 0 either way;
     /// head weight random, bias 0. Deterministic in `seed`.

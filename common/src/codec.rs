@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::adapter::{PoolDelta, SlotUsage};
+use crate::adapter::{PoolDelta, PoolSpec, SlotUsage};
 use crate::frame::{self, FrameError};
 use crate::ids::{Sha256, SpecHash};
 use crate::tensor::HostTensor;
@@ -228,6 +228,20 @@ pub struct DecodeLimits {
     pub max_values: u64,
     /// Most bytes the payload may decompress to.
     pub max_raw_bytes: u64,
+}
+
+/// Bytes of a decoded payload beyond its values: tensor names, shapes, slot lists, headers.
+const PAYLOAD_OVERHEAD: u64 = 1 << 20;
+
+impl DecodeLimits {
+    /// The limits for any transfer of a pool of `spec` (a global pool, a delta, a truncated one):
+    /// at most every value of the spec, and per value 4 bytes (fp32) plus 5 for its sparse
+    /// position (a `u32` LEB128 gap), plus [`PAYLOAD_OVERHEAD`] for names and headers. The one
+    /// formula the server, the daemon and the simulator decode with.
+    pub fn for_spec(spec: &PoolSpec) -> Self {
+        let max_values = spec.num_params() as u64;
+        Self { max_values, max_raw_bytes: max_values.saturating_mul(9).saturating_add(PAYLOAD_OVERHEAD) }
+    }
 }
 
 impl Default for DecodeLimits {

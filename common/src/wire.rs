@@ -1,5 +1,5 @@
 //! Versioned protocol messages between the client daemon and the server, and the checks an
-//! update must pass before the server believes it (DESIGN.md principle 5: nothing trusted from the
+//! update must pass before the server believes it (docs/design.md, principle 5: nothing trusted from the
 //! wire).
 //!
 //! Each message travels in one frame (`frame`): its kind in the header, its body bincode-encoded.

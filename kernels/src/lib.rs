@@ -7,7 +7,7 @@
 //! (LayerNorm with the SSF folded in, RMSNorm), [`activation`] (GELU, SwiGLU), [`ssf`] (scale and
 //! shift per batch row), [`attention`] (by real length or over packed tokens; GQA, causal), and
 //! [`simd`] (vectorisable `exp`/`erf`, AVX2 + FMA builds chosen at run time); [`check`] runs them
-//! all on a device against the CPU. Planned (DESIGN.md):
+//! all on a device against the CPU. Planned:
 //! block quantization, weighted streaming accumulate, top-k; their CPU versions live in
 //! `fedpool_common::codec` today.
 

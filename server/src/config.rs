@@ -562,8 +562,7 @@ impl ServerConfig {
                 (Round(0), pool, None)
             }
         };
-        let max_values = spec.num_params() as u64;
-        let decode_limits = DecodeLimits { max_values, max_raw_bytes: u64::from(self.frame_limits().bulk) * 2 };
+        let decode_limits = DecodeLimits::for_spec(&spec);
         let engine_config = EngineConfig {
             total_rounds: self.rounds,
             clients_per_round: self.clients_per_round,

@@ -1,4 +1,4 @@
-//! Atomic round checkpoints and the round log; resume after a crash (DESIGN.md principle 6:
+//! Atomic round checkpoints and the round log; resume after a crash (docs/design.md, principle 6:
 //! nothing committed is lost).
 //!
 //! A folder holds one pool checkpoint per committed round (`round-NNNNNN.safetensors`, written by

@@ -9,7 +9,7 @@ use fedpool_client::train::{self, CurvePoint, QueryCache, Silent, TrainConfig};
 use fedpool_common::adapter::AdapterPool;
 use serde::{Deserialize, Serialize};
 
-use crate::driver::SimError;
+use crate::error::SimError;
 use crate::experiment::Experiment;
 use crate::population::Population;
 
@@ -60,7 +60,7 @@ pub fn run_centralised(
     let steps = exp.federation.rounds as usize * exp.clients_per_round() * exp.federation.local_steps as usize;
     let seed = options.init_seed.unwrap_or(exp.seed);
     let config = TrainConfig { steps, seed, eval_every: options.eval_every, ..exp.train_config()? };
-    let start = AdapterPool::init(&pop.spec, seed).map_err(|e| SimError::Setup(e.to_string()))?;
+    let start = AdapterPool::init(&pop.spec, seed)?;
     let mut queries = QueryCache::new(pop.model.config().hidden_size);
     let data = train::TrainData { train: &train_rows, eval: &eval_rows, pad_id: pop.pad_id };
     let outcome = train::train(&pop.model, &pop.spec, &start, data, &mut queries, &config, &mut Silent)?;

@@ -14,7 +14,8 @@
 use fedpool_client::session::config::AdapterSection;
 use fedpool_kernels::check::{check_device, KernelCheck};
 
-use crate::driver::{self, Quiet, SimError};
+use crate::driver::{self, Quiet};
+use crate::error::SimError;
 use crate::experiment::{Experiment, Mode, PartitionScheme};
 use crate::population::Population;
 
@@ -132,10 +133,8 @@ pub fn run(
     plan: &DeviceCheckPlan,
     report: &mut dyn FnMut(&str),
 ) -> Result<DeviceReport, DeviceCheckError> {
-    let choice: fedpool_client::device::DeviceChoice =
-        base.device.parse().map_err(|e| SimError::Setup(format!("device {:?}: {e}", base.device)))?;
-    let (device, said) =
-        fedpool_client::device::open(choice).map_err(|e| SimError::Setup(format!("device {:?}: {e}", base.device)))?;
+    let choice: fedpool_client::device::DeviceChoice = base.device.parse().map_err(SimError::Device)?;
+    let (device, said) = fedpool_client::device::open(choice).map_err(SimError::Device)?;
     let kernels = check_device(&device)?;
     report(&format!(
         "kernels checked: {} of {} within tolerance",

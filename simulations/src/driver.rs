@@ -2,7 +2,7 @@
 //! aggregator, run on a virtual clock, with virtual clients that train with the client's own
 //! trainer (in lockstep over the shared backbone, or one after another) and encode with the
 //! client's codec. Nothing of the engine, the merge, the codec or the model is re-implemented:
-//! the driver only moves messages and advances the clock (DESIGN.md principle 2).
+//! the driver only moves messages and advances the clock (docs/design.md, principle 2).
 //!
 //! **Time.** Every client enrolls at time zero. When the engine sends a round's tasks at time
 //! `t`, the selected clients train at once (wall clock) and each client's update is delivered to
@@ -30,55 +30,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use fedpool_client::train::{self, EvalMetrics, QueryCache, Silent, TrainConfig, TrainError};
+use fedpool_client::participant::{LocalResult, Participant, ParticipantConfig};
+use fedpool_client::train::{self, EvalMetrics, QueryCache, Silent, TrainConfig};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta};
-use fedpool_common::checkpoint::CheckpointError;
-use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta};
+use fedpool_common::codec::{CodecSettings, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
-use fedpool_common::wire::{
-    Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update, PROTOCOL_VERSION,
-};
+use fedpool_common::wire::{EvalTask, RoundTask, TrainMetrics, TripletImportance, Update};
 use fedpool_common::Round;
 use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, RoundRecord, Time};
 
+use crate::error::SimError;
 use crate::experiment::{Experiment, Mode};
 use crate::network::NetworkModel;
 use crate::population::Population;
 use crate::report::{RoundRow, Summary};
 use crate::spill::{ParkedUpload, Spill};
-use crate::tenancy::{self, TenancyError, VirtualClient};
-
-/// Why a simulation stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SimError {
-    /// The engine, the aggregator or the network model could not be set up.
-    #[error("setting up: {0}")]
-    Setup(String),
-    /// The engine stopped with an error.
-    #[error("round engine: {0}")]
-    Engine(String),
-    /// A client's training or evaluation failed.
-    #[error("training: {0}")]
-    Train(#[from] TrainError),
-    /// Lockstep training failed.
-    #[error("lockstep training: {0}")]
-    Tenancy(#[from] TenancyError),
-    /// A message could not be encoded or decoded.
-    #[error("{0}")]
-    Codec(String),
-    /// A client's error-feedback residual or update in flight could not be written or read back.
-    #[error("a client's state on disk: {0}")]
-    Spill(#[from] CheckpointError),
-    /// Nothing left to happen but the engine has not finished (a bug, or a population that can
-    /// never reach the quorum).
-    #[error("the simulation stalled at {seconds:.1} simulated seconds in round {round}: no event is pending and the engine waits")]
-    Stalled {
-        /// Simulated time.
-        seconds: f64,
-        /// The newest committed round.
-        round: u64,
-    },
-}
+use crate::tenancy::{self, VirtualClient};
 
 /// Told about a run's progress (the binary draws a progress bar; tests stay quiet).
 pub trait Progress {
@@ -119,9 +86,8 @@ pub struct RunOutput {
 pub fn run(exp: &Experiment, pop: &Population, progress: &mut dyn Progress) -> Result<RunOutput, SimError> {
     let mut sim = Sim::new(exp, pop, progress)?;
     sim.run()?;
-    let residual_norms = (0..pop.clients.len())
-        .map(|c| sim.spill.load(c).map(|r| r.l2_norm()))
-        .collect::<Result<_, CheckpointError>>()?;
+    let residual_norms =
+        sim.participants.iter_mut().map(|p| p.residual().map(|r| r.l2_norm())).collect::<Result<_, _>>()?;
     let missed = sim.records.iter().map(|r| r.stragglers.len() as u64).sum();
     let examples = sim.records.last().and_then(|r| r.eval.as_ref()).map_or(0, |e| e.examples);
     let summary = Summary::from_rows(&exp.name, &sim.rows, examples, missed);
@@ -136,9 +102,6 @@ pub fn run(exp: &Experiment, pop: &Population, progress: &mut dyn Progress) -> R
     })
 }
 
-/// Multiplier that gives each round its own batch order (as the daemon does).
-const ROUND_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
-
 /// Ticks in a row at one instant before the driver calls the engine stuck.
 const MAX_TICKS_AT_ONE_TIME: u32 = 1000;
 
@@ -152,11 +115,11 @@ struct Sim<'a> {
     queue: BTreeMap<(Time, u64), Queued>,
     seq: u64,
     index: HashMap<String, usize>,
-    /// Error-feedback residuals and updates in flight, on disk.
+    /// Each client's protocol state (its residuals on disk, in `spill`).
+    participants: Vec<Participant>,
+    /// Updates in flight (and the participants' residuals), on disk.
     spill: Spill,
     queries: QueryCache,
-    codec: CodecConfig,
-    limits: DecodeLimits,
     train_config: TrainConfig,
     /// Committed rounds waiting for their federated evaluation, with their global test score.
     committed: BTreeMap<u64, (RoundRecord, Option<EvalMetrics>)>,
@@ -170,17 +133,14 @@ struct Sim<'a> {
 
 impl<'a> Sim<'a> {
     fn new(exp: &'a Experiment, pop: &'a Population, progress: &'a mut dyn Progress) -> Result<Self, SimError> {
-        let setup = |e: &dyn std::fmt::Display| SimError::Setup(e.to_string());
         let spec = pop.spec.clone();
-        let aggregate = exp.aggregate.to_config().map_err(|e| setup(&e))?;
-        let merge = exp.budget.merge(&spec, aggregate).map_err(|e| setup(&e))?;
-        let planner = exp.budget.planner(&spec, exp.deadline(), exp.federation.rounds).map_err(|e| setup(&e))?;
-        let limits = DecodeLimits {
-            max_values: spec.num_params() as u64,
-            max_raw_bytes: spec.num_params() as u64 * 8 + (1 << 20),
-        };
+        let aggregate = exp.aggregate.to_config()?;
+        let merge = exp.budget.merge(&spec, aggregate)?;
+        let planner = exp.budget.planner(&spec, exp.deadline(), exp.federation.rounds)?;
         // Heartbeats and idle timeouts are a live connection's business: virtual clients stay.
         let forever = Duration::from_secs(u64::from(u32::MAX));
+        let codec =
+            |table, settings: &CodecSettings| settings.to_codec().map_err(|source| SimError::Codec { table, source });
         let config = EngineConfig {
             total_rounds: exp.federation.rounds,
             clients_per_round: exp.clients_per_round(),
@@ -190,20 +150,41 @@ impl<'a> Sim<'a> {
             deadline: exp.deadline(),
             local_steps: exp.federation.local_steps,
             seed: exp.seed,
-            download_codec: exp.download_codec.to_codec().map_err(|e| setup(&e))?,
-            decode_limits: limits,
+            download_codec: codec("download_codec", &exp.download_codec)?,
+            decode_limits: DecodeLimits::for_spec(&spec),
             backbone: pop.fingerprint,
             heartbeat: forever / 2,
             idle_timeout: forever,
             eval_deadline: Some(exp.deadline()),
         };
-        let global = AdapterPool::init(&spec, exp.seed).map_err(|e| setup(&e))?;
-        let mut engine = Engine::new(config, spec, merge, Round(0), global).map_err(|e| setup(&e))?;
+        let global = AdapterPool::init(&spec, exp.seed)?;
+        let mut engine = Engine::new(config, spec, merge, Round(0), global)?;
         if let Some(planner) = planner {
             engine = engine.with_ranks(planner);
         }
-        let network = NetworkModel::new(&exp.network, pop.clients.len(), &exp.base_dir).map_err(|e| setup(&e))?;
-        let train_config = exp.train_config().map_err(|e| setup(&e))?;
+        let network = NetworkModel::new(&exp.network, pop.clients.len(), &exp.base_dir)?;
+        let train_config = exp.train_config()?;
+        let upload_codec = codec("upload_codec", &exp.upload_codec)?;
+        let spill = Spill::new_in(&std::env::temp_dir(), pop.spec.hash()).map_err(SimError::Scratch)?;
+        let participants = (0..pop.clients.len())
+            .map(|c| {
+                let link = network.link(c);
+                let config = ParticipantConfig {
+                    spec: pop.spec.clone(),
+                    backbone: pop.fingerprint,
+                    examples: pop.clients[c].train.len() as u64,
+                    // Each client's own seed, as each institution sets its own in client.toml.
+                    seed: exp.seed.wrapping_add(c as u64),
+                    train: train_config.clone(),
+                    lora_variant: exp.train.lora_variant,
+                    codec: upload_codec,
+                    declared_upload_bps: Some(link.upload_bps as u64),
+                    declared_download_bps: Some(link.download_bps as u64),
+                    software: format!("fedpool-sim {}", env!("CARGO_PKG_VERSION")),
+                };
+                Participant::new(config, Box::new(spill.residuals(c)))
+            })
+            .collect();
         Ok(Sim {
             exp,
             pop,
@@ -213,11 +194,9 @@ impl<'a> Sim<'a> {
             queue: BTreeMap::new(),
             seq: 0,
             index: pop.clients.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect(),
-            spill: Spill::new_in(&std::env::temp_dir(), pop.spec.hash())
-                .map_err(|e| setup(&format!("a temporary folder for the clients' residuals: {e}")))?,
+            participants,
+            spill,
             queries: QueryCache::new(pop.model.config().hidden_size),
-            codec: exp.upload_codec.to_codec().map_err(|e| setup(&e))?,
-            limits,
             train_config,
             committed: BTreeMap::new(),
             round_started: HashMap::new(),
@@ -238,24 +217,10 @@ impl<'a> Sim<'a> {
         self.seq += 1;
     }
 
-    /// A client's own seed (as each institution sets its own in `client.toml`).
-    fn client_seed(&self, c: usize) -> u64 {
-        self.exp.seed.wrapping_add(c as u64)
-    }
-
     fn run(&mut self) -> Result<(), SimError> {
         let mut now = Time::ZERO;
         for c in 0..self.pop.clients.len() {
-            let link = *self.network.link(c);
-            let enroll = Enroll {
-                protocol_version: PROTOCOL_VERSION,
-                backbone: self.pop.fingerprint,
-                spec_hash: self.pop.spec.hash(),
-                declared_upload_bps: Some(link.upload_bps as u64),
-                declared_download_bps: Some(link.download_bps as u64),
-                examples: self.pop.clients[c].train.len() as u64,
-                software: format!("fedpool-sim {}", env!("CARGO_PKG_VERSION")),
-            };
+            let enroll = self.participants[c].enroll();
             let client = ClientId(self.pop.clients[c].name.clone());
             let actions = self.engine.handle(now, Event::Enroll { client, enroll });
             self.apply(now, actions)?;
@@ -303,11 +268,11 @@ impl<'a> Sim<'a> {
                 Action::SendEval { client, task } => evals.push((client, task)),
                 Action::Ack { client, ack } => {
                     let c = self.client_index(&client)?;
-                    self.spill.acknowledged(c, ack.task_id)?;
+                    self.participants[c].on_ack(ack.task_id)?;
                 }
                 Action::Reject { client, reject } => {
                     let c = self.client_index(&client)?;
-                    self.spill.refused(c, reject.task_id)?;
+                    self.participants[c].on_reject(reject.task_id)?;
                     tracing::debug!(%client, reason = ?reject.reason, "{}", reject.detail);
                 }
                 Action::Drop { client, reason } => tracing::warn!(%client, "dropped by the engine: {reason}"),
@@ -317,9 +282,8 @@ impl<'a> Sim<'a> {
                     self.committed.insert(commit.round.0, (commit.record, global));
                 }
                 Action::RecordEval { round, eval } => {
-                    let (mut record, global) = self.committed.remove(&round.0).ok_or_else(|| {
-                        SimError::Engine(format!("an evaluation of round {round} that was never committed"))
-                    })?;
+                    let (mut record, global) =
+                        self.committed.remove(&round.0).ok_or(SimError::UncommittedEval(round.0))?;
                     let wall = self.round_started.remove(&round.0).map_or(0.0, |t| t.elapsed().as_secs_f64());
                     let row = RoundRow {
                         round: round.0,
@@ -340,7 +304,7 @@ impl<'a> Sim<'a> {
                     self.records.push(record);
                 }
                 Action::Finished => self.finished = true,
-                Action::Fatal(e) => return Err(SimError::Engine(e.to_string())),
+                Action::Fatal(e) => return Err(SimError::Engine(e)),
             }
         }
         if !tasks.is_empty() {
@@ -353,13 +317,29 @@ impl<'a> Sim<'a> {
     }
 
     fn client_index(&self, client: &ClientId) -> Result<usize, SimError> {
-        self.index.get(&client.0).copied().ok_or_else(|| SimError::Engine(format!("unknown client {client}")))
+        self.index.get(&client.0).copied().ok_or_else(|| SimError::UnknownClient(client.0.clone()))
     }
 
-    /// Decodes a global pool as a client does (`codec::decode`, then `from_transfer`).
-    fn decode_global(&self, global: &EncodedDelta) -> Result<AdapterPool, SimError> {
-        let delta = codec::decode(global, &self.limits).map_err(|e| SimError::Codec(format!("global pool: {e}")))?;
-        AdapterPool::from_transfer(&delta, &self.pop.spec).map_err(|e| SimError::Codec(format!("global pool: {e}")))
+    /// The pools of the tasks' globals, decoded by their clients' participants once per distinct
+    /// encoding (every task of one send carries the same pool: memory holds one copy), and the
+    /// index of each task's pool.
+    fn decode_globals<'t>(
+        &self,
+        tasks: impl Iterator<Item = (usize, Round, &'t EncodedDelta)>,
+    ) -> Result<(Vec<AdapterPool>, Vec<usize>), SimError> {
+        let mut seen: Vec<(&EncodedDelta, AdapterPool)> = Vec::new();
+        let mut index = Vec::new();
+        for (c, round, global) in tasks {
+            let i = match seen.iter().position(|(g, _)| *g == global) {
+                Some(i) => i,
+                None => {
+                    seen.push((global, self.participants[c].decode_global(round, global)?));
+                    seen.len() - 1
+                }
+            };
+            index.push(i);
+        }
+        Ok((seen.into_iter().map(|(_, p)| p).collect(), index))
     }
 
     fn lockstep_applies(&self) -> bool {
@@ -388,28 +368,9 @@ impl<'a> Sim<'a> {
         let mode = if lockstep { "lockstep" } else { "sequential" };
         self.progress.phase(round.0, &format!("training {} clients ({mode})", work.len()));
 
-        // Every task of one send carries the same pool: decode it once per distinct encoding.
-        let mut starts: Vec<(EncodedDelta, AdapterPool)> = Vec::new();
-        let mut start_of = Vec::with_capacity(work.len());
-        for (_, _, task) in &work {
-            let i = match starts.iter().position(|(g, _)| g == &task.global) {
-                Some(i) => i,
-                None => {
-                    starts.push((task.global.clone(), self.decode_global(&task.global)?));
-                    starts.len() - 1
-                }
-            };
-            start_of.push(i);
-        }
-        let configs: Vec<TrainConfig> = work
-            .iter()
-            .map(|(c, _, task)| TrainConfig {
-                steps: task.local_steps.max(1) as usize,
-                seed: self.client_seed(*c) ^ task.round.0.wrapping_mul(ROUND_MIX),
-                lora_train: self.exp.train.lora_variant.factors(task.round.0),
-                ..self.train_config.clone()
-            })
-            .collect();
+        let (starts, start_of) = self.decode_globals(work.iter().map(|(c, _, t)| (*c, t.round, &t.global)))?;
+        let configs: Vec<TrainConfig> =
+            work.iter().map(|(c, _, task)| self.participants[*c].round_config(task)).collect();
 
         // Clients train in groups: each group's batches fit one pass (lockstep), or one client at
         // a time (sequential). A group runs all its steps, then its updates are encoded and its
@@ -449,7 +410,7 @@ impl<'a> Sim<'a> {
         work: &[(usize, ClientId, Box<RoundTask>)],
         configs: &[TrainConfig],
         start_of: &[usize],
-        starts: &[(EncodedDelta, AdapterPool)],
+        starts: &[AdapterPool],
     ) -> Result<Vec<Trained>, SimError> {
         let pop = self.pop;
         if self.lockstep_applies() {
@@ -460,7 +421,7 @@ impl<'a> Sim<'a> {
                 .map(|(((c, _, _), config), &s)| VirtualClient {
                     key: *c as u64,
                     train: &pop.clients[*c].train,
-                    start: &starts[s].1,
+                    start: &starts[s],
                     config: config.clone(),
                 })
                 .collect();
@@ -481,7 +442,7 @@ impl<'a> Sim<'a> {
         for (((c, _, _), config), &s) in work.iter().zip(configs).zip(start_of) {
             let data = train::TrainData { train: &pop.clients[*c].train, eval: &[], pad_id: pop.pad_id };
             let outcome =
-                train::train(&pop.model, &pop.spec, &starts[s].1, data, &mut self.queries, config, &mut Silent)?;
+                train::train(&pop.model, &pop.spec, &starts[s], data, &mut self.queries, config, &mut Silent)?;
             results.push(Trained {
                 delta: outcome.delta,
                 loss: outcome.metrics.train_loss,
@@ -494,37 +455,18 @@ impl<'a> Sim<'a> {
         Ok(results)
     }
 
-    /// Encodes client `c`'s trained delta for its task with the upload codec and its residual, as
-    /// the daemon does; the new residual waits in `pending` for the engine's ack.
+    /// Hands client `c`'s trained delta to its participant, which encodes it for its task with
+    /// the upload codec and its residual (staged until the engine answers), as the daemon's does.
     fn encode(&mut self, c: usize, task: &RoundTask, trained: Trained, seconds: f64) -> Result<Update, SimError> {
         self.trained_samples += trained.samples as u64;
-        // Under a rank budget only the granted triplets are sent, as the daemon does.
-        let sent = if task.rank_budget.is_empty() {
-            trained.delta
-        } else {
-            trained
-                .delta
-                .truncate_lora(&self.pop.spec, &task.granted_ranks())
-                .map_err(|e| SimError::Codec(e.to_string()))?
+        let metrics = TrainMetrics {
+            loss: trained.loss as f32,
+            accuracy: trained.accuracy as f32,
+            steps: trained.steps as u32,
+            seconds: seconds as f32,
         };
-        let mut residual = self.spill.load(c)?;
-        let delta = codec::encode(&sent, &self.codec, Some(&mut residual), task.task_id.0 ^ self.client_seed(c))
-            .map_err(|e| SimError::Codec(format!("encoding {}'s update: {e}", self.pop.clients[c].name)))?;
-        self.spill.stage(c, task.task_id, &residual)?;
-        Ok(Update {
-            round: task.round,
-            task_id: task.task_id,
-            nonce: task.nonce,
-            examples: self.pop.clients[c].train.len() as u64,
-            delta,
-            metrics: TrainMetrics {
-                loss: trained.loss as f32,
-                accuracy: trained.accuracy as f32,
-                steps: trained.steps as u32,
-                seconds: seconds as f32,
-            },
-            importance: trained.importance,
-        })
+        let result = LocalResult { delta: trained.delta, metrics, importance: trained.importance };
+        Ok(self.participants[c].finish(task, result)?)
     }
 
     /// Scores the global pool of each evaluation task on its client's held-out examples; the
@@ -532,26 +474,20 @@ impl<'a> Sim<'a> {
     fn evaluate(&mut self, now: Time, evals: Vec<(ClientId, Box<EvalTask>)>) -> Result<(), SimError> {
         let round = evals[0].1.round;
         self.progress.phase(round.0, &format!("evaluating on {} clients", evals.len()));
-        let mut pools: Vec<(EncodedDelta, AdapterPool)> = Vec::new();
-        for (client, task) in evals {
-            let c = self.client_index(&client)?;
-            let i = match pools.iter().position(|(g, _)| g == &task.global) {
-                Some(i) => i,
-                None => {
-                    pools.push((task.global.clone(), self.decode_global(&task.global)?));
-                    pools.len() - 1
-                }
-            };
+        let clients = evals.iter().map(|(client, _)| self.client_index(client)).collect::<Result<Vec<_>, _>>()?;
+        let (pools, pool_of) =
+            self.decode_globals(clients.iter().zip(&evals).map(|(&c, (_, t))| (c, t.round, &t.global)))?;
+        for (((client, task), &c), &i) in evals.into_iter().zip(&clients).zip(&pool_of) {
             let m = train::evaluate_pool(
                 &self.pop.model,
                 &self.pop.spec,
-                &pools[i].1,
+                &pools[i],
                 &self.pop.clients[c].eval,
                 &mut self.queries,
                 &self.train_config,
                 self.pop.pad_id,
             )?;
-            let report = EvalReport { round: task.round, task_id: task.task_id, metrics: m.to_wire() };
+            let report = self.participants[c].finish_eval(&task, m.to_wire());
             let wire_bytes = frame_len(&report)?;
             self.push(now, Event::EvalReport { client, report, wire_bytes });
         }
@@ -598,5 +534,5 @@ struct Trained {
 
 /// Bytes a message takes on the wire: frame header + body.
 fn frame_len<T: serde::Serialize + ?Sized>(message: &T) -> Result<u64, SimError> {
-    frame::encoded_len(message).map(|n| (n + HEADER_LEN) as u64).map_err(|e| SimError::Codec(e.to_string()))
+    Ok((frame::encoded_len(message)? + HEADER_LEN) as u64)
 }

@@ -413,8 +413,8 @@ impl Experiment {
     /// The local training settings every client uses (steps and seed are set per task): a
     /// constant learning rate without warm-up, since each round continues one run (as the
     /// daemon trains).
-    pub fn train_config(&self) -> Result<TrainConfig, crate::driver::SimError> {
-        let options = self.adapter.to_options().map_err(|e| crate::driver::SimError::Setup(e.to_string()))?;
+    pub fn train_config(&self) -> Result<TrainConfig, crate::error::SimError> {
+        let options = self.adapter.to_options()?;
         Ok(self.train.round_config(options.choice, self.seed))
     }
 
@@ -422,7 +422,7 @@ impl Experiment {
     pub fn model_dir(&self) -> PathBuf {
         match &self.model {
             Some(p) => self.base_dir.join(p),
-            None => fedpool_client::cli::default_model_dir(),
+            None => fedpool_client::setup::default_model_dir(),
         }
     }
 

@@ -6,11 +6,12 @@
 //! client's data; the [`driver`] runs the server's round engine on a virtual clock with the
 //! clients training in lockstep ([`tenancy`]) or one after another; [`outputs`] and [`report`]
 //! write `rounds.csv`, `summary.json` and the plots; [`centralised`] gives the reference number
-//! of training on the union of the clients' data.
+//! of training on the union of the clients' data; [`error`] says why a run stopped.
 
 pub mod centralised;
 pub mod device_check;
 pub mod driver;
+pub mod error;
 pub mod experiment;
 pub mod network;
 pub mod outputs;

@@ -5,11 +5,12 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use fedpool_client::data::{load_spec, Dataset};
-use fedpool_client::device::{self, DeviceChoice};
+use fedpool_client::data::{load_spec, DataError, Dataset};
+use fedpool_client::device::{DeviceChoice, DeviceError};
 use fedpool_client::model::BertEncoder;
-use fedpool_client::spec::pool_spec;
-use fedpool_client::train::{encode_examples, tokenizer_for_training, Encoded};
+use fedpool_client::setup::{Backbone, SetupError};
+use fedpool_client::spec::UnknownAdapter;
+use fedpool_client::train::Encoded;
 use fedpool_common::adapter::PoolSpec;
 use fedpool_common::BackboneFingerprint;
 use rand::seq::SliceRandom;
@@ -22,9 +23,24 @@ use crate::partition::{self, Item, NamedPartition, Partition};
 /// Why the population could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum PopulationError {
-    /// The model, the data, the device or the spec could not be set up.
+    /// The model, the tokenizer or the spec could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The experiment's `device` names no device.
+    #[error("device: {0}")]
+    Device(#[from] DeviceError),
+    /// `[adapter] kind` names no adapter.
+    #[error("adapter.kind: {0}")]
+    Adapter(#[from] UnknownAdapter),
+    /// The data, or a client's share of it, could not be loaded.
+    #[error("data: {0}")]
+    Data(#[from] DataError),
+    /// `global_test` is malformed.
+    #[error(transparent)]
+    Experiment(#[from] crate::experiment::ExperimentError),
+    /// The experiment's settings contradict each other or its split file.
     #[error("{0}")]
-    Setup(String),
+    Inconsistent(String),
     /// The partition could not be made.
     #[error(transparent)]
     Partition(#[from] partition::PartitionError),
@@ -167,37 +183,18 @@ impl Population {
     /// Loads the backbone and the data of `exp`, deals the data to its clients, splits and
     /// tokenizes each client's share.
     pub fn load(exp: &Experiment) -> Result<Self, PopulationError> {
-        let setup = |what: &str, e: &dyn std::fmt::Display| PopulationError::Setup(format!("{what}: {e}"));
-        let model_dir = exp.model_dir();
-        if !model_dir.is_dir() {
-            return Err(PopulationError::Setup(format!(
-                "model folder {} not found (run scripts/fetch-assets.sh, or set `model` in the experiment)",
-                model_dir.display()
-            )));
-        }
-        let choice: DeviceChoice = exp.device.parse().map_err(|e| setup("device", &e))?;
-        let (device, said) = device::open(choice).map_err(|e| setup("device", &e))?;
-        let model = BertEncoder::load(&model_dir, &device).map_err(|e| setup(&model_dir.display().to_string(), &e))?;
-        let fingerprint =
-            BackboneFingerprint::of_model_dir(&model_dir).map_err(|e| setup(&model_dir.display().to_string(), &e))?;
-        let dataset = load_spec(&exp.data_spec(), &exp.data_options).map_err(|e| setup("data", &e))?;
-        let options = exp.adapter.to_options().map_err(|e| setup("adapter.kind", &e))?;
-        let spec = pool_spec(model.config(), &options, dataset.num_labels()).map_err(|e| setup("adapter", &e))?;
+        let choice: DeviceChoice = exp.device.parse()?;
+        let backbone = Backbone::load(&exp.model_dir(), choice, exp.train.max_len)?;
+        let dataset = load_spec(&exp.data_spec(), &exp.data_options)?;
+        let options = exp.adapter.to_options()?;
+        let spec = backbone.pool_spec(&options, dataset.num_labels())?;
         let split = deal(exp, &dataset)?;
-
-        let max_len = exp.train.max_len;
-        let tokenizer =
-            tokenizer_for_training(&model_dir.join("tokenizer.json"), max_len).map_err(|e| setup("tokenizer", &e))?;
-        let pad_id = tokenizer.inner().get_padding().map_or(0, |p| p.pad_id);
-        let encode = |set: &Dataset| {
-            encode_examples(&tokenizer, set.examples.iter().map(|e| (e.id, e.text.as_str(), e.label)))
-                .map_err(|e| setup("tokenizing", &e))
-        };
+        let encode = |set: &Dataset| backbone.encode(&set.examples);
         let mut clients = Vec::with_capacity(split.names.len());
         // Every example some client holds: its share, training and held-out.
         let mut held: HashSet<u64> = HashSet::new();
         if split.tests.is_some() && exp.max_examples_per_client.is_some() {
-            return Err(PopulationError::Setup(
+            return Err(PopulationError::Inconsistent(
                 "the split file gives each client's training and held-out ids: max_examples_per_client would cut them"
                     .into(),
             ));
@@ -208,11 +205,11 @@ impl Population {
                 ids.shuffle(&mut ChaCha8Rng::seed_from_u64(exp.seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
                 ids.truncate(max);
             }
-            let share = dataset.subset(&ids).map_err(|e| setup(name, &e))?;
+            let share = dataset.subset(&ids)?;
             let test_ids = split.tests.as_ref().and_then(|t| t.get(c));
             held.extend(ids.iter().chain(test_ids.into_iter().flatten()));
             let (train_set, mut test_set) = match test_ids {
-                Some(test_ids) => (share.clone(), dataset.subset(test_ids).map_err(|e| setup(name, &e))?),
+                Some(test_ids) => (share.clone(), dataset.subset(test_ids)?),
                 None => share.split(exp.test_fraction, exp.seed.wrapping_add(c as u64)),
             };
             if let Some(max) = exp.eval_max_examples {
@@ -235,13 +232,15 @@ impl Population {
         let eval: usize = clients.iter().map(|c| c.eval.len()).sum();
         let global = global_test.as_ref().map_or(String::new(), |g| format!(", a global test set of {}", g.len()));
         let description = format!(
-            "{said}; {}: {} clients, {train} training and {eval} held-out examples{global}, {} labels; {} adapter, {} trainable values per client",
+            "{}; {}: {} clients, {train} training and {eval} held-out examples{global}, {} labels; {} adapter, {} trainable values per client",
+            backbone.device,
             exp.data,
             clients.len(),
             dataset.num_labels(),
             exp.adapter.kind,
             spec.num_params()
         );
+        let Backbone { model, fingerprint, pad_id, .. } = backbone;
         Ok(Population { model, fingerprint, spec, pad_id, clients, global_test, description })
     }
 }
@@ -259,8 +258,7 @@ fn global_test_set(
     held: &HashSet<u64>,
     clients: &[ClientData],
 ) -> Result<Option<Dataset>, PopulationError> {
-    let setup = |e: &dyn std::fmt::Display| PopulationError::Setup(e.to_string());
-    let ids = match exp.global_test_set().map_err(|e| setup(&e))? {
+    let ids = match exp.global_test_set()? {
         None => return Ok(None),
         Some(GlobalTest::Unused(wanted)) => {
             let mut unused: Vec<u64> = dataset.examples.iter().map(|e| e.id).filter(|id| !held.contains(id)).collect();
@@ -273,7 +271,7 @@ fn global_test_set(
         }
         Some(GlobalTest::File(path)) => read_global_test_file(&path, dataset, clients)?,
     };
-    Ok(Some(dataset.subset(&ids).map_err(|e| setup(&e))?))
+    Ok(Some(dataset.subset(&ids)?))
 }
 
 /// Reads and checks a global test file: a non-empty JSON array of distinct ids of `dataset`'s
@@ -322,7 +320,7 @@ fn deal(exp: &Experiment, dataset: &Dataset) -> Result<NamedPartition, Populatio
         PartitionScheme::File { file } => {
             let split = partition::from_split_file(&exp.base_dir.join(file), &items)?;
             if split.names.len() != exp.clients {
-                return Err(PopulationError::Setup(format!(
+                return Err(PopulationError::Inconsistent(format!(
                     "split file {} names {} clients but the experiment has clients = {}",
                     exp.base_dir.join(file).display(),
                     split.names.len(),

@@ -1,4 +1,4 @@
-//! The simulator's outputs (DESIGN.md, "The command line"): `rounds.csv` (one [`RoundRow`] a
+//! The simulator's outputs (docs/design.md, "The command line"): `rounds.csv` (one [`RoundRow`] a
 //! round), `summary.json` (a [`Summary`]) and charts of accuracy against rounds and bytes, and of
 //! simulated time per round ([`plot_runs`]).
 //!
@@ -22,7 +22,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// The exact header of `rounds.csv`: DESIGN.md's ("The command line"), then the global test set's
+/// The exact header of `rounds.csv`: docs/design.md's ("The command line"), then the global test set's
 /// metrics.
 pub const ROUNDS_CSV_HEADER: [&str; 11] = [
     "round",
@@ -252,7 +252,7 @@ pub fn read_rounds_csv(path: &Path) -> Result<Vec<RoundRow>, ReportError> {
     Ok(rows)
 }
 
-/// `summary.json`: one run in one object (DESIGN.md, "The command line").
+/// `summary.json`: one run in one object (docs/design.md, "The command line").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// The run's name (the experiment, or the arm of a comparison).

@@ -2,9 +2,9 @@
 //!
 //! - **Error-feedback residuals.** A lossy upload codec leaves each client a residual (what its
 //!   uploads left out), as large as the part of the pool it trained, and it must outlive the round.
-//!   The files are the daemon's own ([`ResidualStore`]): a client's residual is replaced only once
-//!   the engine **acknowledged** the update it belongs with, as in deployment; until then the new
-//!   one waits in a pending file.
+//!   [`SpilledResidual`] is each client's [`ResidualStorage`] (its `Participant` decides when a
+//!   staged residual becomes the client's: on the engine's ack); the files are the daemon's own
+//!   ([`ResidualStore`]), the staged one in a `pending` folder beside the acknowledged one.
 //! - **Uploads in flight.** A round's clients train at once, and their updates reach the engine
 //!   later, at their simulated arrival times; meanwhile each waits as its frame body on disk and
 //!   is decoded by the product's own frame decoder when it arrives.
@@ -12,15 +12,15 @@
 //! Held in memory, hundreds of clients' residuals and updates were most of a simulation's
 //! footprint; on disk, memory holds only the client being encoded or delivered.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use fedpool_client::participant::ResidualStorage;
 use fedpool_client::session::residual::ResidualStore;
 use fedpool_common::checkpoint::CheckpointError;
 use fedpool_common::codec::ErrorFeedback;
 use fedpool_common::frame;
 use fedpool_common::wire::Update;
-use fedpool_common::{SpecHash, TaskId};
+use fedpool_common::SpecHash;
 
 /// The residuals and uploads in flight of a simulation's clients, in a temporary folder removed
 /// when this is dropped.
@@ -28,15 +28,13 @@ use fedpool_common::{SpecHash, TaskId};
 pub struct Spill {
     dir: tempfile::TempDir,
     spec: SpecHash,
-    /// The task whose update each client's pending residual belongs with.
-    pending: HashMap<usize, TaskId>,
 }
 
 impl Spill {
     /// An empty spill for pools of `spec`, in a new folder under `parent`.
     pub fn new_in(parent: &Path, spec: SpecHash) -> std::io::Result<Self> {
         let dir = tempfile::Builder::new().prefix(".fedpool-sim-clients-").tempdir_in(parent)?;
-        Ok(Self { dir, spec, pending: HashMap::new() })
+        Ok(Self { dir, spec })
     }
 
     /// The folder the files are in.
@@ -44,52 +42,52 @@ impl Spill {
         self.dir.path()
     }
 
-    fn current(&self, client: usize) -> ResidualStore {
-        ResidualStore::new(&self.dir.path().join(client.to_string()), self.spec)
+    /// Client `client`'s residual storage in this folder (valid while this spill lives).
+    pub fn residuals(&self, client: usize) -> SpilledResidual {
+        let dir = self.dir.path().join(client.to_string());
+        SpilledResidual {
+            current: ResidualStore::new(&dir, self.spec),
+            staged: ResidualStore::new(&dir.join("pending"), self.spec),
+        }
+    }
+}
+
+/// One client's residuals as files: the acknowledged one and a staged one.
+#[derive(Debug)]
+pub struct SpilledResidual {
+    current: ResidualStore,
+    staged: ResidualStore,
+}
+
+impl ResidualStorage for SpilledResidual {
+    fn acknowledged(&mut self) -> Result<ErrorFeedback, CheckpointError> {
+        self.current.load()
     }
 
-    fn staged(&self, client: usize) -> ResidualStore {
-        ResidualStore::new(&self.dir.path().join(client.to_string()).join("pending"), self.spec)
+    fn stage(&mut self, residual: ErrorFeedback) -> Result<(), CheckpointError> {
+        self.staged.save(&residual)
     }
 
-    /// Client `client`'s residual as of its last acknowledged update (empty before the first).
-    pub fn load(&self, client: usize) -> Result<ErrorFeedback, CheckpointError> {
-        self.current(client).load()
-    }
-
-    /// Keeps `residual`, what client `client`'s update for `task` left out, until that update is
-    /// acknowledged or refused. A newer staged residual replaces an older one.
-    pub fn stage(&mut self, client: usize, task: TaskId, residual: &ErrorFeedback) -> Result<(), CheckpointError> {
-        self.staged(client).save(residual)?;
-        self.pending.insert(client, task);
-        Ok(())
-    }
-
-    /// The engine acknowledged client `client`'s update for `task`: its staged residual becomes
-    /// its residual. An acknowledgement of another task changes nothing.
-    pub fn acknowledged(&mut self, client: usize, task: TaskId) -> Result<(), CheckpointError> {
-        if self.pending.get(&client) != Some(&task) {
+    fn promote(&mut self) -> Result<(), CheckpointError> {
+        let (from, to) = (self.staged.path(), self.current.path());
+        if !from.exists() {
             return Ok(());
         }
-        self.pending.remove(&client);
-        let (from, to) = (self.staged(client), self.current(client));
-        std::fs::rename(from.path(), to.path()).map_err(|e| CheckpointError {
-            path: from.path().to_path_buf(),
+        std::fs::rename(from, to).map_err(|e| CheckpointError {
+            path: from.to_path_buf(),
             problem: format!("moving the acknowledged residual into place: {e}"),
         })
     }
 
-    /// The engine refused client `client`'s update for `task` (`None`: whatever it sent): the
-    /// staged residual is dropped and the client keeps the one it had, so the values are sent again.
-    pub fn refused(&mut self, client: usize, task: Option<TaskId>) -> Result<(), CheckpointError> {
-        let Some(&staged) = self.pending.get(&client) else { return Ok(()) };
-        if task.is_some_and(|t| t != staged) {
-            return Ok(());
+    fn discard(&mut self) -> Result<(), CheckpointError> {
+        let path = self.staged.path();
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CheckpointError {
+                path: path.to_path_buf(),
+                problem: format!("dropping a refused update's residual: {e}"),
+            }),
+            _ => Ok(()),
         }
-        self.pending.remove(&client);
-        let path = self.staged(client).path().to_path_buf();
-        std::fs::remove_file(&path)
-            .map_err(|e| CheckpointError { path, problem: format!("dropping a refused update's residual: {e}") })
     }
 }
 
@@ -127,7 +125,7 @@ impl Spill {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedpool_common::{HostTensor, Sha256};
+    use fedpool_common::{HostTensor, Sha256, TaskId};
     use std::collections::BTreeMap;
 
     fn residual(v: f32) -> ErrorFeedback {
@@ -136,36 +134,27 @@ mod tests {
     }
 
     #[test]
-    fn a_residual_takes_effect_on_its_ack_only_and_a_refusal_keeps_the_old_one() {
+    fn a_staged_residual_takes_effect_on_promotion_only_and_a_discard_keeps_the_old_one() {
         let parent = tempfile::tempdir().unwrap();
-        let mut r = Spill::new_in(parent.path(), SpecHash(Sha256::of(b"spec"))).unwrap();
-        assert!(r.load(3).unwrap().tensors().is_empty(), "no residual before the first update");
+        let spill = Spill::new_in(parent.path(), SpecHash(Sha256::of(b"spec"))).unwrap();
+        let mut r = spill.residuals(3);
+        assert!(r.acknowledged().unwrap().tensors().is_empty(), "no residual before the first update");
 
-        r.stage(3, TaskId(10), &residual(1.0)).unwrap();
-        assert!(r.load(3).unwrap().tensors().is_empty(), "a staged residual waits for its ack");
-        r.acknowledged(3, TaskId(99)).unwrap();
-        assert!(r.load(3).unwrap().tensors().is_empty(), "the ack of another task changes nothing");
-        r.acknowledged(3, TaskId(10)).unwrap();
-        assert_eq!(r.load(3).unwrap().tensors(), residual(1.0).tensors());
-        assert!(r.load(4).unwrap().tensors().is_empty(), "clients do not share residuals");
+        r.stage(residual(1.0)).unwrap();
+        assert!(r.acknowledged().unwrap().tensors().is_empty(), "a staged residual waits for its ack");
+        r.promote().unwrap();
+        assert_eq!(r.acknowledged().unwrap().tensors(), residual(1.0).tensors());
+        assert!(spill.residuals(4).acknowledged().unwrap().tensors().is_empty(), "clients do not share residuals");
 
-        r.stage(3, TaskId(11), &residual(2.0)).unwrap();
-        r.refused(3, Some(TaskId(12))).unwrap();
-        r.acknowledged(3, TaskId(11)).unwrap();
-        assert_eq!(
-            r.load(3).unwrap().tensors(),
-            residual(2.0).tensors(),
-            "a refusal of another task is not this one's"
-        );
+        r.stage(residual(5.0)).unwrap();
+        r.discard().unwrap();
+        r.promote().unwrap();
+        assert_eq!(r.acknowledged().unwrap().tensors(), residual(1.0).tensors(), "a discarded residual is gone");
+        r.discard().unwrap(); // nothing staged: nothing to do
 
-        r.stage(3, TaskId(13), &residual(5.0)).unwrap();
-        r.refused(3, None).unwrap();
-        r.acknowledged(3, TaskId(13)).unwrap();
-        assert_eq!(r.load(3).unwrap().tensors(), residual(2.0).tensors(), "a refused update's residual is dropped");
-
-        let dir = r.dir().to_path_buf();
+        let dir = spill.dir().to_path_buf();
         assert!(dir.starts_with(parent.path()));
-        drop(r);
+        drop(spill);
         assert!(!dir.exists(), "the folder goes with the simulation");
     }
 

@@ -2,7 +2,7 @@
 //! (`fedpool-client run`): the TLS and transport configuration both ends must agree on ([`tls`]),
 //! frames over async streams ([`framing`]), and the application close codes ([`close`]).
 //!
-//! `fedpool-common` stays free of tokio and quinn (DESIGN.md); this crate is the one place where
+//! `fedpool-common` stays free of tokio and quinn (ARCHITECTURE.md, "Dependency direction"); this crate is the one place where
 //! the protocol meets the transport, so the two ends cannot drift apart.
 
 pub mod framing;

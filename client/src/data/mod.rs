@@ -1,5 +1,5 @@
 //! Labelled text datasets for local training: [`Example`]s with a label and an optional group
-//! (a domain, a user), loaded from a data SPEC (DESIGN.md, "The command line"):
+//! (a domain, a user), loaded from a data SPEC (docs/design.md, "The command line"):
 //!
 //! - a path to a CSV, TSV or JSONL file with named text and label columns and an optional group
 //!   column ([`DataOptions`]);

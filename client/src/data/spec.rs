@@ -1,4 +1,4 @@
-//! Data SPECs: a file path or a built-in dataset name (DESIGN.md, "The command line").
+//! Data SPECs: a file path or a built-in dataset name (docs/design.md, "The command line").
 
 use std::fmt;
 use std::path::{Path, PathBuf};

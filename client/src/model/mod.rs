@@ -9,7 +9,7 @@
 //! Every op on the forward path has a backward: by default the fused kernels of `fedpool_kernels`
 //! (LayerNorm, GELU, SSF, attention, each with its own backward); with [`Kernels::Composed`]
 //! LayerNorm written from basic ops and `candle_nn::ops::softmax`. Never candle's own fused
-//! `layer_norm` / `softmax_last_dim`: they silently drop gradients (DESIGN.md, "candle pitfalls").
+//! `layer_norm` / `softmax_last_dim`: they silently drop gradients (docs/design.md, "candle pitfalls").
 
 mod bert;
 mod dropout;

@@ -1,4 +1,4 @@
-//! `client.toml`: everything the daemon needs, in one file (DESIGN.md: "one config file").
+//! `client.toml`: everything the daemon needs, in one file (docs/design.md, "Configuration").
 //! Relative paths are relative to the file's folder. `fedpool-client run --help` prints
 //! [`CONFIG_HELP`]; `client/client.example.toml` is a commented example.
 
@@ -157,7 +157,7 @@ impl TrainSection {
     pub fn round_config(&self, choice: AdapterChoice, seed: u64) -> TrainConfig {
         TrainConfig {
             batch_size: self.batch_size,
-            lr: self.lr.unwrap_or_else(|| crate::cli::default_lr(choice)),
+            lr: self.lr.unwrap_or_else(|| crate::setup::default_lr(choice)),
             head_lr: self.head_lr,
             warmup_steps: 0,
             schedule: Schedule::Constant,

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedpool_common::wire::{ClientMessage, EvalTask, Heartbeat, RejectReason, RoundTask, ServerMessage};
+use fedpool_common::wire::{ClientMessage, EvalTask, Heartbeat, RejectReason, RoundTask, ServerMessage, Update};
 use fedpool_common::TaskId;
 use fedpool_transport::close;
 use rand::Rng;
@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{ConfigError, DaemonConfig};
 use super::connection::{Connection, Dialer, Faults, FrameTap, LinkError};
-use super::local::{LocalError, LocalWork, Trained};
+use super::local::{LocalError, LocalWork};
 
 /// How the daemon ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,20 +93,20 @@ impl Job {
 /// A finished job's result, waiting to be sent.
 #[derive(Debug, Clone)]
 enum Ready {
-    Update(Box<Trained>),
+    Update(Box<Update>),
     Eval(fedpool_common::wire::EvalReport),
 }
 
 impl Ready {
     fn task_id(&self) -> TaskId {
         match self {
-            Ready::Update(t) => t.update.task_id,
+            Ready::Update(u) => u.task_id,
             Ready::Eval(r) => r.task_id,
         }
     }
 }
 
-type Running = (TaskId, JoinHandle<Result<Ready, LocalError>>);
+type Running = (TaskId, JoinHandle<Result<Ready, DaemonError>>);
 
 /// The daemon's state across connections.
 struct Daemon {
@@ -191,7 +191,7 @@ impl Daemon {
             .connect(addr, self.options.tap.clone(), self.options.faults)
             .await
             .map_err(|e| SessionError::Retry(e.to_string()))?;
-        let enroll = self.local.lock().map_err(|_| fatal_poison())?.enroll_message();
+        let enroll = self.local.lock().map_err(|_| fatal_poison())?.participant().enroll();
         let heartbeat_secs = match conn.exchange(&ClientMessage::Enroll(enroll)).await {
             Ok(ServerMessage::Welcome(w)) => {
                 tracing::info!(name = %w.client_name, round = %w.round, "enrolled with {addr}");
@@ -236,8 +236,8 @@ impl Daemon {
                                 return Ok(end);
                             }
                         }
-                        Ok(Err(e @ LocalError::BadGlobal { .. })) => tracing::error!("task abandoned: {e}"),
-                        Ok(Err(e)) => return Err(SessionError::Fatal(e.into())),
+                        Ok(Err(DaemonError::Local(e))) if e.is_bad_task() => tracing::error!("task abandoned: {e}"),
+                        Ok(Err(e)) => return Err(SessionError::Fatal(e)),
                         Err(e) => return Err(SessionError::Fatal(DaemonError::Job(e.to_string()))),
                     }
                 }
@@ -296,11 +296,11 @@ impl Daemon {
         let local = self.local.clone();
         let id = job.task_id();
         let handle = tokio::task::spawn_blocking(move || {
-            let mut local = local.lock().map_err(|_| LocalError::Setup("local state poisoned".into()))?;
-            match job {
-                Job::Train(task) => local.train_task(&task).map(|t| Ready::Update(Box::new(t))),
-                Job::Eval(task) => local.evaluate_task(&task).map(Ready::Eval),
-            }
+            let mut local = local.lock().map_err(|_| DaemonError::Job("local state poisoned".into()))?;
+            Ok(match job {
+                Job::Train(task) => Ready::Update(Box::new(local.train_task(&task)?)),
+                Job::Eval(task) => Ready::Eval(local.evaluate_task(&task)?),
+            })
         });
         self.running = Some((id, handle));
     }
@@ -314,7 +314,7 @@ impl Daemon {
     ) -> Result<Option<ConnEnd>, SessionError> {
         let Some(ready) = self.ready.clone() else { return Ok(None) };
         let msg = match &ready {
-            Ready::Update(t) => ClientMessage::Update(t.update.clone()),
+            Ready::Update(u) => ClientMessage::Update(u.as_ref().clone()),
             Ready::Eval(r) => ClientMessage::EvalReport(*r),
         };
         let answer = tokio::select! {
@@ -328,19 +328,9 @@ impl Daemon {
         match answer {
             Ok(ServerMessage::Ack(a)) => {
                 self.ready = None;
-                if let Ready::Update(t) = ready {
-                    let local = self.local.clone();
-                    let residual = t.residual.clone();
-                    let saved = tokio::task::spawn_blocking(move || {
-                        local
-                            .lock()
-                            .map_err(|_| LocalError::Setup("local state poisoned".into()))?
-                            .commit_residual(residual)
-                    })
-                    .await
-                    .map_err(|e| SessionError::Fatal(DaemonError::Job(e.to_string())))?;
-                    saved.map_err(|e| SessionError::Fatal(e.into()))?;
-                    tracing::info!(round = %a.round, task = %a.task_id, bytes = t.update.delta.wire_len(), "update accepted");
+                if let Ready::Update(u) = ready {
+                    self.with_local(move |local| local.on_ack(a.task_id)).await?;
+                    tracing::info!(round = %a.round, task = %a.task_id, bytes = u.delta.wire_len(), "update accepted");
                 } else {
                     tracing::info!(round = %a.round, "evaluation accepted");
                 }
@@ -354,6 +344,9 @@ impl Daemon {
                 } else {
                     tracing::warn!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
                 }
+                if let Ready::Update(u) = ready {
+                    self.with_local(move |local| local.on_reject(Some(u.task_id))).await?;
+                }
                 Ok(None)
             }
             Ok(other) => {
@@ -365,6 +358,24 @@ impl Daemon {
                 Err(e) => Err(e),
             },
         }
+    }
+}
+
+impl Daemon {
+    /// Runs `f` on the local state on a blocking thread (it may write the state folder); a
+    /// failure stops the daemon.
+    async fn with_local<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut LocalWork) -> Result<T, LocalError> + Send + 'static,
+    ) -> Result<T, SessionError> {
+        let local = self.local.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut local = local.lock().map_err(|_| DaemonError::Job("local state poisoned".into()))?;
+            f(&mut local).map_err(DaemonError::from)
+        })
+        .await
+        .map_err(|e| SessionError::Fatal(DaemonError::Job(e.to_string())))?;
+        done.map_err(SessionError::Fatal)
     }
 }
 

@@ -1,79 +1,71 @@
-//! The daemon's local work, as library calls on blocking threads (DESIGN.md principle 1: "local
+//! The daemon's local work, as library calls on blocking threads (docs/design.md, principle 1: "local
 //! training is a library call; the daemon only moves bytes"): the frozen backbone, the private
 //! data (split into training and held-out examples once), the frozen-query cache kept across
 //! rounds, and the error-feedback residual. A [`RoundTask`] becomes an [`Update`]; an
 //! [`EvalTask`] becomes an [`EvalReport`]. Nothing of the data is in either: only the encoded
-//! delta, counts and metrics.
+//! delta, counts and metrics. The protocol steps (decoding the global, the grant, encoding with
+//! the residual, the `Update`, the residual's ack) are the [`Participant`]'s; this module trains.
 
 use std::time::Instant;
 
-use fedpool_common::adapter::{AdapterPool, PoolSpec};
-use fedpool_common::codec::EncodedDelta;
-use fedpool_common::codec::{self, CodecConfig, DecodeLimits, ErrorFeedback};
-use fedpool_common::wire::{Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, Update, PROTOCOL_VERSION};
-use fedpool_common::BackboneFingerprint;
+use fedpool_common::checkpoint::CheckpointError;
+use fedpool_common::codec::ErrorFeedback;
+use fedpool_common::wire::{EvalReport, EvalTask, RoundTask, TrainMetrics, Update};
+use fedpool_common::TaskId;
 
-use super::config::DaemonConfig;
+use super::config::{ConfigError, DaemonConfig};
 use super::residual::ResidualStore;
-use crate::data::{load_spec, DataOptions};
-use crate::device;
-use crate::model::BertEncoder;
-use crate::spec::pool_spec;
-use crate::train::{
-    self, encode_examples, tokenizer_for_training, Encoded, LoraVariant, QueryCache, Silent, TrainConfig,
-};
+use crate::data::{load_spec, DataError, DataOptions};
+use crate::participant::{LocalResult, Participant, ParticipantConfig, ParticipantError};
+use crate::setup::{Backbone, SetupError};
+use crate::train::{self, Encoded, QueryCache, Silent, TrainConfig};
 
 /// Why local work failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    /// Setting up (model, data, device, spec) failed.
-    #[error("{0}")]
-    Setup(String),
-    /// The task's global pool could not be decoded or does not fit the spec.
-    #[error("the server's global pool of round {round} is unusable: {problem}")]
-    BadGlobal {
-        /// The round.
-        round: fedpool_common::Round,
-        /// What was wrong.
-        problem: String,
+    /// A field of `client.toml` is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The model, the device or the tokenizer could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The private data could not be loaded.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The data leaves nothing to train on.
+    #[error("data {data} leaves no training example{}", shard.as_ref().map_or(String::new(), |s| format!(" in shard {s}")))]
+    NoTrainingData {
+        /// The data source.
+        data: String,
+        /// The shard, if one was asked for.
+        shard: Option<String>,
     },
+    /// A protocol step failed (an unusable global pool, encoding, the residual).
+    #[error(transparent)]
+    Protocol(#[from] ParticipantError),
     /// Training or evaluation failed.
     #[error(transparent)]
     Train(#[from] train::TrainError),
-    /// The delta could not be encoded.
-    #[error("encoding the update: {0}")]
-    Encode(String),
-    /// The residual could not be read or written.
+    /// The saved residual could not be read.
     #[error(transparent)]
-    Residual(#[from] fedpool_common::checkpoint::CheckpointError),
+    Residual(#[from] CheckpointError),
 }
 
-/// A trained update, and the residual to keep once the server acknowledges it.
-#[derive(Debug, Clone)]
-pub struct Trained {
-    /// The message to upload.
-    pub update: Update,
-    /// The error-feedback residual after this update.
-    pub residual: ErrorFeedback,
+impl LocalError {
+    /// True when the error belongs to the server's task (an unusable global pool): the daemon
+    /// abandons the task and keeps serving.
+    pub fn is_bad_task(&self) -> bool {
+        matches!(self, Self::Protocol(e) if e.is_bad_task())
+    }
 }
 
-/// Everything local: model, data, caches, residual.
+/// Everything local: model, data, caches, and the client's protocol state.
 pub struct LocalWork {
-    model: BertEncoder,
-    spec: PoolSpec,
-    fingerprint: BackboneFingerprint,
+    backbone: Backbone,
     train_rows: Vec<Encoded>,
     eval_rows: Vec<Encoded>,
-    pad_id: u32,
     queries: QueryCache,
-    train_config: TrainConfig,
-    /// Which LoRA factors train in which round.
-    lora_variant: LoraVariant,
-    codec: CodecConfig,
-    residual: ErrorFeedback,
-    residual_store: ResidualStore,
-    declared: (Option<u64>, Option<u64>),
-    seed: u64,
+    participant: Participant,
 }
 
 impl std::fmt::Debug for LocalWork {
@@ -88,16 +80,8 @@ impl std::fmt::Debug for LocalWork {
 impl LocalWork {
     /// Loads the backbone and the data, splits it, and reads the saved residual.
     pub fn load(config: &DaemonConfig) -> Result<Self, LocalError> {
-        let setup = |e: &dyn std::fmt::Display| LocalError::Setup(e.to_string());
-        if !config.model.is_dir() {
-            return Err(LocalError::Setup(format!("model folder {} not found", config.model.display())));
-        }
-        let choice = config.device_choice().map_err(|e| setup(&e))?;
-        let (device, said) = device::open(choice).map_err(|e| setup(&e))?;
-        tracing::info!("device: {said}");
-        let model = BertEncoder::load(&config.model, &device).map_err(|e| setup(&e))?;
-        let fingerprint = BackboneFingerprint::of_model_dir(&config.model)
-            .map_err(|e| LocalError::Setup(format!("{}: {e}", config.model.display())))?;
+        let backbone = Backbone::load(&config.model, config.device_choice()?, config.train.max_len)?;
+        tracing::info!("device: {}", backbone.device);
 
         let options = DataOptions {
             text_column: config.text_column.clone(),
@@ -105,17 +89,19 @@ impl LocalWork {
             labels: config.labels.clone(),
             ..DataOptions::default()
         };
-        let mut dataset = load_spec(&config.data, &options).map_err(|e| setup(&e))?;
-        if let Some((k, n)) = config.shard().map_err(|e| setup(&e))? {
-            dataset =
-                dataset.shard(k, n, config.seed).ok_or_else(|| LocalError::Setup(format!("bad shard {k}/{n}")))?;
+        let mut dataset = load_spec(&config.data, &options)?;
+        if let Some((k, n)) = config.shard()? {
+            // `shard()` checked 0 <= k < n, so `Dataset::shard` (None only otherwise) gives one.
+            if let Some(shard) = dataset.shard(k, n, config.seed) {
+                dataset = shard;
+            }
         }
         if let Some(max) = config.max_examples {
             dataset.examples.truncate(max);
         }
         let (train_set, mut test_set) = dataset.split(config.test_fraction, config.seed);
         if train_set.is_empty() {
-            return Err(LocalError::Setup(format!("data {} leaves no training example", config.data)));
+            return Err(LocalError::NoTrainingData { data: config.data.clone(), shard: config.shard.clone() });
         }
         if let Some(max) = config.eval_max_examples {
             test_set.examples.truncate(max);
@@ -127,19 +113,11 @@ impl LocalWork {
             test_set.len(),
             dataset.num_labels()
         );
+        let train_rows = backbone.encode(&train_set.examples)?;
+        let eval_rows = backbone.encode(&test_set.examples)?;
 
-        let max_len = config.train.max_len;
-        let tokenizer = tokenizer_for_training(&config.model.join("tokenizer.json"), max_len).map_err(|e| setup(&e))?;
-        let pad_id = tokenizer.inner().get_padding().map_or(0, |p| p.pad_id);
-        let encode = |set: &crate::data::Dataset| {
-            encode_examples(&tokenizer, set.examples.iter().map(|e| (e.id, e.text.as_str(), e.label)))
-        };
-        let train_rows = encode(&train_set).map_err(|e| setup(&e))?;
-        let eval_rows = encode(&test_set).map_err(|e| setup(&e))?;
-
-        let options = config.adapter_options().map_err(|e| setup(&e))?;
-        let spec = pool_spec(model.config(), &options, dataset.num_labels()).map_err(|e| setup(&e))?;
-        let train_config = config.train.round_config(options.choice, config.seed);
+        let options = config.adapter_options()?;
+        let spec = backbone.pool_spec(&options, dataset.num_labels())?;
         let residual_store = ResidualStore::new(&config.state_dir, spec.hash());
         let residual = residual_store.load()?;
         if !residual.tensors().is_empty() {
@@ -149,33 +127,33 @@ impl LocalWork {
                 "error-feedback residual restored"
             );
         }
-        let queries = QueryCache::new(model.config().hidden_size);
-        Ok(Self {
-            model,
-            spec,
-            fingerprint,
-            train_rows,
-            eval_rows,
-            pad_id,
-            queries,
-            train_config,
-            lora_variant: config.train.lora_variant,
-            codec: config.upload_codec().map_err(|e| setup(&e))?,
-            residual,
-            residual_store,
-            declared: (config.declared_upload_bps, config.declared_download_bps),
-            seed: config.seed,
-        })
+        let participant = Participant::new(
+            ParticipantConfig {
+                spec,
+                backbone: backbone.fingerprint,
+                examples: train_rows.len() as u64,
+                seed: config.seed,
+                train: config.train.round_config(options.choice, config.seed),
+                lora_variant: config.train.lora_variant,
+                codec: config.upload_codec()?,
+                declared_upload_bps: config.declared_upload_bps,
+                declared_download_bps: config.declared_download_bps,
+                software: format!("fedpool-client {}", env!("CARGO_PKG_VERSION")),
+            },
+            Box::new(residual_store.into_storage(residual)),
+        );
+        let queries = QueryCache::new(backbone.model.config().hidden_size);
+        Ok(Self { backbone, train_rows, eval_rows, queries, participant })
     }
 
-    /// The pool layout this client trains.
-    pub fn spec(&self) -> &PoolSpec {
-        &self.spec
+    /// The client's protocol state (spec, enrollment, staged residual).
+    pub fn participant(&self) -> &Participant {
+        &self.participant
     }
 
     /// The residual as last acknowledged.
-    pub fn residual(&self) -> &ErrorFeedback {
-        &self.residual
+    pub fn residual(&mut self) -> Result<ErrorFeedback, LocalError> {
+        Ok(self.participant.residual()?)
     }
 
     /// Training examples held.
@@ -183,102 +161,62 @@ impl LocalWork {
         self.train_rows.len()
     }
 
-    /// The enrollment message: protocol, backbone fingerprint, spec hash, counts.
-    pub fn enroll_message(&self) -> Enroll {
-        Enroll {
-            protocol_version: PROTOCOL_VERSION,
-            backbone: self.fingerprint,
-            spec_hash: self.spec.hash(),
-            declared_upload_bps: self.declared.0,
-            declared_download_bps: self.declared.1,
-            examples: self.train_rows.len() as u64,
-            software: format!("fedpool-client {}", env!("CARGO_PKG_VERSION")),
-        }
-    }
-
-    fn decode_global(&self, round: fedpool_common::Round, global: &EncodedDelta) -> Result<AdapterPool, LocalError> {
-        let bad = |p: String| LocalError::BadGlobal { round, problem: p };
-        let limits = DecodeLimits {
-            max_values: self.spec.num_params() as u64,
-            max_raw_bytes: self.spec.num_params() as u64 * 8 + (1 << 20),
-        };
-        let delta = codec::decode(global, &limits).map_err(|e| bad(e.to_string()))?;
-        AdapterPool::from_transfer(&delta, &self.spec).map_err(|e| bad(e.to_string()))
-    }
-
-    /// Trains on the task's global pool for its local steps and encodes the delta (with the
-    /// residual added in and the new residual returned, not yet saved).
-    pub fn train_task(&mut self, task: &RoundTask) -> Result<Trained, LocalError> {
-        let start = self.decode_global(task.round, &task.global)?;
-        let config = TrainConfig {
-            steps: task.local_steps.max(1) as usize,
-            // A new batch order every round.
-            seed: self.seed ^ task.round.0.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            lora_train: self.lora_variant.factors(task.round.0),
-            ..self.train_config.clone()
-        };
-        let data = train::TrainData { train: &self.train_rows, eval: &[], pad_id: self.pad_id };
-        let outcome = train::train(&self.model, &self.spec, &start, data, &mut self.queries, &config, &mut Silent)?;
-        // Under a rank budget only the granted triplets are sent (the others were not sent to
-        // this client either: they are zero and stayed zero in training).
-        let delta = if task.rank_budget.is_empty() {
-            outcome.delta
-        } else {
-            outcome
-                .delta
-                .truncate_lora(&self.spec, &task.granted_ranks())
-                .map_err(|e| LocalError::Encode(e.to_string()))?
-        };
-        let raw_bytes = delta.num_values() * 4;
-        let mut residual = self.residual.clone();
-        let delta = codec::encode(&delta, &self.codec, Some(&mut residual), task.task_id.0 ^ self.seed)
-            .map_err(|e| LocalError::Encode(e.to_string()))?;
+    /// Trains on the task's global pool for its local steps and returns the encoded update (its
+    /// residual staged until the server answers: [`LocalWork::on_ack`]).
+    pub fn train_task(&mut self, task: &RoundTask) -> Result<Update, LocalError> {
+        let (start, config): (_, TrainConfig) = self.participant.begin(task)?;
+        let b = &self.backbone;
+        let data = train::TrainData { train: &self.train_rows, eval: &[], pad_id: b.pad_id };
+        let outcome =
+            train::train(&b.model, self.participant.spec(), &start, data, &mut self.queries, &config, &mut Silent)?;
         let m = &outcome.metrics;
+        let metrics = TrainMetrics {
+            loss: m.train_loss as f32,
+            accuracy: m.train_accuracy as f32,
+            steps: m.steps as u32,
+            seconds: m.train_seconds as f32,
+        };
+        let raw_bytes = outcome.delta.num_values() * 4;
+        let update = self
+            .participant
+            .finish(task, LocalResult { delta: outcome.delta, metrics, importance: outcome.importance })?;
         tracing::info!(
             round = %task.round,
-            steps = m.steps,
-            loss = m.train_loss,
-            seconds = m.train_seconds,
+            steps = metrics.steps,
+            loss = metrics.loss,
+            seconds = metrics.seconds,
             raw_bytes,
-            encoded_bytes = delta.wire_len(),
+            encoded_bytes = update.delta.wire_len(),
             "trained"
         );
-        let update = Update {
-            round: task.round,
-            task_id: task.task_id,
-            nonce: task.nonce,
-            examples: self.train_rows.len() as u64,
-            delta,
-            metrics: TrainMetrics {
-                loss: m.train_loss as f32,
-                accuracy: m.train_accuracy as f32,
-                steps: m.steps as u32,
-                seconds: m.train_seconds as f32,
-            },
-            importance: outcome.importance,
-        };
-        Ok(Trained { update, residual })
+        Ok(update)
     }
 
-    /// The server acknowledged the update that left `residual`: keep it, on disk first.
-    pub fn commit_residual(&mut self, residual: ErrorFeedback) -> Result<(), LocalError> {
-        self.residual_store.save(&residual)?;
-        self.residual = residual;
-        Ok(())
+    /// The server acknowledged the update for `task`: its residual becomes the client's, on
+    /// disk first. False when that update's residual is no longer the staged one.
+    pub fn on_ack(&mut self, task: TaskId) -> Result<bool, LocalError> {
+        Ok(self.participant.on_ack(task)?)
+    }
+
+    /// The server refused the update for `task`: its residual is dropped, the saved one stays.
+    pub fn on_reject(&mut self, task: Option<TaskId>) -> Result<(), LocalError> {
+        Ok(self.participant.on_reject(task)?)
     }
 
     /// Evaluates the task's global pool on the held-out examples.
     pub fn evaluate_task(&mut self, task: &EvalTask) -> Result<EvalReport, LocalError> {
         let t = Instant::now();
-        let pool = self.decode_global(task.round, &task.global)?;
+        let pool = self.participant.begin_eval(task)?;
+        let b = &self.backbone;
+        let config = &self.participant.config().train;
         let m = train::evaluate_pool(
-            &self.model,
-            &self.spec,
+            &b.model,
+            self.participant.spec(),
             &pool,
             &self.eval_rows,
             &mut self.queries,
-            &self.train_config,
-            self.pad_id,
+            config,
+            b.pad_id,
         )?;
         tracing::info!(
             round = %task.round,
@@ -288,7 +226,7 @@ impl LocalWork {
             seconds = t.elapsed().as_secs_f64(),
             "evaluated the global pool"
         );
-        Ok(EvalReport { round: task.round, task_id: task.task_id, metrics: m.to_wire() })
+        Ok(self.participant.finish_eval(task, m.to_wire()))
     }
 
     /// True when there are held-out examples to evaluate on.

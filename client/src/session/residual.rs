@@ -1,4 +1,4 @@
-//! The error-feedback residual on disk (DESIGN.md, "Compression"): what top-k left out of earlier
+//! The error-feedback residual on disk (docs/design.md, "Compression"): what top-k left out of earlier
 //! uploads, kept in the state folder so that a restart loses none of it.
 //!
 //! The residual is saved only once the server **acknowledged** the update it belongs with: an
@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use fedpool_common::checkpoint::{read_tensors, write_tensors, CheckpointError};
 use fedpool_common::codec::ErrorFeedback;
 use fedpool_common::SpecHash;
+
+use crate::participant::MemoryResidual;
 
 /// The residual file's name in the state folder.
 pub const RESIDUAL_FILE: &str = "residual.safetensors";
@@ -58,6 +60,16 @@ impl ResidualStore {
         }
         let meta = BTreeMap::from([(META_SPEC.to_string(), self.spec.to_string())]);
         write_tensors(&self.path, residual.tensors(), meta)
+    }
+}
+
+impl ResidualStore {
+    /// The daemon's residual storage for its [`Participant`](crate::participant::Participant),
+    /// starting from `acknowledged` (what [`ResidualStore::load`] read): the staged residual in
+    /// memory only (a crash before the ack loses it, and its values are sent again), the
+    /// acknowledged one saved here before it replaces the one in memory.
+    pub fn into_storage(self, acknowledged: ErrorFeedback) -> MemoryResidual {
+        MemoryResidual::new(acknowledged).persisted_by(Box::new(move |r: &ErrorFeedback| self.save(r)))
     }
 }
 

@@ -19,7 +19,7 @@ use super::TrainError;
 pub const ADALORA_BETA1: f32 = 0.85;
 /// AdaLoRA's β₂ for the uncertainty (Zhang et al. 2023; PEFT default 0.85).
 pub const ADALORA_BETA2: f32 = 0.85;
-/// AdaLoRA's weight of the orthogonality regulariser (DESIGN.md; PEFT `orth_reg_weight` 0.5).
+/// AdaLoRA's weight of the orthogonality regulariser (docs/design.md, "Initialisation"; PEFT `orth_reg_weight` 0.5).
 pub const ORTH_REG_WEIGHT: f64 = 0.5;
 /// Added under the square root of the Frobenius norm so that its gradient stays finite at 0.
 const FROBENIUS_EPS: f64 = 1e-12;

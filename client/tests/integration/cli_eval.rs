@@ -1,16 +1,15 @@
-//! `fedpool-client eval` and `fedpool-client spec` as library calls (and once through the binary)
-//! on a tiny model and a small CSV.
+//! `fedpool-client eval` and `fedpool-client spec` through the binary, on a tiny model and a small
+//! CSV: `train` writes `metrics.json`, `eval --json` prints its metrics as one JSON object, `spec
+//! --out FILE` writes the spec, and a refused command says why on stderr and exits non-zero.
 
 use crate::train_support;
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
-use clap::Parser;
-use fedpool_client::cli::{run_eval, run_spec, run_train, Cli, Command, EvalArgs, SpecArgs, TrainArgs};
 use fedpool_client::model::BertConfig;
 use fedpool_client::spec::{pool_spec, AdapterOptions};
-use fedpool_client::train::Silent;
 use fedpool_common::adapter::{AdapterPool, PoolSpec};
 use fedpool_common::checkpoint::{read_pool, write_pool, CheckpointMeta};
 use fedpool_common::ids::{BackboneFingerprint, Round, Sha256};
@@ -28,34 +27,34 @@ fn write_csv(path: &Path, n: usize, three: bool) {
     std::fs::write(path, csv).unwrap();
 }
 
-fn parse(args: &[String]) -> Command {
-    let argv = std::iter::once("fedpool-client".to_string()).chain(args.iter().cloned());
-    Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}")).command
+/// Words and paths as one argument list.
+fn argv(parts: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
+    parts.iter().map(|p| p.as_ref().to_os_string()).collect()
 }
 
-fn strings(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<String> {
-    parts.iter().map(|p| p.as_ref().to_string_lossy().into_owned()).collect()
+/// `args` and then `more`.
+fn with(args: &[OsString], more: &[&str]) -> Vec<OsString> {
+    args.iter().cloned().chain(more.iter().map(OsString::from)).collect()
 }
 
-fn train_args(args: &[String]) -> TrainArgs {
-    match parse(args) {
-        Command::Train(a) => a,
-        other => panic!("not train: {other:?}"),
-    }
+/// Runs `fedpool-client args`, which must succeed; its stdout.
+fn succeed(args: &[OsString]) -> Vec<u8> {
+    let output = Process::new(env!("CARGO_BIN_EXE_fedpool-client")).args(args).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
 }
 
-fn eval_args(args: &[String]) -> EvalArgs {
-    match parse(args) {
-        Command::Eval(a) => a,
-        other => panic!("not eval: {other:?}"),
-    }
+/// Runs `fedpool-client args`, which must fail; its stderr.
+fn fail(args: &[OsString]) -> String {
+    let output = Process::new(env!("CARGO_BIN_EXE_fedpool-client")).args(args).output().unwrap();
+    assert!(!output.status.success(), "{args:?} succeeded: {}", String::from_utf8_lossy(&output.stdout));
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn spec_args(args: &[String]) -> SpecArgs {
-    match parse(args) {
-        Command::Spec(a) => a,
-        other => panic!("not spec: {other:?}"),
-    }
+/// Runs `fedpool-client eval ... --json`; the object it prints.
+fn eval_json(args: &[OsString]) -> serde_json::Value {
+    let stdout = succeed(&with(args, &["--json"]));
+    serde_json::from_slice(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&stdout)))
 }
 
 /// A 2-class SSF-pool checkpoint for the tiny model, written with `backbone` as its fingerprint.
@@ -75,7 +74,7 @@ fn eval_of_the_trained_adapter_reproduces_train_held_out_metrics() {
     write_csv(&csv, 60, false);
     for adapter in ["ssf-pool", "lora", "linear-probe"] {
         let out = work.path().join(adapter);
-        let args = train_args(&strings(&[
+        succeed(&argv(&[
             &"train",
             &"--model",
             &model.path(),
@@ -100,11 +99,10 @@ fn eval_of_the_trained_adapter_reproduces_train_held_out_metrics() {
             &"--out",
             &out,
         ]));
-        run_train(&args, &mut Silent).unwrap();
         let metrics: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
 
-        let args = eval_args(&strings(&[
+        let eval = argv(&[
             &"eval",
             &"--model",
             &model.path(),
@@ -112,24 +110,26 @@ fn eval_of_the_trained_adapter_reproduces_train_held_out_metrics() {
             &out.join("adapter.safetensors"),
             &"--data",
             &csv,
-            &"--test-fraction",
-            &"0.25",
             &"--seed",
             &"5",
             &"--device",
             &"cpu",
-        ]));
-        let eval = run_eval(&args).unwrap();
-        let number = |field: &str| metrics[field].as_f64().unwrap_or_else(|| panic!("{adapter}: no {field}"));
-        assert!((eval.metrics.accuracy - number("accuracy")).abs() <= 1e-9, "{adapter}: {eval:?} vs {metrics}");
-        assert!((eval.metrics.macro_f1 - number("macro_f1")).abs() <= 1e-9, "{adapter}: {eval:?} vs {metrics}");
-        assert!((eval.metrics.loss - number("eval_loss")).abs() <= 1e-9, "{adapter}: {eval:?} vs {metrics}");
-        assert_eq!(eval.metrics.examples as f64, number("eval_examples"), "{adapter}");
-        assert!((1..60).contains(&eval.metrics.examples), "{adapter}: only the held-out part");
-        assert_eq!(eval.kind, adapter);
+        ]);
+        let held_out = eval_json(&with(&eval, &["--test-fraction", "0.25"]));
+        let number = |json: &serde_json::Value, field: &str| {
+            json[field].as_f64().unwrap_or_else(|| panic!("{adapter}: no {field} in {json}"))
+        };
+        let pairs = [("accuracy", "accuracy"), ("macro_f1", "macro_f1"), ("loss", "eval_loss")];
+        for (eval_field, train_field) in pairs {
+            let (got, want) = (number(&held_out, eval_field), number(&metrics, train_field));
+            assert!((got - want).abs() <= 1e-9, "{adapter}: {eval_field} {got} vs {want}: {held_out} vs {metrics}");
+        }
+        assert_eq!(number(&held_out, "examples"), number(&metrics, "eval_examples"), "{adapter}");
+        assert!((1.0..60.0).contains(&number(&held_out, "examples")), "{adapter}: only the held-out part");
+        assert_eq!(held_out["kind"], adapter);
 
-        let whole = run_eval(&EvalArgs { test_fraction: 0.0, limit: Some(50), ..args }).unwrap();
-        assert_eq!(whole.metrics.examples, 50, "{adapter}: --limit caps the whole data set");
+        let whole = eval_json(&with(&eval, &["--test-fraction", "0", "--limit", "50"]));
+        assert_eq!(whole["examples"], 50, "{adapter}: --limit caps the whole data set");
     }
 }
 
@@ -144,28 +144,19 @@ fn adapter_of_another_backbone_is_refused_naming_both_fingerprints() {
     let foreign = work.path().join("round-000004.safetensors");
     write_tiny_pool(&foreign, other);
     let args = |adapter: &PathBuf| {
-        eval_args(&strings(&[
-            &"eval",
-            &"--model",
-            &model.path(),
-            &"--adapter",
-            adapter,
-            &"--data",
-            &csv,
-            &"--device",
-            &"cpu",
-        ]))
+        argv(&[&"eval", &"--model", &model.path(), &"--adapter", adapter, &"--data", &csv, &"--device", &"cpu"])
     };
 
-    let err = run_eval(&args(&foreign)).unwrap_err().to_string();
+    let err = fail(&args(&foreign));
     for part in [&other.0.to_hex()[..16], &ours.0.to_hex()[..16], "backbone", &foreign.display().to_string()] {
         assert!(err.contains(part), "{part:?} missing from: {err}");
     }
 
     let same = work.path().join("same.safetensors");
     write_tiny_pool(&same, ours);
-    let eval = run_eval(&args(&same)).unwrap();
-    assert_eq!((eval.metrics.examples, eval.round, eval.kind.as_str()), (20, 4, "ssf-pool"));
+    let eval = eval_json(&args(&same));
+    let got = (eval["examples"].as_u64(), eval["round"].as_u64(), eval["kind"].as_str());
+    assert_eq!(got, (Some(20), Some(4), Some("ssf-pool")));
 }
 
 #[test]
@@ -176,7 +167,7 @@ fn data_with_more_labels_than_the_head_is_refused() {
     write_csv(&csv, 20, true);
     let adapter = work.path().join("adapter.safetensors");
     write_tiny_pool(&adapter, BackboneFingerprint::of_model_dir(model.path()).unwrap());
-    let args = eval_args(&strings(&[
+    let err = fail(&argv(&[
         &"eval",
         &"--model",
         &model.path(),
@@ -187,7 +178,6 @@ fn data_with_more_labels_than_the_head_is_refused() {
         &"--device",
         &"cpu",
     ]));
-    let err = run_eval(&args).unwrap_err().to_string();
     assert!(err.contains("3 labels") && err.contains("2 classes") && err.contains("three.csv"), "{err}");
 }
 
@@ -204,19 +194,28 @@ fn spec_command_gives_the_spec_train_wrote_into_the_adapter() {
     ];
     for (i, options) in cases.into_iter().enumerate() {
         let out = work.path().join(format!("run-{i}"));
-        let mut train = strings(&[&"train", &"--model", &model.path(), &"--data", &csv, &"--steps", &"2"]);
-        train.extend(options.iter().map(|s| s.to_string()));
-        train.extend(strings(&[&"--device", &"cpu", &"--out", &out]));
-        run_train(&train_args(&train), &mut Silent).unwrap();
+        let train = argv(&[
+            &"train",
+            &"--model",
+            &model.path(),
+            &"--data",
+            &csv,
+            &"--steps",
+            &"2",
+            &"--device",
+            &"cpu",
+            &"--out",
+            &out,
+        ]);
+        succeed(&with(&train, options));
         let (_, meta) = read_pool(&out.join("adapter.safetensors")).unwrap();
 
         let spec_file = work.path().join(format!("spec-{i}.json"));
-        let mut spec = strings(&[&"spec", &"--model", &model.path(), &"--num-labels", &"2", &"--out", &spec_file]);
-        spec.extend(options.iter().map(|s| s.to_string()));
-        let returned = run_spec(&spec_args(&spec)).unwrap();
+        let spec = argv(&[&"spec", &"--model", &model.path(), &"--num-labels", &"2", &"--out", &spec_file]);
+        succeed(&with(&spec, options));
         let written: PoolSpec = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
         assert_eq!(written.hash(), meta.spec.hash(), "{options:?}");
-        assert_eq!(returned, meta.spec, "{options:?}");
+        assert_eq!(written, meta.spec, "{options:?}");
     }
 }
 
@@ -228,15 +227,10 @@ fn eval_table_eval_json_and_spec_json_through_the_binary() {
     write_csv(&csv, 20, false);
     let adapter = work.path().join("adapter.safetensors");
     let spec = write_tiny_pool(&adapter, BackboneFingerprint::of_model_dir(model.path()).unwrap());
-    let client = || Process::new(env!("CARGO_BIN_EXE_fedpool-client"));
+    let eval =
+        argv(&[&"eval", &"--model", &model.path(), &"--adapter", &adapter, &"--data", &csv, &"--device", &"cpu"]);
 
-    let output = client()
-        .args(strings(&[&"eval", &"--model", &model.path(), &"--adapter", &adapter, &"--data", &csv]))
-        .args(["--device", "cpu", "--limit", "7", "--json"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let json = eval_json(&with(&eval, &["--limit", "7"]));
     for field in ["accuracy", "macro_f1", "loss", "wall_seconds"] {
         assert!(json[field].is_number(), "no {field}: {json}");
     }
@@ -244,23 +238,22 @@ fn eval_table_eval_json_and_spec_json_through_the_binary() {
     assert_eq!(json["adapter"], adapter.display().to_string());
     assert_eq!(json["data"], csv.display().to_string());
 
-    let output = client()
-        .args(strings(&[&"eval", &"--model", &model.path(), &"--adapter", &adapter, &"--data", &csv]))
-        .args(["--device", "cpu"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let table = String::from_utf8_lossy(&output.stdout);
+    let table = String::from_utf8(succeed(&eval)).unwrap();
     for row in ["accuracy", "macro-F1", "loss", "examples  20", "seconds"] {
         assert!(table.contains(row), "no {row:?} in:\n{table}");
     }
 
-    let output = client()
-        .args(strings(&[&"spec", &"--model", &model.path(), &"--num-labels", &"2"]))
-        .args(["--pool-size", "4", "--top-k", "2"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let printed: PoolSpec = serde_json::from_slice(&output.stdout).unwrap();
+    let stdout = succeed(&argv(&[
+        &"spec",
+        &"--model",
+        &model.path(),
+        &"--num-labels",
+        &"2",
+        &"--pool-size",
+        &"4",
+        &"--top-k",
+        &"2",
+    ]));
+    let printed: PoolSpec = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(printed.hash(), spec.hash());
 }

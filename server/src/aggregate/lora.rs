@@ -1,4 +1,4 @@
-//! The exact LoRA merge (DESIGN.md principle 4): merge the products, not the factors.
+//! The exact LoRA merge (docs/design.md, principle 4): merge the products, not the factors.
 //!
 //! A LoRA target holds AdaLoRA's SVD-form triplets: `A` `[r, d_in]` (Q), `E` `[r, 1]` (Λ), `B`
 //! `[d_out, r]` (P), with `ΔW = B diag(E) A · α / max_rank` (the scale uses the spec's `max_rank`

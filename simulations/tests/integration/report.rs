@@ -1,4 +1,4 @@
-//! The simulator's outputs: `rounds.csv` has DESIGN.md's exact header and then the global test
+//! The simulator's outputs: `rounds.csv` has docs/design.md's exact header and then the global test
 //! set's columns, reads back exactly what was written (an old 8-column file too) and is
 //! byte-identical for the same rows; `Summary::from_rows` takes the last round's
 //! metrics and sums the rest; `plot_runs` writes three charts as PNG and SVG with every run in the
@@ -239,7 +239,7 @@ fn summary_takes_last_metrics_and_sums_bytes_and_wall_time() {
     assert!(text.contains("\n  \"accuracy\": 0.75,"), "pretty JSON:\n{text}");
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     for key in ["accuracy", "macro_f1", "examples", "wall_seconds", "rounds", "bytes_up", "bytes_down"] {
-        assert!(json.get(key).is_some(), "DESIGN.md requires {key} in summary.json:\n{text}");
+        assert!(json.get(key).is_some(), "docs/design.md requires {key} in summary.json:\n{text}");
     }
     assert_eq!(serde_json::from_str::<Summary>(&text).unwrap(), s);
 }

@@ -8,3 +8,4 @@ mod bad_peers;
 mod budgets;
 mod faults;
 mod federation;
+mod pair;

@@ -1,9 +1,10 @@
-//! The `fedpool-client` command line: argument definitions and the commands as library calls
-//! (the binary only parses and calls [`run_train`], [`run_eval`] and [`run_spec`]).
+//! The `fedpool-client` command line: the argument definitions, the commands (`train`, `eval`,
+//! `spec`, `peft`), the progress bar and the query-cache file. Only the binary knows argument
+//! parsing (as in ripgrep); the commands call the library with typed options: the backbone and
+//! encoded rows from [`fedpool_client::setup`], training from [`fedpool_client::train`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -17,28 +18,30 @@ use fedpool_common::wire::TripletImportance;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::data::{assets_dir, load_spec, DataError, DataOptions, Dataset, Example};
-use crate::device::{self, DeviceChoice, DeviceError};
-use crate::model::{BertConfig, BertEncoder, ModelError};
-use crate::spec::{pool_spec, AdapterChoice, AdapterOptions, OptionsError, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK};
-use crate::tokenize::TextTokenizer;
-use crate::train::{
-    self, encode_examples, tokenizer_for_training, Encoded, EvalMetrics, Observer, Phase, QueryCache, Schedule,
-    SlotReport, TrainConfig, TrainData, TrainError, TrainReport,
+use fedpool_client::data::{load_spec, DataError, DataOptions, Dataset};
+use fedpool_client::device::DeviceChoice;
+use fedpool_client::model::{BertConfig, ModelError};
+use fedpool_client::setup::{self, default_lr, default_model_dir, Backbone, SetupError};
+use fedpool_client::spec::{
+    pool_spec, AdapterChoice, AdapterOptions, OptionsError, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK,
+};
+use fedpool_client::train::{
+    self, Encoded, EvalMetrics, Observer, Phase, QueryCache, Schedule, SlotReport, TrainConfig, TrainData, TrainError,
+    TrainReport,
 };
 
 /// fedpool's client: local fine-tuning of adapters on a frozen backbone.
 #[derive(Debug, Parser)]
 #[command(name = "fedpool-client", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Fine-tune an adapter locally (no server) and write DIR/adapter.safetensors and
     /// DIR/metrics.json.
     Train(TrainArgs),
@@ -58,7 +61,7 @@ pub enum Command {
 
 /// `fedpool-client peft` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum PeftCommand {
+pub(crate) enum PeftCommand {
     /// Read a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) and write it
     /// as a fedpool checkpoint (evaluate it with `eval`, or start a federation from it).
     Import(PeftImportArgs),
@@ -69,142 +72,142 @@ pub enum PeftCommand {
 
 /// `fedpool-client peft import` options.
 #[derive(Debug, Clone, Args)]
-pub struct PeftImportArgs {
+pub(crate) struct PeftImportArgs {
     /// The PEFT adapter folder
     #[arg(long, value_name = "DIR")]
-    pub peft: PathBuf,
+    pub(crate) peft: PathBuf,
     /// HF model folder the adapter was trained on [default: $FEDPOOL_ASSETS/minilm]
     #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// The fedpool checkpoint to write
     #[arg(long, value_name = "FILE")]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// `fedpool-client peft export` options.
 #[derive(Debug, Clone, Args)]
-pub struct PeftExportArgs {
+pub(crate) struct PeftExportArgs {
     /// The fedpool checkpoint
     #[arg(long, value_name = "FILE")]
-    pub adapter: PathBuf,
+    pub(crate) adapter: PathBuf,
     /// The base model's name or path written into adapter_config.json
     #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
-    pub base_model: String,
+    pub(crate) base_model: String,
     /// The PEFT adapter folder to write (created)
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// `fedpool-client run` options.
 #[derive(Debug, Clone, Args)]
-#[command(after_help = crate::session::CONFIG_HELP)]
-pub struct RunArgs {
+#[command(after_help = fedpool_client::session::CONFIG_HELP)]
+pub(crate) struct RunArgs {
     /// The daemon's configuration file (see client/client.example.toml and below)
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 /// `fedpool-client train` options.
 #[derive(Debug, Clone, Args)]
-pub struct TrainArgs {
+pub(crate) struct TrainArgs {
     /// HF model folder (config.json, model.safetensors, tokenizer.json) [default:
     /// $FEDPOOL_ASSETS/minilm, else ./assets/minilm]
     #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Data SPEC: a CSV/TSV/JSONL file with text and label columns, or a built-in name (vader,
     /// vader:tweets,amazonReviewSnippets, trec, trec-fine, sms)
     #[arg(long, value_name = "SPEC")]
-    pub data: String,
+    pub(crate) data: String,
     /// The adapter and its sizes.
     #[command(flatten)]
-    pub adapter: AdapterArgs,
+    pub(crate) adapter: AdapterArgs,
     /// Optimizer steps
     #[arg(long, default_value_t = 300)]
-    pub steps: usize,
+    pub(crate) steps: usize,
     /// Examples per step
     #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Peak learning rate of AdamW [default: 5e-3 for SSF, 5e-4 for LoRA, 2e-3 for AdaLoRA, 1e-2 for the linear probe]
     #[arg(long)]
-    pub lr: Option<f64>,
+    pub(crate) lr: Option<f64>,
     /// Peak learning rate of the classification head [default: --lr]
     #[arg(long)]
-    pub head_lr: Option<f64>,
+    pub(crate) head_lr: Option<f64>,
     /// Dropout while training, at HF BERT's hidden-state sites and before the head [default:
     /// the model's hidden_dropout_prob]
     #[arg(long)]
-    pub dropout: Option<f64>,
+    pub(crate) dropout: Option<f64>,
     /// AdamW's decoupled weight decay of LoRA factors and their head (lora, adalora; SSF adapters
     /// never decay)
     #[arg(long, default_value_t = train::WEIGHT_DECAY)]
-    pub weight_decay: f64,
+    pub(crate) weight_decay: f64,
     /// Also evaluate on the held-out part every N steps (a learning curve in metrics.json)
     #[arg(long, value_name = "N")]
-    pub eval_every: Option<usize>,
+    pub(crate) eval_every: Option<usize>,
     /// Linear warmup steps [default: 10% of --steps]
     #[arg(long)]
-    pub warmup_steps: Option<usize>,
+    pub(crate) warmup_steps: Option<usize>,
     /// Learning-rate decay after warmup: linear, cosine or constant
     #[arg(long, default_value = "linear")]
-    pub schedule: Schedule,
+    pub(crate) schedule: Schedule,
     /// Longest input in tokens (longer texts are truncated)
     #[arg(long, default_value_t = 64)]
-    pub max_len: usize,
+    pub(crate) max_len: usize,
     /// Fraction of the data held out for evaluation (stratified by label)
     #[arg(long, default_value_t = 0.2)]
-    pub test_fraction: f64,
+    pub(crate) test_fraction: f64,
     /// Seed of the split, the initialisation and the batch order
     #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Device: cpu, cuda:N, or auto (a GPU if built with --features cuda and present)
     #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    pub(crate) device: DeviceChoice,
     /// Weight of the key-matching term in the loss (FedIns' lambda; ssf-pool)
     #[arg(long, default_value_t = train::FEDINS_LAMBDA)]
-    pub lambda_match: f64,
+    pub(crate) lambda_match: f64,
     /// The columns and labels of a data file.
     #[command(flatten)]
-    pub columns: ColumnArgs,
+    pub(crate) columns: ColumnArgs,
     /// Folder to cache the frozen features (queries) in, keyed by model and data
     #[arg(long, value_name = "DIR")]
-    pub query_cache: Option<PathBuf>,
+    pub(crate) query_cache: Option<PathBuf>,
     /// Output folder (created): adapter.safetensors and metrics.json
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// The adapter options of `fedpool-client train` and `fedpool-client spec`.
 #[derive(Debug, Clone, Args)]
-pub struct AdapterArgs {
+pub(crate) struct AdapterArgs {
     /// Adapter: ssf-pool (FedIns SSF pool, per-instance selection), ssf (plain SSF), lora (PEFT's
     /// standard B·A form), adalora (AdaLoRA's SVD form, for rank budgets) or linear-probe (head
     /// only, frozen backbone)
     #[arg(long = "adapter", value_name = "ADAPTER", default_value = "ssf-pool")]
-    pub choice: AdapterChoice,
+    pub(crate) choice: AdapterChoice,
     /// Slots per SSF pool (ssf-pool)
     #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_POOL_SIZE)]
-    pub pool_size: usize,
+    pub(crate) pool_size: usize,
     /// Slots mixed per example (ssf-pool)
     #[arg(long, default_value_t = fedpool_common::adapter::FEDINS_TOP_K)]
-    pub top_k: usize,
+    pub(crate) top_k: usize,
     /// LoRA rank r (lora)
     #[arg(long, default_value_t = DEFAULT_LORA_RANK)]
-    pub rank: usize,
+    pub(crate) rank: usize,
     /// LoRA alpha: the update is scaled by alpha / r (lora)
     #[arg(long, default_value_t = DEFAULT_LORA_ALPHA)]
-    pub alpha: f32,
+    pub(crate) alpha: f32,
     /// LoRA modules within each layer, comma-separated (lora, adalora)
     #[arg(long, value_delimiter = ',', default_value = "attention.self.query,attention.self.value")]
-    pub lora_modules: Vec<String>,
+    pub(crate) lora_modules: Vec<String>,
     /// The feature the head reads: mean (masked mean of the last hidden state) or cls-pooler
     /// (HF BertForSequenceClassification's frozen pretrained pooler on [CLS])
     #[arg(long, default_value = "mean")]
-    pub pooling: Pooling,
+    pub(crate) pooling: Pooling,
 }
 
 impl AdapterArgs {
     /// The options [`pool_spec`] takes.
-    pub fn options(&self) -> AdapterOptions {
+    fn options(&self) -> AdapterOptions {
         AdapterOptions {
             choice: self.choice,
             pool_size: self.pool_size,
@@ -219,21 +222,21 @@ impl AdapterArgs {
 
 /// The columns and labels of a data file (`train` and `eval`; the built-in datasets ignore them).
 #[derive(Debug, Clone, Args)]
-pub struct ColumnArgs {
+pub(crate) struct ColumnArgs {
     /// Text column of a data file
     #[arg(long, default_value = "text")]
-    pub text_column: String,
+    pub(crate) text_column: String,
     /// Label column of a data file
     #[arg(long, default_value = "label")]
-    pub label_column: String,
+    pub(crate) label_column: String,
     /// The labels of a data file in index order, comma-separated (others are an error)
     #[arg(long, value_delimiter = ',')]
-    pub labels: Option<Vec<String>>,
+    pub(crate) labels: Option<Vec<String>>,
 }
 
 impl ColumnArgs {
     /// The loader options these columns give.
-    pub fn data_options(&self) -> DataOptions {
+    fn data_options(&self) -> DataOptions {
         DataOptions {
             text_column: self.text_column.clone(),
             label_column: self.label_column.clone(),
@@ -245,69 +248,73 @@ impl ColumnArgs {
 
 /// `fedpool-client eval` options.
 #[derive(Debug, Clone, Args)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     /// HF model folder (config.json, model.safetensors, tokenizer.json) [default:
     /// $FEDPOOL_ASSETS/minilm, else ./assets/minilm]
     #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Pool checkpoint to evaluate: a server's state/round-NNNNNN.safetensors or the
     /// adapter.safetensors of `fedpool-client train`
     #[arg(long, value_name = "FILE")]
-    pub adapter: PathBuf,
+    pub(crate) adapter: PathBuf,
     /// Data SPEC, as in `train`
     #[arg(long, value_name = "SPEC")]
-    pub data: String,
+    pub(crate) data: String,
     /// Longest input in tokens (longer texts are truncated)
     #[arg(long, default_value_t = 64)]
-    pub max_len: usize,
+    pub(crate) max_len: usize,
     /// Examples per evaluation batch
     #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Device: cpu, cuda:N, or auto (a GPU if built with --features cuda and present)
     #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    pub(crate) device: DeviceChoice,
     /// Evaluate on the part `train` holds out with this fraction and --seed (0: the whole data)
     #[arg(long, default_value_t = 0.0)]
-    pub test_fraction: f64,
+    pub(crate) test_fraction: f64,
     /// Seed of the split (as given to `train`)
     #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Evaluate at most the first N examples of the set
     #[arg(long, value_name = "N")]
-    pub limit: Option<usize>,
+    pub(crate) limit: Option<usize>,
     /// The columns and labels of a data file.
     #[command(flatten)]
-    pub columns: ColumnArgs,
+    pub(crate) columns: ColumnArgs,
     /// Print one JSON object instead of a table
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// `fedpool-client spec` options.
 #[derive(Debug, Clone, Args)]
-pub struct SpecArgs {
+pub(crate) struct SpecArgs {
     /// HF model folder (only config.json is read) [default: $FEDPOOL_ASSETS/minilm, else
     /// ./assets/minilm]
     #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// The adapter and its sizes.
     #[command(flatten)]
-    pub adapter: AdapterArgs,
+    pub(crate) adapter: AdapterArgs,
     /// Classes of the classification head
     #[arg(long, value_name = "N")]
-    pub num_labels: usize,
+    pub(crate) num_labels: usize,
     /// Write the spec to FILE instead of stdout
     #[arg(long, value_name = "FILE")]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
 /// A command that failed; each variant's message is one line naming what and where.
 #[derive(Debug, thiserror::Error)]
-pub enum CliError {
+pub(crate) enum CliError {
     /// The model folder does not exist.
     #[error("model folder {} not found (pass --model DIR or set FEDPOOL_ASSETS)", .0.display())]
     ModelNotFound(PathBuf),
-    /// Loading the model failed.
+    /// Loading the backbone, its tokenizer or its fingerprint failed, or a text could not be
+    /// encoded.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The model's `config.json` could not be read.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// Loading the data failed.
@@ -319,9 +326,6 @@ pub enum CliError {
     /// The adapter options do not fit the model.
     #[error(transparent)]
     Options(#[from] OptionsError),
-    /// The device cannot be used.
-    #[error(transparent)]
-    Device(#[from] DeviceError),
     /// Training failed.
     #[error(transparent)]
     Train(#[from] TrainError),
@@ -330,7 +334,7 @@ pub enum CliError {
     Checkpoint(#[from] CheckpointError),
     /// A PEFT adapter could not be read or written.
     #[error(transparent)]
-    Peft(#[from] crate::peft::PeftError),
+    Peft(#[from] fedpool_client::peft::PeftError),
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -362,39 +366,39 @@ pub enum CliError {
 
 /// What `metrics.json` holds.
 #[derive(Debug, Clone, Serialize)]
-pub struct MetricsFile {
+pub(crate) struct MetricsFile {
     /// The adapter trained.
-    pub adapter: String,
+    pub(crate) adapter: String,
     /// The data SPEC.
-    pub data: String,
+    pub(crate) data: String,
     /// The model folder.
-    pub model: String,
+    pub(crate) model: String,
     /// The device, as opened.
-    pub device: String,
+    pub(crate) device: String,
     /// Trainable values in the pool.
-    pub trainable_values: usize,
+    pub(crate) trainable_values: usize,
     /// Values in the upload (the delta).
-    pub delta_values: usize,
+    pub(crate) delta_values: usize,
     /// Accuracy, macro-F1, examples, timing.
     #[serde(flatten)]
-    pub report: TrainReport,
+    pub(crate) report: TrainReport,
     /// The training configuration.
-    pub config: TrainConfig,
+    pub(crate) config: TrainConfig,
     /// Per-slot usage and its entropy (ssf-pool).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub slot_usage: Option<SlotReport>,
+    pub(crate) slot_usage: Option<SlotReport>,
     /// AdaLoRA triplet importance per target (lora).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub importance: Vec<ImportanceEntry>,
+    pub(crate) importance: Vec<ImportanceEntry>,
 }
 
 /// One target's triplet scores in `metrics.json`.
 #[derive(Debug, Clone, Serialize)]
-pub struct ImportanceEntry {
+pub(crate) struct ImportanceEntry {
     /// The LoRA target.
-    pub target: String,
+    pub(crate) target: String,
     /// Score per rank index.
-    pub scores: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
 }
 
 impl From<&TripletImportance> for ImportanceEntry {
@@ -403,35 +407,15 @@ impl From<&TripletImportance> for ImportanceEntry {
     }
 }
 
-/// The default model folder: `$FEDPOOL_ASSETS/minilm`, else `./assets/minilm` (via
-/// [`assets_dir`]).
-pub fn default_model_dir() -> PathBuf {
-    assets_dir().join("minilm")
-}
-
-/// The learning rate used when `--lr` is not given.
-pub fn default_lr(adapter: AdapterChoice) -> f64 {
-    match adapter {
-        AdapterChoice::SsfPool | AdapterChoice::Ssf => 5e-3,
-        AdapterChoice::Lora => 5e-4,
-        AdapterChoice::AdaLora => 2e-3,
-        AdapterChoice::LinearProbe => 1e-2,
-    }
-}
-
 /// Runs `fedpool-client train`: loads model and data, trains, writes `adapter.safetensors` and
 /// `metrics.json` into `args.out`, and returns what it wrote to `metrics.json`.
-pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<MetricsFile, CliError> {
+pub(crate) fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<MetricsFile, CliError> {
     if !(0.0..1.0).contains(&args.test_fraction) {
         return Err(CliError::Input(format!("--test-fraction {} must be in [0, 1)", args.test_fraction)));
     }
-    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
-    if !model_dir.is_dir() {
-        return Err(CliError::ModelNotFound(model_dir));
-    }
-    let (device, device_said) = device::open(args.device)?;
-    tracing::info!("device: {device_said}");
-    let model = BertEncoder::load(&model_dir, &device)?;
+    let model_dir = model_dir(args.model.as_deref())?;
+    let backbone = Backbone::load(&model_dir, args.device, args.max_len)?;
+    tracing::info!("device: {}", backbone.device);
 
     let dataset = load_spec(&args.data, &args.columns.data_options())?;
     if dataset.is_empty() {
@@ -449,12 +433,11 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
         dataset.num_labels()
     );
 
-    let (tokenizer, pad_id) = open_tokenizer(&model_dir, args.max_len)?;
-    let encode = |set: &Dataset| encode_set(&tokenizer, &set.examples);
+    let encode = |set: &Dataset| backbone.encode(&set.examples);
     let (train_rows, eval_rows) = (encode(&train_set)?, encode(&test_set)?);
 
     let choice = args.adapter.choice;
-    let spec = pool_spec(model.config(), &args.adapter.options(), dataset.num_labels())?;
+    let spec = backbone.pool_spec(&args.adapter.options(), dataset.num_labels())?;
     let init =
         if choice.head_only() { InitOptions { ssf_std: 0.0, ..Default::default() } } else { InitOptions::default() };
     let start = AdapterPool::init_with(&spec, args.seed, &init).map_err(TrainError::from)?;
@@ -475,21 +458,22 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
         eval_every: args.eval_every,
         ..TrainConfig::default()
     };
-    let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
-        .map_err(|source| CliError::Io { path: model_dir.clone(), source })?;
     let needs_queries = spec.has_keys() || config.head_only;
     let cache_file = match (&args.query_cache, needs_queries) {
-        (Some(dir), true) => Some(dir.join(query_cache_name(&fingerprint, args.max_len, &train_rows, &eval_rows))),
+        (Some(dir), true) => {
+            Some(dir.join(query_cache_name(&backbone.fingerprint, args.max_len, &train_rows, &eval_rows)))
+        }
         _ => None,
     };
+    let dim = backbone.model.config().hidden_size;
     let mut queries = match &cache_file {
-        Some(path) if path.is_file() => read_query_cache(path, model.config().hidden_size)?,
-        _ => QueryCache::new(model.config().hidden_size),
+        Some(path) if path.is_file() => read_query_cache(path, dim)?,
+        _ => QueryCache::new(dim),
     };
     let cached_before = queries.len();
 
-    let data = TrainData { train: &train_rows, eval: &eval_rows, pad_id };
-    let outcome = train::train(&model, &spec, &start, data, &mut queries, &config, observer)?;
+    let data = TrainData { train: &train_rows, eval: &eval_rows, pad_id: backbone.pad_id };
+    let outcome = train::train(&backbone.model, &spec, &start, data, &mut queries, &config, observer)?;
     if let Some(path) = &cache_file {
         if queries.len() > cached_before {
             write_query_cache(path, &queries)?;
@@ -497,13 +481,13 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
     }
 
     std::fs::create_dir_all(&args.out).map_err(|source| CliError::Io { path: args.out.clone(), source })?;
-    let meta = CheckpointMeta::now(Round(0), spec.clone(), fingerprint);
+    let meta = CheckpointMeta::now(Round(0), spec.clone(), backbone.fingerprint);
     write_pool(&args.out.join("adapter.safetensors"), &outcome.pool, &meta)?;
     let metrics = MetricsFile {
         adapter: choice.name().to_string(),
         data: args.data.clone(),
         model: model_dir.display().to_string(),
-        device: device_said,
+        device: backbone.device,
         trainable_values: trainable_values(&spec, choice),
         delta_values: outcome.delta.num_values(),
         report: outcome.metrics.clone(),
@@ -519,35 +503,35 @@ pub fn run_train(args: &TrainArgs, observer: &mut dyn Observer) -> Result<Metric
 
 /// What `fedpool-client eval` reports (the JSON object of `--json`).
 #[derive(Debug, Clone, Serialize)]
-pub struct EvalFile {
+pub(crate) struct EvalFile {
     /// The adapter checkpoint evaluated.
-    pub adapter: String,
+    pub(crate) adapter: String,
     /// The adapter as `train` names it: ssf-pool, ssf, lora, or linear-probe (SSF at the identity).
-    pub kind: String,
+    pub(crate) kind: String,
     /// The round the checkpoint holds (0 for the output of `train`).
-    pub round: u64,
+    pub(crate) round: u64,
     /// The hash of the checkpoint's pool spec (hex).
-    pub spec_hash: String,
+    pub(crate) spec_hash: String,
     /// The data SPEC.
-    pub data: String,
+    pub(crate) data: String,
     /// The model folder.
-    pub model: String,
+    pub(crate) model: String,
     /// The device, as opened.
-    pub device: String,
+    pub(crate) device: String,
     /// The held-out fraction evaluated (0: the whole data).
-    pub test_fraction: f64,
+    pub(crate) test_fraction: f64,
     /// The seed of the split.
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Accuracy, macro-F1, mean cross-entropy and the number of examples.
     #[serde(flatten)]
-    pub metrics: EvalMetrics,
+    pub(crate) metrics: EvalMetrics,
     /// Seconds of the evaluation itself (frozen queries and forward passes; loading excluded).
-    pub wall_seconds: f64,
+    pub(crate) wall_seconds: f64,
 }
 
 impl EvalFile {
     /// A short human-readable table, one quantity a line.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let m = &self.metrics;
         let set = if self.test_fraction > 0.0 {
             format!("{} (held out: fraction {}, seed {})", self.data, self.test_fraction, self.seed)
@@ -570,26 +554,23 @@ impl EvalFile {
 /// Runs `fedpool-client eval`: checks the adapter checkpoint against the model's backbone, loads
 /// the data (the held-out part of `train`'s split when `--test-fraction` > 0, at most `--limit`
 /// examples) and evaluates the pool on it.
-pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
+pub(crate) fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
     if !(0.0..1.0).contains(&args.test_fraction) {
         return Err(CliError::Input(format!("--test-fraction {} must be in [0, 1)", args.test_fraction)));
     }
     if args.batch_size == 0 || args.limit == Some(0) {
         return Err(CliError::Input("--batch-size and --limit must be positive".into()));
     }
-    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
-    if !model_dir.is_dir() {
-        return Err(CliError::ModelNotFound(model_dir));
-    }
+    let model_dir = model_dir(args.model.as_deref())?;
     let (pool, meta) = read_pool(&args.adapter)?;
-    let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
-        .map_err(|source| CliError::Io { path: model_dir.clone(), source })?;
-    if fingerprint != meta.backbone {
+    let backbone = Backbone::load(&model_dir, args.device, args.max_len)?;
+    tracing::info!("device: {}", backbone.device);
+    if backbone.fingerprint != meta.backbone {
         return Err(CliError::BackboneMismatch {
             adapter: args.adapter.clone(),
             checkpoint: short_hex(&meta.backbone),
             model_dir,
-            model: short_hex(&fingerprint),
+            model: short_hex(&backbone.fingerprint),
         });
     }
     let spec = &meta.spec;
@@ -620,11 +601,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
         )));
     }
 
-    let (device, device_said) = device::open(args.device)?;
-    tracing::info!("device: {device_said}");
-    let model = BertEncoder::load(&model_dir, &device)?;
-    let (tokenizer, pad_id) = open_tokenizer(&model_dir, args.max_len)?;
-    let rows = encode_set(&tokenizer, &examples)?;
+    let rows = backbone.encode(&examples)?;
     let head_only = is_identity_ssf(spec, &pool);
     let config = TrainConfig {
         max_len: args.max_len,
@@ -634,8 +611,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
         ..TrainConfig::default()
     };
     let t0 = Instant::now();
-    let mut queries = QueryCache::new(model.config().hidden_size);
-    let metrics = train::evaluate_pool(&model, spec, &pool, &rows, &mut queries, &config, pad_id)?;
+    let mut queries = QueryCache::new(backbone.model.config().hidden_size);
+    let metrics = train::evaluate_pool(&backbone.model, spec, &pool, &rows, &mut queries, &config, backbone.pad_id)?;
     let kind = match spec.kind {
         AdapterKind::Lora => AdapterChoice::Lora,
         AdapterKind::AdaLora => AdapterChoice::AdaLora,
@@ -650,7 +627,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
         spec_hash: pool.spec_hash.to_string(),
         data: args.data.clone(),
         model: model_dir.display().to_string(),
-        device: device_said,
+        device: backbone.device,
         test_fraction: args.test_fraction,
         seed: args.seed,
         metrics,
@@ -660,34 +637,27 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
 
 /// Runs `fedpool-client peft import`: the PEFT adapter as a fedpool checkpoint for the model in
 /// `--model` (its fingerprint recorded, as `train` does); returns the spec.
-pub fn run_peft_import(args: &PeftImportArgs) -> Result<PoolSpec, CliError> {
-    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
-    if !model_dir.is_dir() {
-        return Err(CliError::ModelNotFound(model_dir));
-    }
+pub(crate) fn run_peft_import(args: &PeftImportArgs) -> Result<PoolSpec, CliError> {
+    let model_dir = model_dir(args.model.as_deref())?;
     let config = BertConfig::from_file(model_dir.join("config.json"))?;
-    let (spec, pool) = crate::peft::import(&args.peft, &config)?;
-    let fingerprint = BackboneFingerprint::of_model_dir(&model_dir)
-        .map_err(|source| CliError::Io { path: model_dir.clone(), source })?;
+    let (spec, pool) = fedpool_client::peft::import(&args.peft, &config)?;
+    let fingerprint = setup::fingerprint(&model_dir)?;
     write_pool(&args.out, &pool, &CheckpointMeta::now(Round(0), spec.clone(), fingerprint))?;
     Ok(spec)
 }
 
 /// Runs `fedpool-client peft export`.
-pub fn run_peft_export(args: &PeftExportArgs) -> Result<(), CliError> {
+pub(crate) fn run_peft_export(args: &PeftExportArgs) -> Result<(), CliError> {
     let (pool, meta) = read_pool(&args.adapter)?;
-    crate::peft::export(&args.out, &meta.spec, &pool, &args.base_model)?;
+    fedpool_client::peft::export(&args.out, &meta.spec, &pool, &args.base_model)?;
     Ok(())
 }
 
 /// Runs `fedpool-client spec`: the pool spec `train` would use for this model (only its
 /// `config.json` is read), these adapter options and `--num-labels` classes, written to `--out`
 /// when given (as [`spec_json`]).
-pub fn run_spec(args: &SpecArgs) -> Result<PoolSpec, CliError> {
-    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
-    if !model_dir.is_dir() {
-        return Err(CliError::ModelNotFound(model_dir));
-    }
+pub(crate) fn run_spec(args: &SpecArgs) -> Result<PoolSpec, CliError> {
+    let model_dir = model_dir(args.model.as_deref())?;
     let config = BertConfig::from_file(model_dir.join("config.json"))?;
     let spec = pool_spec(&config, &args.adapter.options(), args.num_labels)?;
     if let Some(path) = &args.out {
@@ -699,7 +669,7 @@ pub fn run_spec(args: &SpecArgs) -> Result<PoolSpec, CliError> {
 
 /// `spec` as pretty JSON with a final newline: what `fedpool-client spec` writes and the server's
 /// `spec_file` reads.
-pub fn spec_json(spec: &PoolSpec) -> Result<String, CliError> {
+pub(crate) fn spec_json(spec: &PoolSpec) -> Result<String, CliError> {
     let json = serde_json::to_string_pretty(spec).map_err(|e| CliError::Input(format!("pool spec: {e}")))?;
     Ok(json + "\n")
 }
@@ -721,16 +691,15 @@ fn is_identity_ssf(spec: &PoolSpec, pool: &AdapterPool) -> bool {
             .all(|t| all(format!("{}.ssf_scale", t.name), 1.0) && all(format!("{}.ssf_shift", t.name), 0.0))
 }
 
-/// The model's tokenizer, truncating at `max_len`, and its padding id.
-fn open_tokenizer(model_dir: &Path, max_len: usize) -> Result<(TextTokenizer, u32), CliError> {
-    let tokenizer = tokenizer_for_training(&model_dir.join("tokenizer.json"), max_len)?;
-    let pad_id = tokenizer.inner().get_padding().map_or(0, |p| p.pad_id);
-    Ok((tokenizer, pad_id))
-}
-
-/// Token ids of `examples`, ids and labels kept.
-fn encode_set(tokenizer: &TextTokenizer, examples: &[Example]) -> Result<Vec<Encoded>, CliError> {
-    Ok(encode_examples(tokenizer, examples.iter().map(|e| (e.id, e.text.as_str(), e.label)))?)
+/// The model folder of `--model` (else [`default_model_dir`]), refused with a hint about
+/// `--model` and `FEDPOOL_ASSETS` when it does not exist.
+fn model_dir(given: Option<&Path>) -> Result<PathBuf, CliError> {
+    let dir = given.map_or_else(default_model_dir, Path::to_path_buf);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(CliError::ModelNotFound(dir))
+    }
 }
 
 /// The number of values the optimizer updates.
@@ -796,13 +765,13 @@ fn write_query_cache(path: &Path, cache: &QueryCache) -> Result<(), CliError> {
 
 /// An [`Observer`] that draws an indicatif progress bar on stderr (for the binary).
 #[derive(Default)]
-pub struct ProgressObserver {
+pub(crate) struct ProgressObserver {
     bar: Option<ProgressBar>,
 }
 
 impl ProgressObserver {
     /// No bar until the first phase starts.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 }

@@ -1,7 +1,10 @@
-//! `fedpool-client`: parses the command line and calls the library (`fedpool_client::cli`).
+//! `fedpool-client`: parses the command line (`cli::Cli`), runs the command and prints what it
+//! returns; errors go to stderr as one line and exit with status 1.
+
+mod cli;
 
 use clap::Parser;
-use fedpool_client::cli::{
+use cli::{
     run_eval, run_peft_export, run_peft_import, run_spec, run_train, spec_json, Cli, Command, PeftCommand,
     ProgressObserver,
 };

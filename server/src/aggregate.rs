@@ -25,7 +25,8 @@
 
 use std::collections::BTreeMap;
 
-use fedpool_common::adapter::{TensorLayout, TensorRole};
+use fedpool_common::adapter::{PoolError, SpecError, TensorLayout, TensorRole};
+use fedpool_common::tensor::TensorError;
 use fedpool_common::{AdapterKind, AdapterPool, HostTensor, PoolDelta, PoolSpec, SlotUsage, SpecHash};
 
 pub mod fedadam;
@@ -40,10 +41,102 @@ pub use zeropad::ZeroPadLora;
 use fedadam::FedAdamState;
 use lora::{LoraStack, LoraTriplet};
 
-/// Why an update could not be folded or a round could not be finished.
+/// Why a merge could not be built, an update could not be folded, a round could not be finished
+/// or a server state could not be restored.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("aggregation: {0}")]
-pub struct AggregateError(pub String);
+pub enum AggregateError {
+    /// The pool spec is invalid.
+    #[error("aggregation: {0}")]
+    Spec(#[from] SpecError),
+    /// A setting is out of its range (`clip_norm`, `trim_fraction`, FedAdam's hyper-parameters, ...).
+    #[error("aggregation: {setting} {problem}")]
+    Setting {
+        /// The setting, as the configuration names it.
+        setting: &'static str,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// A combination of adapter kind and settings the merge does not define; says what does.
+    #[error("aggregation: {0}")]
+    Unsupported(&'static str),
+    /// `fold` or `finish` without a `begin` before it.
+    #[error("aggregation: {0} called outside a round (call begin first)")]
+    OutsideRound(&'static str),
+    /// The global pool does not fit the spec.
+    #[error("aggregation: global pool: {0}")]
+    Global(#[source] PoolError),
+    /// `finish` got another global pool than `begin` (a LoRA target differs).
+    #[error("aggregation: finish got a global pool whose LoRA target {0:?} differs from begin's")]
+    GlobalChanged(String),
+    /// An update does not fit the spec (names, shapes, slot list, spec hash).
+    #[error("aggregation: update: {0}")]
+    Update(#[source] PoolError),
+    /// An update claims no examples, so it has no weight.
+    #[error("aggregation: an update with 0 examples has no weight")]
+    ZeroExamples,
+    /// An update carries some but not all factors of a LoRA target.
+    #[error("aggregation: update carries part of LoRA target {target:?}: all of {parts} or none")]
+    PartialTriplet {
+        /// The LoRA target.
+        target: String,
+        /// The factors a target needs (`A and B`, or `A, E, B`).
+        parts: &'static str,
+    },
+    /// An update's L2 norm is NaN or infinite (clipping is on).
+    #[error("aggregation: update has a non-finite L2 norm ({0}); refused before folding")]
+    NonFiniteNorm(f64),
+    /// The trimmed mean's buffer is full for this round.
+    #[error(
+        "aggregation: the trimmed mean buffers at most {max_updates} updates per round (max_updates); this update \
+         is refused"
+    )]
+    BufferFull {
+        /// The buffer's size.
+        max_updates: usize,
+    },
+    /// A rank grant names a target the spec does not have.
+    #[error("aggregation: rank granted for unknown LoRA target {0:?}")]
+    UnknownTarget(String),
+    /// A rank grant exceeds the spec's `max_rank`.
+    #[error("aggregation: rank {rank} granted for LoRA target {target:?} exceeds max_rank {max_rank}")]
+    RankAboveMax {
+        /// The LoRA target.
+        target: String,
+        /// The rank granted.
+        rank: usize,
+        /// The spec's maximum.
+        max_rank: usize,
+    },
+    /// A combined or merged value is NaN or infinite; nothing was applied.
+    #[error("aggregation: {0} is not finite")]
+    NotFinite(String),
+    /// The SVD that re-factorises a LoRA target's merged product did not converge.
+    #[error("aggregation: LoRA target {target:?}: the SVD of the {rows}×{cols} core did not converge")]
+    SvdDiverged {
+        /// The LoRA target.
+        target: String,
+        /// Rows of the core matrix.
+        rows: usize,
+        /// Columns of the core matrix.
+        cols: usize,
+    },
+    /// A tensor could not be built.
+    #[error("aggregation: {0}")]
+    Tensor(#[from] TensorError),
+    /// A server state was given to a merge that keeps none.
+    #[error("aggregation: this merge keeps no state across rounds, got {0} tensors")]
+    Stateless(usize),
+    /// A server state cannot be loaded while a round is open.
+    #[error("aggregation: cannot load the server state during a round")]
+    StateDuringRound,
+    /// A saved server state does not fit the optimiser (a tensor missing, unknown, of another
+    /// shape, or not finite).
+    #[error("aggregation: FedAdam state: {0}")]
+    ServerState(#[source] PoolError),
+    /// A saved second moment of FedAdam is negative.
+    #[error("aggregation: FedAdam state tensor {0:?} holds a negative second moment")]
+    NegativeMoment(String),
+}
 
 /// A round's merge of client updates into the next global pool. The round engine drives it:
 /// `begin` at the start of a round (or a retry), `fold` per accepted update, `finish` at commit.
@@ -66,7 +159,7 @@ pub trait Merge: Send {
         if state.is_empty() {
             Ok(())
         } else {
-            Err(AggregateError(format!("this merge keeps no state across rounds, got {} tensors", state.len())))
+            Err(AggregateError::Stateless(state.len()))
         }
     }
 }
@@ -230,8 +323,14 @@ pub struct Aggregator {
     adam: Option<FedAdamState>,
 }
 
-fn err<T>(msg: String) -> Result<T, AggregateError> {
-    Err(AggregateError(msg))
+/// An update that does not fit the spec.
+fn bad_update<T>(e: PoolError) -> Result<T, AggregateError> {
+    Err(AggregateError::Update(e))
+}
+
+/// A setting out of its range.
+fn bad_setting<T>(setting: &'static str, problem: String) -> Result<T, AggregateError> {
+    Err(AggregateError::Setting { setting, problem })
 }
 
 impl Aggregator {
@@ -239,10 +338,10 @@ impl Aggregator {
     /// mean or FedAdam with a LoRA pool (the exact merge re-factorises the adapter, so factor
     /// coordinates are neither comparable across clients nor across rounds).
     pub fn new(spec: PoolSpec, config: AggregateConfig) -> Result<Self, AggregateError> {
-        spec.validate().map_err(|e| AggregateError(e.to_string()))?;
+        spec.validate()?;
         if let Some(c) = config.clip_norm {
             if !(c.is_finite() && c > 0.0) {
-                return err(format!("clip_norm {c} must be positive and finite"));
+                return bad_setting("clip_norm", format!("{c} must be positive and finite"));
             }
         }
         // AdaLoRA's triplets go through the exact product merge; standard LoRA's factors as its
@@ -254,29 +353,31 @@ impl Aggregator {
         let stacked = spec.kind == AdapterKind::AdaLora || (standard && merge != LoraMerge::FactorMean);
         if let LoraMerge::Fair { lambda } = merge {
             if !(lambda.is_finite() && lambda > 0.0) {
-                return err(format!("LoRA-FAIR's lambda {lambda} must be positive and finite"));
+                return bad_setting("LoRA-FAIR's lambda", format!("{lambda} must be positive and finite"));
             }
         }
         if let Rule::TrimmedMean { trim_fraction, max_updates } = config.rule {
             if !(0.0..0.5).contains(&trim_fraction) {
-                return err(format!("trim_fraction {trim_fraction} must be in [0, 0.5)"));
+                return bad_setting("trim_fraction", format!("{trim_fraction} must be in [0, 0.5)"));
             }
             if max_updates == 0 {
-                return err("max_updates must be at least 1".into());
+                return bad_setting("max_updates", "must be at least 1".into());
             }
             if stacked {
-                return err("the trimmed mean is not defined for the exact LoRA merge (AdaLoRA, or lora_merge \
-                            exact / fair): use Rule::Mean with clip_norm, or standard LoRA's factor mean"
-                    .into());
+                return Err(AggregateError::Unsupported(
+                    "the trimmed mean is not defined for the exact LoRA merge (AdaLoRA, or lora_merge exact / \
+                     fair): use Rule::Mean with clip_norm, or standard LoRA's factor mean",
+                ));
             }
         }
         if let ServerOpt::FedAdam(cfg) = config.server_opt {
             cfg.validate()?;
             if stacked {
-                return err("FedAdam needs coordinate-wise pseudo-gradients, but the exact LoRA merge \
-                            re-factorises the adapter every round (AdaLoRA, or lora_merge exact / fair): use \
-                            ServerOpt::Plain, or standard LoRA's factor mean"
-                    .into());
+                return Err(AggregateError::Unsupported(
+                    "FedAdam needs coordinate-wise pseudo-gradients, but the exact LoRA merge re-factorises the \
+                     adapter every round (AdaLoRA, or lora_merge exact / fair): use ServerOpt::Plain, or standard \
+                     LoRA's factor mean",
+                ));
             }
         }
         let mut dense = Vec::new();
@@ -346,17 +447,17 @@ impl Aggregator {
     }
 
     fn check_global(&self, global: &AdapterPool) -> Result<(), AggregateError> {
-        global.validate(&self.spec).map_err(|e| AggregateError(format!("global pool: {e}")))
+        global.validate(&self.spec).map_err(AggregateError::Global)
     }
 
     /// Checks everything about an update's structure that folding relies on, before any sum
     /// changes: spec hash, slot list and counts, names, shapes, LoRA ranks.
     fn check_update(&self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError> {
         if examples == 0 {
-            return err("an update with 0 examples has no weight".into());
+            return Err(AggregateError::ZeroExamples);
         }
         if delta.spec_hash != self.spec_hash {
-            return err(format!("update has spec hash {}, expected {}", delta.spec_hash, self.spec_hash));
+            return bad_update(PoolError::SpecHashMismatch { expected: self.spec_hash, got: delta.spec_hash });
         }
         let is_pool = self.spec.kind == AdapterKind::SsfPool;
         let n_slots = match (&delta.slots, is_pool) {
@@ -364,8 +465,8 @@ impl Aggregator {
                 check_slots(u, self.spec.pool_size, self.spec.top_k, examples)?;
                 u.slots.len()
             }
-            (None, true) => return err("an SSF pool update must list its slots".into()),
-            (Some(_), false) => return err("a LoRA update carries no slot list".into()),
+            (None, true) => return bad_update(PoolError::BadSlots("an SSF pool update must list its slots".into())),
+            (Some(_), false) => return bad_update(PoolError::BadSlots("a LoRA update carries no slot list".into())),
             (None, false) => 0,
         };
         for d in &self.dense {
@@ -373,7 +474,7 @@ impl Aggregator {
                 if d.optional {
                     continue;
                 }
-                return err(format!("update lacks tensor {:?}", d.name));
+                return bad_update(PoolError::MissingTensor(d.name.clone()));
             };
             let ok = if d.pooled {
                 t.shape().len() == d.shape.len() && t.shape()[0] == n_slots && t.shape()[1..] == d.shape[1..]
@@ -388,7 +489,11 @@ impl Aggregator {
                 } else {
                     format!("{:?}", d.shape)
                 };
-                return err(format!("update tensor {:?} has shape {:?}, expected {want}", d.name, t.shape()));
+                return bad_update(PoolError::BadShape {
+                    name: d.name.clone(),
+                    got: t.shape().to_vec(),
+                    expected: want,
+                });
             }
         }
         for n in &self.lora {
@@ -399,7 +504,7 @@ impl Aggregator {
                 || self.lora.iter().any(|n| n.a == name || n.b == name || n.e.as_deref() == Some(name))
         };
         if let Some(name) = delta.tensors.keys().find(|name| !known(name)) {
-            return err(format!("update carries unknown tensor {name:?}"));
+            return bad_update(PoolError::UnknownTensor(name.clone()));
         }
         Ok(())
     }
@@ -421,17 +526,21 @@ fn dense_tensor(l: &TensorLayout) -> DenseTensor {
 /// Checks a slot list against the pool and the update's example count.
 fn check_slots(u: &SlotUsage, pool_size: usize, top_k: usize, examples: u64) -> Result<(), AggregateError> {
     if u.slots.is_empty() || u.slots.len() != u.counts.len() {
-        return err(format!("slot list has {} slots and {} counts", u.slots.len(), u.counts.len()));
+        let problem = format!("slot list has {} slots and {} counts", u.slots.len(), u.counts.len());
+        return bad_update(PoolError::BadSlots(problem));
     }
     if !u.slots.windows(2).all(|w| w[0] < w[1]) || u.slots.iter().any(|&s| s as usize >= pool_size) {
-        return err(format!("slots {:?} must be strictly increasing and below {pool_size}", u.slots));
+        let problem = format!("slots {:?} must be strictly increasing and below {pool_size}", u.slots);
+        return bad_update(PoolError::BadSlots(problem));
     }
     if let Some((s, c)) = u.slots.iter().zip(&u.counts).find(|(_, &c)| c == 0 || c > examples) {
-        return err(format!("slot {s} has usage count {c}, expected 1..={examples} (the update's examples)"));
+        let problem = format!("slot {s} has usage count {c}, expected 1..={examples} (the update's examples)");
+        return bad_update(PoolError::BadSlots(problem));
     }
     let total: u128 = u.counts.iter().map(|&c| u128::from(c)).sum();
     if total > u128::from(examples) * top_k as u128 {
-        return err(format!("usage counts sum to {total}, more than top_k {top_k} × {examples} examples"));
+        let problem = format!("usage counts sum to {total}, more than top_k {top_k} × {examples} examples");
+        return bad_update(PoolError::BadSlots(problem));
     }
     Ok(())
 }
@@ -451,27 +560,25 @@ fn triplet<'a>(
         (Some(a), Some((name, Some(e))), Some(b)) => (a, Some((name, e)), b),
         _ => {
             let parts = if n.e.is_some() { "A, E, B" } else { "A and B" };
-            return err(format!("update carries part of LoRA target {:?}: all of {parts} or none", n.target));
+            return Err(AggregateError::PartialTriplet { target: n.target.clone(), parts });
         }
     };
     let r = a.shape().first().copied().unwrap_or(0);
     let want =
         |name: &str, shape: [usize; 2]| format!("{name:?} {shape:?} (rank 1..={max_rank}, one rank per triplet)");
+    let bad_shape = |name: &str, t: &HostTensor, shape: [usize; 2]| {
+        bad_update(PoolError::BadShape { name: name.to_string(), got: t.shape().to_vec(), expected: want(name, shape) })
+    };
     if r == 0 || r > max_rank || a.shape() != [r, n.d_in] {
-        return err(format!("update tensor {:?} has shape {:?}, expected {}", n.a, a.shape(), want(&n.a, [r, n.d_in])));
+        return bad_shape(&n.a, a, [r, n.d_in]);
     }
     if let Some((name, e)) = e {
         if e.shape() != [r, 1] {
-            return err(format!("update tensor {name:?} has shape {:?}, expected {}", e.shape(), want(name, [r, 1])));
+            return bad_shape(name, e, [r, 1]);
         }
     }
     if b.shape() != [n.d_out, r] {
-        return err(format!(
-            "update tensor {:?} has shape {:?}, expected {}",
-            n.b,
-            b.shape(),
-            want(&n.b, [n.d_out, r])
-        ));
+        return bad_shape(&n.b, b, [n.d_out, r]);
     }
     Ok(Some(LoraTriplet { a: a.data(), e: e.map(|(_, e)| e.data()), b: b.data(), rank: r }))
 }
@@ -523,16 +630,13 @@ impl Merge for Aggregator {
 
     fn fold(&mut self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError> {
         if !self.round.active {
-            return err("fold called outside a round (call begin first)".into());
+            return Err(AggregateError::OutsideRound("fold"));
         }
         self.check_update(delta, examples)?;
         let scale = self.clip_scale(delta)?;
         if let Rule::TrimmedMean { max_updates, .. } = self.config.rule {
             if self.round.buffered.len() >= max_updates {
-                return err(format!(
-                    "the trimmed mean buffers at most {max_updates} updates per round (max_updates); \
-                     this update is refused"
-                ));
+                return Err(AggregateError::BufferFull { max_updates });
             }
             self.round.buffered.push(Buffered { delta: delta.clone(), scale, examples });
             self.round.updates += 1;
@@ -573,7 +677,7 @@ impl Merge for Aggregator {
 
     fn finish(&mut self, global: &AdapterPool) -> Result<AdapterPool, AggregateError> {
         if !self.round.active {
-            return err("finish called outside a round (call begin first)".into());
+            return Err(AggregateError::OutsideRound("finish"));
         }
         self.check_global(global)?;
         for (stack, n) in self.round.lora.iter().zip(&self.lora) {
@@ -581,7 +685,7 @@ impl Merge for Aggregator {
             let (a, e, b) = stack.global();
             let same_e = n.e.as_deref().is_none_or(|name| same(name, e));
             if !(same(&n.a, a) && same_e && same(&n.b, b)) {
-                return err(format!("finish got a global pool whose LoRA target {:?} differs from begin's", n.target));
+                return Err(AggregateError::GlobalChanged(n.target.clone()));
             }
         }
         if self.round.updates == 0 {
@@ -598,7 +702,11 @@ impl Merge for Aggregator {
             let f = if fair.is_some() {
                 None // B is refined below, from the merged factor means.
             } else {
-                let f = stack.refactor().map_err(|e| AggregateError(format!("LoRA target {:?}: {e}", n.target)))?;
+                let f = stack.refactor().map_err(|[rows, cols]| AggregateError::SvdDiverged {
+                    target: n.target.clone(),
+                    rows,
+                    cols,
+                })?;
                 // Standard LoRA: B diag(E) A split evenly, B = B·√E, A = √E·A.
                 f.map(|f| if n.e.is_none() { f.balanced() } else { f })
             };
@@ -608,7 +716,7 @@ impl Merge for Aggregator {
         let mut out = global.clone();
         for (d, c) in self.dense.iter().zip(&combined) {
             let Some(t) = out.tensors.get_mut(&d.name) else {
-                return err(format!("global pool lacks tensor {:?}", d.name));
+                return Err(AggregateError::Global(PoolError::MissingTensor(d.name.clone())));
             };
             let y = t.data_mut();
             match &self.adam {
@@ -622,7 +730,7 @@ impl Merge for Aggregator {
                 Some(adam) => adam.step_into(&d.name, y, |row| c.row(row, d.row_len), d.row_len),
             }
             if !t.all_finite() {
-                return err(format!("merged tensor {:?} is not finite", d.name));
+                return Err(AggregateError::NotFinite(format!("merged tensor {:?}", d.name)));
             }
         }
         for (f, n) in factors.into_iter().zip(&self.lora) {
@@ -641,13 +749,14 @@ impl Merge for Aggregator {
         if let Some(lambda) = fair {
             for (stack, n) in self.round.lora.iter().zip(&self.lora) {
                 let (Some(a), Some(b)) = (out.tensors.get(&n.a), out.tensors.get(&n.b)) else {
-                    return err(format!("merged pool lacks the factors of LoRA target {:?}", n.target));
+                    let missing = if out.tensors.contains_key(&n.a) { &n.b } else { &n.a };
+                    return Err(AggregateError::Global(PoolError::MissingTensor(missing.clone())));
                 };
                 if let Some(refined) = stack.fair_b(a.data(), b.data(), lambda) {
                     if let Some(t) = out.tensors.get_mut(&n.b) {
                         t.data_mut().copy_from_slice(&refined);
                         if !t.all_finite() {
-                            return err(format!("LoRA-FAIR's B of target {:?} is not finite", n.target));
+                            return Err(AggregateError::NotFinite(format!("LoRA-FAIR's B of target {:?}", n.target)));
                         }
                     }
                 }
@@ -673,12 +782,12 @@ impl Merge for Aggregator {
     /// non-negative), nothing unknown; nothing changes on error. Refused during a round.
     fn load_server_state(&mut self, state: &BTreeMap<String, HostTensor>) -> Result<(), AggregateError> {
         if self.round.active {
-            return err("cannot load the server state during a round".into());
+            return Err(AggregateError::StateDuringRound);
         }
         match &mut self.adam {
             Some(adam) => adam.load_named(state),
             None if state.is_empty() => Ok(()),
-            None => err(format!("server optimiser Plain keeps no state, got {} tensors", state.len())),
+            None => Err(AggregateError::Stateless(state.len())),
         }
     }
 }
@@ -729,7 +838,10 @@ fn combined_deltas<'a>(
         for row in 0..d.rows {
             if let Some((x, s)) = c.row(row, d.row_len) {
                 if !x.iter().all(|v| (v * s).is_finite()) {
-                    return err(format!("combined delta of tensor {:?} (row {row}) is not finite", d.name));
+                    return Err(AggregateError::NotFinite(format!(
+                        "combined delta of tensor {:?} (row {row})",
+                        d.name
+                    )));
                 }
             }
         }

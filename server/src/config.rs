@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::aggregate::{AggregateConfig, FedAdamConfig, LoraMerge, Rule, ServerOpt};
 use crate::net::NetSetup;
 use crate::ranks::BudgetSection;
-use crate::round::{Engine, EngineConfig};
+use crate::round::{Engine, EngineConfig, EngineError};
 use crate::store::Store;
 
 /// Every field of the configuration file, for `--help`.
@@ -141,7 +141,7 @@ pub enum ConfigError {
     },
     /// The round engine refused the configuration.
     #[error("round engine: {0}")]
-    Engine(String),
+    Engine(#[from] EngineError),
 }
 
 fn field(field: &'static str, problem: impl ToString) -> ConfigError {
@@ -589,8 +589,7 @@ impl ServerConfig {
             tracing::warn!(round = %start_round, "no server optimiser state was saved with the resumed round; FedAdam's moments start from zero");
         }
         let planner = self.budget.planner(&spec, self.deadline, self.rounds).map_err(|e| field("budget", e))?;
-        let mut engine = Engine::new(engine_config, spec, merge, start_round, global)
-            .map_err(|e| ConfigError::Engine(e.to_string()))?;
+        let mut engine = Engine::new(engine_config, spec, merge, start_round, global)?;
         if let Some(planner) = planner {
             engine = engine.with_ranks(planner);
         }

@@ -233,6 +233,6 @@ fn report(state: &Path) -> anyhow::Result<()> {
             serde_json::from_str(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
         records.push(r);
     }
-    print!("{}", fedpool_server::round::round_table(&records));
+    print!("{}", fedpool_server::report::round_table(&records));
     Ok(())
 }

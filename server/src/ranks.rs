@@ -462,7 +462,10 @@ impl BudgetSection {
             }
             "exact" => Ok(Box::new(Aggregator::new(spec.clone(), config)?)),
             "zero-pad" => Ok(Box::new(ZeroPadLora::new(spec.clone(), config)?)),
-            other => Err(AggregateError(format!("budget.merge: {other:?} is not exact or zero-pad"))),
+            other => Err(AggregateError::Setting {
+                setting: "budget.merge",
+                problem: format!("{other:?} is not exact or zero-pad"),
+            }),
         }
     }
 }

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 
+use fedpool_common::adapter::PoolError;
 use fedpool_common::HostTensor;
 
 use super::AggregateError;
@@ -72,7 +73,10 @@ impl FedAdamConfig {
         if ok {
             Ok(())
         } else {
-            Err(AggregateError(format!("FedAdam needs lr > 0, beta1 and beta2 in [0, 1), tau > 0; got {self:?}")))
+            Err(AggregateError::Setting {
+                setting: "FedAdam",
+                problem: format!("needs lr > 0, beta1 and beta2 in [0, 1), tau > 0; got {self:?}"),
+            })
         }
     }
 
@@ -163,17 +167,17 @@ impl FedAdamState {
             for (name, cur) in map {
                 let key = format!("{prefix}{name}");
                 let Some(t) = state.get(&key) else {
-                    return Err(AggregateError(format!("FedAdam state lacks tensor {key:?}")));
+                    return Err(AggregateError::ServerState(PoolError::MissingTensor(key)));
                 };
                 if t.shape() != cur.shape() {
-                    return Err(AggregateError(format!(
-                        "FedAdam state tensor {key:?} has shape {:?}, expected {:?}",
-                        t.shape(),
-                        cur.shape()
-                    )));
+                    let (got, expected) = (t.shape().to_vec(), format!("{:?}", cur.shape()));
+                    return Err(AggregateError::ServerState(PoolError::BadShape { name: key, got, expected }));
                 }
-                if !t.all_finite() || (non_negative && t.data().iter().any(|&x| x < 0.0)) {
-                    return Err(AggregateError(format!("FedAdam state tensor {key:?} holds an invalid value")));
+                if !t.all_finite() {
+                    return Err(AggregateError::ServerState(PoolError::NonFinite(key)));
+                }
+                if non_negative && t.data().iter().any(|&x| x < 0.0) {
+                    return Err(AggregateError::NegativeMoment(key));
                 }
             }
         }
@@ -182,7 +186,7 @@ impl FedAdamState {
                 || key.strip_prefix(FEDADAM_V_PREFIX).is_some_and(|n| self.v.contains_key(n))
         };
         if let Some(key) = state.keys().find(|k| !known(k)) {
-            return Err(AggregateError(format!("FedAdam state has unknown tensor {key:?}")));
+            return Err(AggregateError::ServerState(PoolError::UnknownTensor(key.clone())));
         }
         for (name, t) in self.m.iter_mut() {
             *t = state[&format!("{FEDADAM_M_PREFIX}{name}")].clone();

@@ -233,7 +233,8 @@ impl LoraStack {
 
     /// The merged target re-factorised to `max_rank` triplets, or `None` when no update carried
     /// this target (it then stays as it was).
-    pub(super) fn refactor(&self) -> Result<Option<LoraFactors>, String> {
+    /// Refused, with the core's `[rows, cols]`, when its SVD does not converge.
+    pub(super) fn refactor(&self) -> Result<Option<LoraFactors>, [usize; 2]> {
         let (d_in, d_out, n, max_rank) = (self.d_in, self.d_out, self.rank, self.max_rank);
         if n == 0 || self.weight <= 0.0 {
             return Ok(None);
@@ -243,9 +244,8 @@ impl LoraStack {
         let (qr_b, qr_a) = (left.qr(), right.qr());
         let (q_b, q_a) = (qr_b.compute_thin_Q(), qr_a.compute_thin_Q());
         let core: Mat<f64> = qr_b.thin_R() * qr_a.thin_R().transpose();
-        let svd = core
-            .thin_svd()
-            .map_err(|e| format!("the SVD of the {}×{} core did not converge ({e:?})", core.nrows(), core.ncols()))?;
+        // faer's only SVD error is `NoConvergence`.
+        let svd = core.thin_svd().map_err(|_| [core.nrows(), core.ncols()])?;
         let k = svd.S().column_vector().nrows();
         let r = max_rank.min(k);
         let sigma = svd.S().column_vector();
@@ -342,18 +342,15 @@ pub fn truncate_lora(
     ranks: &BTreeMap<String, usize>,
 ) -> Result<PoolDelta, AggregateError> {
     if !spec.kind.is_lora() {
-        return Err(AggregateError("truncate_lora needs a LoRA spec".into()));
+        return Err(AggregateError::Unsupported("truncate_lora needs a LoRA spec"));
     }
-    pool.validate(spec).map_err(|e| AggregateError(format!("global pool: {e}")))?;
+    pool.validate(spec).map_err(AggregateError::Global)?;
     if let Some(t) = ranks.keys().find(|t| !spec.targets.iter().any(|s| &s.name == *t)) {
-        return Err(AggregateError(format!("rank granted for unknown LoRA target {t:?}")));
+        return Err(AggregateError::UnknownTarget(t.clone()));
     }
     if let Some((t, r)) = ranks.iter().find(|(_, &r)| r > spec.max_rank) {
-        return Err(AggregateError(format!(
-            "rank {r} granted for LoRA target {t:?} exceeds max_rank {}",
-            spec.max_rank
-        )));
+        return Err(AggregateError::RankAboveMax { target: t.clone(), rank: *r, max_rank: spec.max_rank });
     }
-    let whole = pool.to_transfer(spec).map_err(|e| AggregateError(format!("global pool: {e}")))?;
-    whole.truncate_lora(spec, ranks).map_err(|e| AggregateError(format!("global pool: {e}")))
+    let whole = pool.to_transfer(spec).map_err(AggregateError::Global)?;
+    whole.truncate_lora(spec, ranks).map_err(AggregateError::Global)
 }

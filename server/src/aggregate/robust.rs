@@ -19,7 +19,7 @@ use super::AggregateError;
 /// when the norm is not finite (an update with NaN or infinite values).
 pub fn clip_scale(norm: f64, clip: f64) -> Result<f32, AggregateError> {
     if !norm.is_finite() {
-        return Err(AggregateError(format!("update has a non-finite L2 norm ({norm}); refused before folding")));
+        return Err(AggregateError::NonFiniteNorm(norm));
     }
     Ok(if norm > clip { (clip / norm) as f32 } else { 1.0 })
 }

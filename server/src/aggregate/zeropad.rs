@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 
+use fedpool_common::adapter::PoolError;
 use fedpool_common::{AdapterPool, HostTensor, PoolDelta, PoolSpec};
 
 use super::{AggregateConfig, AggregateError, Aggregator, Merge};
@@ -46,7 +47,7 @@ impl ZeroPadLora {
     /// `config`.
     pub fn new(spec: PoolSpec, config: AggregateConfig) -> Result<Self, AggregateError> {
         if spec.kind != fedpool_common::AdapterKind::AdaLora {
-            return Err(AggregateError("the zero-padding average needs an AdaLoRA spec".into()));
+            return Err(AggregateError::Unsupported("the zero-padding average needs an AdaLoRA spec"));
         }
         let factors = spec
             .layout()
@@ -74,14 +75,15 @@ impl Merge for ZeroPadLora {
         for f in &mut self.factors {
             f.sum.clear();
             f.sum.resize(f.rows * f.cols, 0.0);
-            let t = global.tensors.get(&f.name).ok_or_else(|| AggregateError(format!("global lacks {:?}", f.name)))?;
+            let missing = || AggregateError::Global(PoolError::MissingTensor(f.name.clone()));
+            let t = global.tensors.get(&f.name).ok_or_else(missing)?;
             self.base.insert(f.name.clone(), t.clone());
         }
         Ok(())
     }
 
     fn fold(&mut self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError> {
-        delta.validate(&self.spec).map_err(|e| AggregateError(e.to_string()))?;
+        delta.validate(&self.spec).map_err(AggregateError::Update)?;
         // The head goes to the wrapped aggregator first: if it refuses, nothing here changed.
         let plain = PoolDelta {
             spec_hash: delta.spec_hash,
@@ -98,7 +100,8 @@ impl Merge for ZeroPadLora {
         for f in &mut self.factors {
             let Some(d) = delta.tensors.get(&f.name) else { continue };
             let (&[rows, cols], Some(base)) = (d.shape(), self.base.get(&f.name)) else {
-                return Err(AggregateError(format!("{:?}: not a 2-D factor", f.name)));
+                let (name, got, expected) = (f.name.clone(), d.shape().to_vec(), "a 2-D factor".into());
+                return Err(AggregateError::Update(PoolError::BadShape { name, got, expected }));
             };
             for r in 0..rows {
                 for c in 0..cols {
@@ -119,9 +122,9 @@ impl Merge for ZeroPadLora {
             let Some(&w) = self.weights.get(&f.target).filter(|&&w| w > 0.0) else { continue };
             let data: Vec<f32> = f.sum.iter().map(|s| (s / w) as f32).collect();
             if !data.iter().all(|v| v.is_finite()) {
-                return Err(AggregateError(format!("{:?}: the zero-padding average is not finite", f.name)));
+                return Err(AggregateError::NotFinite(format!("the zero-padding average of {:?}", f.name)));
             }
-            let t = HostTensor::new(vec![f.rows, f.cols], data).map_err(|e| AggregateError(e.to_string()))?;
+            let t = HostTensor::new(vec![f.rows, f.cols], data)?;
             pool.tensors.insert(f.name.clone(), t);
         }
         Ok(pool)

@@ -113,9 +113,12 @@ pub enum NetError {
         /// The store's error.
         problem: String,
     },
-    /// The engine task ended abnormally.
+    /// The round engine cannot go on (`Action::Fatal`).
+    #[error("the round engine stopped: {0}")]
+    Engine(#[from] crate::round::EngineError),
+    /// The task driving the engine panicked or was cancelled.
     #[error("the engine task failed: {0}")]
-    Engine(String),
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// How a server run ended.
@@ -268,7 +271,7 @@ impl Server {
         let _keep = self.shutdown;
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(NetError::Engine(e.to_string())),
+            Err(e) => Err(NetError::Task(e)),
         }
     }
 

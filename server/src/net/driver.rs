@@ -171,7 +171,7 @@ impl Driver {
                 Action::Fatal(e) => {
                     error!("the round engine cannot go on, stopping: {e}");
                     self.close_all(close::INTERNAL, "the server failed");
-                    return Err(NetError::Engine(e.to_string()));
+                    return Err(NetError::Engine(e));
                 }
                 Action::Finished => {
                     let round = *self.committed.borrow();

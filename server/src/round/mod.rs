@@ -1,4 +1,4 @@
-//! The round engine: a sans-IO state machine (DESIGN.md principle 1, in the manner of
+//! The round engine: a sans-IO state machine (docs/design.md, principle 1, in the manner of
 //! quinn-proto). It is fed [`Event`]s — a client enrolled, was lost, sent an update or a
 //! heartbeat, or time passed — each stamped with the driver's clock, and it returns the
 //! [`Action`]s the driver must carry out, in order: welcome or refuse a client, send a task, ack or
@@ -10,7 +10,7 @@
 //! [`Engine::next_wakeup`]; every call first runs the timers that are due (idle clients, the round
 //! deadline), so an event that arrives late is judged as if the tick had come first.
 //!
-//! A round (DESIGN.md, "rounds that finish despite stragglers and crashes"):
+//! A round (docs/design.md, "Rounds that finish despite stragglers and crashes"):
 //! 1. once `min_clients_to_start` enrolled clients are connected, round *last + 1* starts:
 //!    ⌈`clients_per_round` × `over_selection`⌉ connected clients are sampled (deterministically from
 //!    the seed, the round and the attempt) and each gets a [`RoundTask`] with its own id and a fresh

@@ -434,7 +434,7 @@ impl<'a> Sim<'a> {
                     accuracy: o.correct as f64 / o.samples.max(1) as f64,
                     steps: o.steps,
                     samples: o.samples,
-                    importance: Vec::new(),
+                    importance: o.importance,
                 })
                 .collect());
         }

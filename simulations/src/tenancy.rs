@@ -7,7 +7,7 @@
 //! [`MaskedAdamW`] keeps AdamW's moments per element and its step count per client, and updates
 //! only the rows of the clients that took part in the step: a client whose steps are done drops
 //! out without changing the others. The result equals training each client alone with
-//! [`fedpool_client::train::train`] (the equivalence test in `tests/tenancy.rs`).
+//! [`fedpool_client::train::train`] (the equivalence tests in `tests/integration/tenancy.rs`).
 //!
 //! LoRA (both forms) runs the same way: each factor is stacked with a leading client axis
 //! `[K, ...]`, each row gathers its client's B, A (and AdaLoRA's λ) and head (per-row factors in
@@ -15,8 +15,15 @@
 //! term. Dropout masks are keyed by each client's seed, step and example
 //! ([`fedpool_client::model::Dropout`]), so a row drops what it would drop trained alone.
 //!
-//! Memory: the backbone once; per client its adapters and two AdamW moments. AdaLoRA's importance
-//! scores are not tracked in lockstep (they do not change the adapters).
+//! AdaLoRA's triplet importance is tracked per client as [`fedpool_client::train::train`] tracks
+//! it: after each backward pass and before the optimizer step, every active client's
+//! [`ImportanceTracker`] takes `|w · ∂L/∂w|` of its own slice of P, λ and Q. The gradient of the
+//! summed loss on client k's slice is the gradient of client k's own loss (its mean cross-entropy
+//! plus its orthogonality term), so its scores equal training alone up to f32 summation order
+//! (within 1e-4 of the largest score: `tests/integration/tenancy.rs`).
+//!
+//! Memory: the backbone once; per client its adapters, two AdamW moments and, for AdaLoRA, its
+//! importance averages (two per factor element).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -26,11 +33,12 @@ use fedpool_client::model::BertEncoder;
 use fedpool_client::model::Dropout;
 use fedpool_client::select::SlotCounter;
 use fedpool_client::train::{
-    dropout_probability, forward_masked, head_features, weight_decays, Batch, BatchOrder, Encoded, QueryCache,
-    TrainConfig, TrainError, TrainableParams,
+    dropout_probability, forward_masked, head_features, weight_decays, Batch, BatchOrder, Encoded, ImportanceTracker,
+    QueryCache, TrainConfig, TrainError, TrainableParams,
 };
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta, PoolSpec, SlotUsage};
 use fedpool_common::tensor::HostTensor;
+use fedpool_common::wire::TripletImportance;
 
 /// Bits of an example id left for the example: the client index goes above them, so ids of
 /// different clients never collide in the shared query cache.
@@ -79,6 +87,9 @@ pub struct ClientOutcome {
     pub samples: usize,
     /// Of those, the rows its model classified correctly (at the time of the step).
     pub correct: usize,
+    /// AdaLoRA's triplet importance after its steps, as `train::train`'s `TrainOutcome::importance`
+    /// (empty for other adapters).
+    pub importance: Vec<TripletImportance>,
 }
 
 /// AdamW over tensors whose leading axis is made of per-client blocks of rows: moments per
@@ -332,19 +343,21 @@ pub fn train_lockstep(
         }
         let usage: SlotUsage =
             counter.usage().ok_or_else(|| TenancyError::Unsupported(format!("client {c} selected no slot")))?;
-        outcomes.push(outcome(vc, pool, Some(usage), loss_sums[c], (samples[c], correct[c]))?);
+        outcomes.push(outcome(vc, pool, Some(usage), loss_sums[c], (samples[c], correct[c]), Vec::new())?);
     }
     Ok(outcomes)
 }
 
 /// A client's outcome from its trained pool: the delta from its start (restricted to the used
-/// slots with `usage`), its mean loss over its steps, its rows seen and classified correctly.
+/// slots with `usage`), its mean loss over its steps, its rows seen and classified correctly, its
+/// AdaLoRA importance.
 fn outcome(
     vc: &VirtualClient<'_>,
     pool: AdapterPool,
     usage: Option<SlotUsage>,
     loss_sum: f64,
     (samples, correct): (usize, usize),
+    importance: Vec<TripletImportance>,
 ) -> Result<ClientOutcome, TenancyError> {
     let mut delta = pool.delta_from(vc.start).map_err(TrainError::from)?;
     if let Some(u) = usage {
@@ -352,7 +365,7 @@ fn outcome(
     }
     vc.config.lora_train.drop_frozen(&mut delta);
     let steps = vc.config.steps;
-    Ok(ClientOutcome { pool, delta, train_loss: loss_sum / steps.max(1) as f64, steps, samples, correct })
+    Ok(ClientOutcome { pool, delta, train_loss: loss_sum / steps.max(1) as f64, steps, samples, correct, importance })
 }
 
 /// Checks what every lockstep run needs of its clients; returns the dropout probability and the
@@ -438,6 +451,8 @@ fn train_lockstep_lora(
     let mut samples = vec![0usize; k];
     let mut correct = vec![0usize; k];
     let scaling = f64::from(spec.lora_alpha) / spec.max_rank as f64;
+    // One AdaLoRA importance tracker per client (`None` for standard LoRA).
+    let mut trackers: Option<Vec<ImportanceTracker>> = (0..k).map(|_| ImportanceTracker::new(spec)).collect();
 
     for step in 0..max_steps {
         // Every client still stepping takes part in this step's pass.
@@ -517,6 +532,18 @@ fn train_lockstep_lora(
             loss_sums[c] += orth_values[c];
         }
         let grads = total.backward()?;
+        // As `train::train`: the values before this step's update, the gradients of the loss with
+        // the orthogonality term; each active client's chunk of a stacked tensor is its own.
+        if let Some(trackers) = trackers.as_mut() {
+            for name in trackers[0].tensor_names() {
+                let v = stacked.get(&name).ok_or_else(|| TenancyError::Unsupported(format!("no tensor {name}")))?;
+                let all = ImportanceTracker::sensitivity(v.as_tensor(), grads.get(v.as_tensor()))?;
+                let per_client = all.len() / k;
+                for c in (0..k).filter(|&c| active[c]) {
+                    trackers[c].update_element(&name, &all[c * per_client..(c + 1) * per_client]);
+                }
+            }
+        }
         optimizer.step(&grads, &active, &learning_rates(clients, step))?;
     }
 
@@ -527,7 +554,8 @@ fn train_lockstep_lora(
             let data: Vec<f32> = stacked[name].as_tensor().narrow(0, c, 1)?.flatten_all()?.to_vec1()?;
             *t = HostTensor::new(t.shape().to_vec(), data).map_err(|e| TenancyError::Unsupported(e.to_string()))?;
         }
-        outcomes.push(outcome(vc, pool, None, loss_sums[c], (samples[c], correct[c]))?);
+        let importance = trackers.as_ref().map(|t| t[c].scores()).unwrap_or_default();
+        outcomes.push(outcome(vc, pool, None, loss_sums[c], (samples[c], correct[c]), importance)?);
     }
     Ok(outcomes)
 }

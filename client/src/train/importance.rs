@@ -61,22 +61,32 @@ impl ImportanceTracker {
         ["lora_A", "lora_E", "lora_B"].map(|f| format!("{target}.{f}.weight"))
     }
 
+    /// The tensors it tracks, by name: A (Q), E (λ) and B (P) of every target, in spec order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.targets.iter().flat_map(|t| Self::names(&t.0)).collect()
+    }
+
     /// One step's update from the current values and the gradients of the loss.
     pub fn update(&mut self, params: &TrainableParams, grads: &GradStore) -> Result<(), TrainError> {
-        let targets: Vec<String> = self.targets.iter().map(|t| t.0.clone()).collect();
-        for target in &targets {
-            for name in Self::names(target) {
-                let var = params.var(&name).ok_or_else(|| TrainError::Input(format!("no LoRA tensor {name:?}")))?;
-                let w = var.as_tensor();
-                let sensitivity = match grads.get(w) {
-                    Some(g) => (w * g)?.abs()?,
-                    None => w.zeros_like()?,
-                };
-                let values = sensitivity.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                self.update_element(&name, &values);
-            }
+        for name in self.tensor_names() {
+            let var = params.var(&name).ok_or_else(|| TrainError::Input(format!("no LoRA tensor {name:?}")))?;
+            let w = var.as_tensor();
+            let values = Self::sensitivity(w, grads.get(w))?;
+            self.update_element(&name, &values);
         }
         Ok(())
+    }
+
+    /// The element sensitivities `I = |w · ∂L/∂w|` of tensor `w` given its gradient (zeros where
+    /// the loss does not reach `w`), row-major: what [`ImportanceTracker::update_element`] folds
+    /// in. A tensor stacking several clients' copies along its first axis gives each client's
+    /// sensitivities as one contiguous chunk (the lockstep trainer's use).
+    pub fn sensitivity(w: &Tensor, grad: Option<&Tensor>) -> Result<Vec<f32>, TrainError> {
+        let sensitivity = match grad {
+            Some(g) => (w * g)?.abs()?,
+            None => w.zeros_like()?,
+        };
+        Ok(sensitivity.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
     /// Folds one step's element sensitivities `I` of tensor `name` into its averages.

@@ -34,7 +34,7 @@ use fedpool_client::model::Dropout;
 use fedpool_client::select::SlotCounter;
 use fedpool_client::train::{
     dropout_probability, forward_masked, head_features, weight_decays, Batch, BatchOrder, Encoded, ImportanceTracker,
-    QueryCache, TrainConfig, TrainError, TrainableParams,
+    LoraTrain, QueryCache, TrainConfig, TrainError, TrainableParams,
 };
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta, PoolSpec, SlotUsage};
 use fedpool_common::tensor::HostTensor;
@@ -440,6 +440,12 @@ fn train_lockstep_lora(
     let lora_train = clients[0].config.lora_train;
     if clients.iter().any(|vc| vc.config.lora_train != lora_train) {
         return Err(TenancyError::Unsupported("lockstep clients train the same LoRA factors".into()));
+    }
+    if lora_train != LoraTrain::Both && spec.kind != AdapterKind::Lora {
+        // As `train::train` refuses it: AdaLoRA's λ and orthogonality need both factors.
+        return Err(TenancyError::Unsupported(
+            "training one LoRA factor (ffa, rolora) needs standard LoRA (adapter lora)".into(),
+        ));
     }
     let vars: Vec<(Var, bool)> =
         stacked.iter().filter(|(n, _)| !lora_train.freezes(n)).map(|(n, v)| (v.clone(), is_head(n))).collect();

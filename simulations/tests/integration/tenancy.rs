@@ -214,6 +214,19 @@ fn lockstep_tracks_no_importance_for_standard_lora() {
 }
 
 #[test]
+fn one_factor_adalora_is_refused_in_lockstep_as_train_refuses_it() {
+    let options = AdapterOptions { choice: AdapterChoice::AdaLora, rank: 4, alpha: 8.0, ..AdapterOptions::default() };
+    let fixture = Fixture::new(&options);
+    let hidden = fixture.model.config().hidden_size;
+    let mut clients = fixture.clients();
+    for vc in &mut clients {
+        vc.config.lora_train = fedpool_client::train::LoraTrain::BOnly;
+    }
+    let err = train_lockstep(&fixture.model, &fixture.spec, &clients, &mut QueryCache::new(hidden), 0).unwrap_err();
+    assert!(err.to_string().contains("needs standard LoRA"), "{err}");
+}
+
+#[test]
 fn client_groups_fill_passes_in_order_and_never_split_a_client() {
     use fedpool_sim::tenancy::client_groups;
     assert_eq!(client_groups(&[8, 8, 8, 8], 16), vec![0..2, 2..4]);

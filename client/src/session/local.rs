@@ -9,7 +9,6 @@
 use std::time::Instant;
 
 use fedpool_common::checkpoint::CheckpointError;
-use fedpool_common::codec::ErrorFeedback;
 use fedpool_common::wire::{EvalReport, EvalTask, RoundTask, TrainMetrics, Update};
 use fedpool_common::TaskId;
 
@@ -149,16 +148,6 @@ impl LocalWork {
     /// The client's protocol state (spec, enrollment, staged residual).
     pub fn participant(&self) -> &Participant {
         &self.participant
-    }
-
-    /// The residual as last acknowledged.
-    pub fn residual(&mut self) -> Result<ErrorFeedback, LocalError> {
-        Ok(self.participant.residual()?)
-    }
-
-    /// Training examples held.
-    pub fn training_examples(&self) -> usize {
-        self.train_rows.len()
     }
 
     /// Trains on the task's global pool for its local steps and returns the encoded update (its

@@ -20,6 +20,12 @@
 //! - **An evaluation task:** [`Participant::begin_eval`] (decode the pool to score) → the driver
 //!   evaluates → [`Participant::finish_eval`] (the `EvalReport`).
 //!
+//! **Personal tensors** (FedSA-LoRA's B, [`LoraVariant::keeps_local`]) are the client's own: never
+//! uploaded, kept in the residual storage under [`PERSONAL_PREFIX`], staged with the residual by
+//! `finish` and promoted or dropped with it, so a refused round leaves the client's model as its
+//! last acknowledged one. `begin`, `begin_eval` and [`Participant::personalise`] put them into
+//! the global pool the client trains and scores.
+//!
 //! A new `finish` replaces a staged residual that was never answered (the server gives a client
 //! one task at a time; an older task's answer no longer matters); an answer for any other task
 //! than the staged one changes nothing.
@@ -30,9 +36,14 @@ use fedpool_common::codec::{self, CodecConfig, CodecError, DecodeLimits, Encoded
 use fedpool_common::wire::{
     Enroll, EvalMetrics, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update, PROTOCOL_VERSION,
 };
-use fedpool_common::{BackboneFingerprint, Round, TaskId};
+use fedpool_common::{BackboneFingerprint, HostTensor, Round, TaskId};
+use std::collections::BTreeMap;
 
 use crate::train::{LoraVariant, TrainConfig};
+
+/// Key prefix of a personal tensor in the residual storage (`personal:<tensor name>`): kept,
+/// persisted and staged with the residual, never encoded.
+pub const PERSONAL_PREFIX: &str = "personal:";
 
 /// Multiplier that gives each round its own batch order and dropout masks: a round's training
 /// seed is `client seed ^ round · ROUND_MIX`.
@@ -76,6 +87,12 @@ pub enum ParticipantError {
         /// The encoder's error.
         #[source]
         source: CodecError,
+    },
+    /// A personal tensor does not fit the global pool (another spec's state).
+    #[error("the client's personal tensor {name} does not fit the global pool")]
+    Personal {
+        /// The tensor.
+        name: String,
     },
     /// The residual could not be read, kept or persisted.
     #[error(transparent)]
@@ -245,9 +262,41 @@ impl Participant {
         self.staged
     }
 
-    /// The residual as of its last acknowledged update.
+    /// The residual as of its last acknowledged update (without the personal tensors).
     pub fn residual(&mut self) -> Result<ErrorFeedback, ParticipantError> {
-        Ok(self.storage.acknowledged()?)
+        let mut state = self.storage.acknowledged()?.into_tensors();
+        state.retain(|key, _| !key.starts_with(PERSONAL_PREFIX));
+        Ok(ErrorFeedback::from_tensors(state))
+    }
+
+    /// The personal tensors as of its last acknowledged update, by tensor name (empty unless
+    /// the LoRA variant keeps some local, and before the first acknowledged update).
+    pub fn personal(&mut self) -> Result<BTreeMap<String, HostTensor>, ParticipantError> {
+        let state = self.storage.acknowledged()?.into_tensors();
+        Ok(state
+            .into_iter()
+            .filter_map(|(key, t)| key.strip_prefix(PERSONAL_PREFIX).map(|name| (name.to_owned(), t)))
+            .collect())
+    }
+
+    /// `global` with this client's personal tensors in place of the shared ones: the model it
+    /// trains and scores. `None` when it has none (the global as it is).
+    pub fn personalise(&mut self, global: &AdapterPool) -> Result<Option<AdapterPool>, ParticipantError> {
+        if self.config.lora_variant == LoraVariant::Both {
+            return Ok(None);
+        }
+        let personal = self.personal()?;
+        if personal.is_empty() {
+            return Ok(None);
+        }
+        let mut pool = global.clone();
+        for (name, t) in personal {
+            match pool.tensors.get_mut(&name) {
+                Some(slot) if slot.shape() == t.shape() => *slot = t,
+                _ => return Err(ParticipantError::Personal { name }),
+            }
+        }
+        Ok(Some(pool))
     }
 
     /// The enrollment message: protocol, backbone, spec hash, declared bandwidths, examples.
@@ -285,9 +334,12 @@ impl Participant {
         }
     }
 
-    /// The start of a training task: the pool to train from and the settings to train with.
-    pub fn begin(&self, task: &RoundTask) -> Result<(AdapterPool, TrainConfig), ParticipantError> {
-        Ok((self.decode_global(task.round, &task.global)?, self.round_config(task)))
+    /// The start of a training task: the pool to train from (the global, personalised) and the
+    /// settings to train with.
+    pub fn begin(&mut self, task: &RoundTask) -> Result<(AdapterPool, TrainConfig), ParticipantError> {
+        let global = self.decode_global(task.round, &task.global)?;
+        let start = self.personalise(&global)?.unwrap_or(global);
+        Ok((start, self.round_config(task)))
     }
 
     /// The end of a training task: the delta cut to the task's rank grant (if it has one: the
@@ -304,8 +356,14 @@ impl Participant {
                 .map_err(|source| ParticipantError::Grant { round, source })?
         };
         let mut residual = self.storage.acknowledged()?;
+        let (delta, personal) = self.split_personal(task, delta, &residual)?;
         let encoded = codec::encode(&delta, &self.config.codec, Some(&mut residual), task.task_id.0 ^ self.config.seed)
             .map_err(|source| ParticipantError::Encode { round, source })?;
+        if !personal.is_empty() {
+            let mut state = residual.into_tensors();
+            state.extend(personal.into_iter().map(|(name, t)| (format!("{PERSONAL_PREFIX}{name}"), t)));
+            residual = ErrorFeedback::from_tensors(state);
+        }
         self.storage.stage(residual)?;
         self.staged = Some(task.task_id);
         Ok(Update {
@@ -317,6 +375,45 @@ impl Participant {
             metrics: trained.metrics,
             importance: trained.importance,
         })
+    }
+
+    /// `delta` without the tensors the client keeps, and those tensors' new values (where the
+    /// round started, from `state`'s personal tensors or else the task's global, plus their
+    /// trained change).
+    fn split_personal(
+        &self,
+        task: &RoundTask,
+        mut delta: PoolDelta,
+        state: &ErrorFeedback,
+    ) -> Result<(PoolDelta, BTreeMap<String, HostTensor>), ParticipantError> {
+        let variant = self.config.lora_variant;
+        let kept: Vec<String> = delta.tensors.keys().filter(|name| variant.keeps_local(name)).cloned().collect();
+        if kept.is_empty() {
+            return Ok((delta, BTreeMap::new()));
+        }
+        let key = |name: &str| format!("{PERSONAL_PREFIX}{name}");
+        // The first round a client keeps a tensor it started from the global's.
+        let global = match kept.iter().all(|name| state.tensors().contains_key(&key(name))) {
+            true => None,
+            false => Some(self.decode_global(task.round, &task.global)?),
+        };
+        let mut personal = BTreeMap::new();
+        for name in kept {
+            let Some(change) = delta.tensors.remove(&name) else { continue };
+            let base = state
+                .tensors()
+                .get(&key(&name))
+                .or_else(|| global.as_ref().and_then(|pool| pool.tensors.get(&name)))
+                .cloned()
+                .ok_or_else(|| ParticipantError::Personal { name: name.clone() })?;
+            if base.shape() != change.shape() {
+                return Err(ParticipantError::Personal { name });
+            }
+            let mut value = base;
+            value.data_mut().iter_mut().zip(change.data()).for_each(|(v, d)| *v += d);
+            personal.insert(name, value);
+        }
+        Ok((delta, personal))
     }
 
     /// The server acknowledged the update for `task`: if its residual is the staged one, it
@@ -343,9 +440,10 @@ impl Participant {
         Ok(())
     }
 
-    /// The start of an evaluation task: the pool to score.
-    pub fn begin_eval(&self, task: &EvalTask) -> Result<AdapterPool, ParticipantError> {
-        self.decode_global(task.round, &task.global)
+    /// The start of an evaluation task: the pool to score (the global, personalised).
+    pub fn begin_eval(&mut self, task: &EvalTask) -> Result<AdapterPool, ParticipantError> {
+        let global = self.decode_global(task.round, &task.global)?;
+        Ok(self.personalise(&global)?.unwrap_or(global))
     }
 
     /// The end of an evaluation task: the report to send.
@@ -357,6 +455,7 @@ impl Participant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::LoraTrain;
     use fedpool_common::adapter::{HeadSpec, TargetSpec};
     use fedpool_common::codec::Quantization;
     use fedpool_common::{Nonce, Sha256};
@@ -437,6 +536,54 @@ mod tests {
         p.on_reject(None).unwrap();
         assert_eq!(p.staged(), None);
         assert_eq!(p.residual().unwrap(), kept);
+    }
+
+    #[test]
+    fn fedsa_keeps_b_with_the_client_and_uploads_the_rest() {
+        let pool = AdapterPool::init(&spec(), 1).unwrap();
+        let mut p = participant(MemoryResidual::default());
+        p.config.lora_variant = LoraVariant::FedSa;
+        p.config.codec = CodecConfig { top_k: None, quantization: Quantization::F32, ..CodecConfig::default() };
+        let b = "layer.0.attention.query.lora_B.weight";
+        let t1 = task(1, 1, &pool);
+        let (start, config) = p.begin(&t1).unwrap();
+        assert_eq!(start, pool, "no personal B before the first round: the global's");
+        assert_eq!(config.lora_train, LoraTrain::Both, "FedSA-LoRA trains both factors");
+        let trained = result(&start, 0.01);
+        let update = p.finish(&t1, trained.clone()).unwrap();
+        let sent = codec::decode(&update.delta, &DecodeLimits::for_spec(&spec())).unwrap();
+        assert!(!sent.tensors.contains_key(b), "B is never uploaded");
+        assert_eq!(sent.tensors.len(), trained.delta.tensors.len() - 1, "A and the head are");
+        assert!(p.personal().unwrap().is_empty(), "staged, not yet the client's");
+        assert!(p.on_ack(t1.task_id).unwrap());
+        let own = &p.personal().unwrap()[b];
+        let expected: Vec<f32> =
+            pool.tensors[b].data().iter().zip(trained.delta.tensors[b].data()).map(|(g, d)| g + d).collect();
+        assert_eq!(own.data(), &expected[..], "the global's B plus its trained change");
+        let residual = p.residual().unwrap();
+        assert_eq!(residual.l2_norm(), 0.0, "a lossless upload leaves no residual");
+        assert!(
+            residual.tensors().keys().all(|k| !k.starts_with(PERSONAL_PREFIX)),
+            "personal tensors are not residual"
+        );
+
+        // The next round, and its evaluation, start from the client's own B.
+        let t2 = task(2, 2, &pool);
+        let (start2, _) = p.begin(&t2).unwrap();
+        assert_eq!(&start2.tensors[b], own);
+        assert_eq!(start2.tensors.len(), pool.tensors.len());
+        let eval = EvalTask { round: Round(2), task_id: TaskId(9), global: t2.global.clone(), deadline_ms: 1 };
+        assert_eq!(&p.begin_eval(&eval).unwrap().tensors[b], own);
+        // A refused round leaves the acknowledged B.
+        p.finish(&t2, result(&start2, 0.5)).unwrap();
+        p.on_reject(Some(t2.task_id)).unwrap();
+        assert_eq!(&p.personal().unwrap()[b], own);
+        // A second acknowledged round adds its change to the client's B, not the global's.
+        let second = result(&start2, 0.02);
+        p.finish(&t2, second.clone()).unwrap();
+        assert!(p.on_ack(t2.task_id).unwrap());
+        let expected: Vec<f32> = own.data().iter().zip(second.delta.tensors[b].data()).map(|(o, d)| o + d).collect();
+        assert_eq!(p.personal().unwrap()[b].data(), &expected[..]);
     }
 
     #[test]

@@ -196,6 +196,11 @@ impl ErrorFeedback {
         &self.residual
     }
 
+    /// The residual tensors by key, taken.
+    pub fn into_tensors(self) -> BTreeMap<String, HostTensor> {
+        self.residual
+    }
+
     /// A residual restored from persisted tensors.
     pub fn from_tensors(residual: BTreeMap<String, HostTensor>) -> Self {
         Self { residual }

@@ -342,6 +342,23 @@ impl<'a> Sim<'a> {
         Ok((seen.into_iter().map(|(_, p)| p).collect(), index))
     }
 
+    /// Gives each of `clients` (in the order of `pool_of`) its own copy of its pool where its
+    /// participant keeps personal tensors (FedSA-LoRA's B), as `Participant::begin` does.
+    fn personalise(
+        &mut self,
+        clients: impl Iterator<Item = usize>,
+        pools: &mut Vec<AdapterPool>,
+        pool_of: &mut [usize],
+    ) -> Result<(), SimError> {
+        for (c, index) in clients.zip(pool_of.iter_mut()) {
+            if let Some(own) = self.participants[c].personalise(&pools[*index])? {
+                pools.push(own);
+                *index = pools.len() - 1;
+            }
+        }
+        Ok(())
+    }
+
     fn lockstep_applies(&self) -> bool {
         let spec = &self.pop.spec;
         let pool = spec.kind == AdapterKind::SsfPool && spec.has_keys() && spec.pool_size >= 2;
@@ -368,7 +385,8 @@ impl<'a> Sim<'a> {
         let mode = if lockstep { "lockstep" } else { "sequential" };
         self.progress.phase(round.0, &format!("training {} clients ({mode})", work.len()));
 
-        let (starts, start_of) = self.decode_globals(work.iter().map(|(c, _, t)| (*c, t.round, &t.global)))?;
+        let (mut starts, mut start_of) = self.decode_globals(work.iter().map(|(c, _, t)| (*c, t.round, &t.global)))?;
+        self.personalise(work.iter().map(|(c, _, _)| *c), &mut starts, &mut start_of)?;
         let configs: Vec<TrainConfig> =
             work.iter().map(|(c, _, task)| self.participants[*c].round_config(task)).collect();
 
@@ -475,8 +493,9 @@ impl<'a> Sim<'a> {
         let round = evals[0].1.round;
         self.progress.phase(round.0, &format!("evaluating on {} clients", evals.len()));
         let clients = evals.iter().map(|(client, _)| self.client_index(client)).collect::<Result<Vec<_>, _>>()?;
-        let (pools, pool_of) =
+        let (mut pools, mut pool_of) =
             self.decode_globals(clients.iter().zip(&evals).map(|(&c, (_, t))| (c, t.round, &t.global)))?;
+        self.personalise(clients.iter().copied(), &mut pools, &mut pool_of)?;
         for (((client, task), &c), &i) in evals.into_iter().zip(&clients).zip(&pool_of) {
             let m = train::evaluate_pool(
                 &self.pop.model,

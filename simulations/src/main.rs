@@ -41,7 +41,8 @@ An experiment file (TOML; `fedpool-sim default-config` prints the default one to
                pool_size, top_k, rank, alpha, lora_modules, pooling = mean | cls-pooler (HF's head)
   [train]      batch_size, lr, head_lr, max_len, lambda_match, dropout (default: the model's
                hidden_dropout_prob), weight_decay (LoRA and its head; 0.01), lora_variant = both |
-               ffa (B only) | rolora (B in odd rounds, A in even ones)
+               ffa (B only) | rolora (B in odd rounds, A in even ones) | fedsa (A and the head
+               shared, B kept per client: evaluation is personalised)
   [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level
   [aggregate]  strategy = fedavg | trimmed-mean | fedadam, clip_norm, lora_merge = fedavg (A, B
                averaged) | exact (FlexLoRA) | fair (LoRA-FAIR), lora_fair_lambda, ...

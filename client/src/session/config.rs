@@ -145,7 +145,8 @@ pub struct TrainSection {
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     /// Which LoRA factors train in which round: `both`, `ffa` (B only; A frozen at its shared
-    /// initialisation) or `rolora` (B in odd rounds, A in even ones). Standard LoRA only.
+    /// initialisation), `rolora` (B in odd rounds, A in even ones) or `fedsa` (both train, A and
+    /// the head uploaded, B kept by the client). Standard LoRA only.
     #[serde(default)]
     pub lora_variant: LoraVariant,
 }
@@ -388,7 +389,8 @@ impl DaemonConfig {
         }
         self.shard()?;
         self.device_choice()?;
-        self.adapter_options()?;
+        let adapter = self.adapter_options()?;
+        self.train.lora_variant.check_adapter(adapter.choice).map_err(|e| field("train.lora_variant", e))?;
         self.upload_codec()?;
         if self.train.batch_size == 0 {
             return Err(field("train.batch_size", "must be at least 1"));

@@ -1,5 +1,6 @@
 //! The error-feedback residual on disk (docs/design.md, "Compression"): what top-k left out of earlier
-//! uploads, kept in the state folder so that a restart loses none of it.
+//! uploads, kept in the state folder so that a restart loses none of it. With FedSA-LoRA the file
+//! also holds the client's own B (`participant::PERSONAL_PREFIX` keys), saved by the same rule.
 //!
 //! The residual is saved only once the server **acknowledged** the update it belongs with: an
 //! upload that was refused or cut off (a crash mid-upload) leaves the file as it was, so the values
@@ -85,7 +86,9 @@ mod tests {
         let store = ResidualStore::new(dir.path(), spec);
         assert!(store.load().unwrap().tensors().is_empty(), "nothing saved yet");
         let t = HostTensor::new(vec![2, 3], vec![0.5, -1.25, 3.0, 1e-7, -0.0, 42.0]).unwrap();
-        let r = ErrorFeedback::from_tensors(BTreeMap::from([("a.ssf_scale#3".to_string(), t)]));
+        // A slot row's residual and a personal tensor (FedSA-LoRA's B) alike.
+        let personal = format!("{}q.lora_B.weight", crate::participant::PERSONAL_PREFIX);
+        let r = ErrorFeedback::from_tensors(BTreeMap::from([("a.ssf_scale#3".to_string(), t.clone()), (personal, t)]));
         store.save(&r).unwrap();
         assert_eq!(store.load().unwrap().tensors(), r.tensors());
         let other = ResidualStore::new(dir.path(), SpecHash(Sha256::of(b"other")));

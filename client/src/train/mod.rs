@@ -108,6 +108,10 @@ pub enum LoraVariant {
     /// RoLoRA (Chen et al. 2024): alternate by round — odd rounds train B (A frozen), even rounds
     /// train A (B frozen); each upload carries only the factor that moved.
     RoLora,
+    /// FedSA-LoRA (Guo et al., ICLR 2025): both factors train every round, only A (and the head)
+    /// is uploaded and averaged; each client keeps its own B across rounds (personalised: its
+    /// model is the global A and head with its own B).
+    FedSa,
 }
 
 impl LoraTrain {
@@ -127,19 +131,34 @@ impl LoraTrain {
 }
 
 impl LoraVariant {
-    /// The variant's name in configuration files: `both`, `ffa`, `rolora`.
+    /// The variant's name in configuration files: `both`, `ffa`, `rolora`, `fedsa`.
     pub fn name(self) -> &'static str {
         match self {
             LoraVariant::Both => "both",
             LoraVariant::Ffa => "ffa",
             LoraVariant::RoLora => "rolora",
+            LoraVariant::FedSa => "fedsa",
         }
+    }
+
+    /// Refuses a variant the adapter cannot train: every variant but `both` works on standard
+    /// LoRA's two factors only (`adapter` is the configured choice).
+    pub fn check_adapter(self, adapter: crate::spec::AdapterChoice) -> Result<(), String> {
+        if self == LoraVariant::Both || adapter == crate::spec::AdapterChoice::Lora {
+            return Ok(());
+        }
+        Err(format!("lora_variant {:?} needs standard LoRA (adapter lora), not {adapter:?}", self.name()))
+    }
+
+    /// True when tensor `name` stays with the client and is never uploaded (FedSA-LoRA's B).
+    pub fn keeps_local(self, name: &str) -> bool {
+        self == LoraVariant::FedSa && name.ends_with(".lora_B.weight")
     }
 
     /// The factors trained in `round` (1 is the first).
     pub fn factors(self, round: u64) -> LoraTrain {
         match self {
-            LoraVariant::Both => LoraTrain::Both,
+            LoraVariant::Both | LoraVariant::FedSa => LoraTrain::Both,
             LoraVariant::Ffa => LoraTrain::BOnly,
             LoraVariant::RoLora if round % 2 == 1 => LoraTrain::BOnly,
             LoraVariant::RoLora => LoraTrain::AOnly,
@@ -151,10 +170,10 @@ impl std::str::FromStr for LoraVariant {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [LoraVariant::Both, LoraVariant::Ffa, LoraVariant::RoLora]
+        [LoraVariant::Both, LoraVariant::Ffa, LoraVariant::RoLora, LoraVariant::FedSa]
             .into_iter()
             .find(|v| v.name() == s)
-            .ok_or_else(|| format!("unknown LoRA variant {s:?}: expected both, ffa or rolora"))
+            .ok_or_else(|| format!("unknown LoRA variant {s:?}: expected both, ffa, rolora or fedsa"))
     }
 }
 

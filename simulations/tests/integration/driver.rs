@@ -516,6 +516,66 @@ fn lora_variants_move_and_upload_only_their_factors_in_lockstep_and_sequentially
 }
 
 #[test]
+fn fedsa_lora_uploads_a_and_scores_each_client_with_its_own_b() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let lora = "[adapter]\nkind = \"lora\"\nrank = 2\n[train]\nbatch_size = 4\nmax_len = 32\nlr = 0.01\n";
+    // The global test set is the union of the clients' held-out sets: what the federated
+    // evaluation scores too, so the two agree exactly when every client scores the global.
+    let base = {
+        let mut e = experiment(dir.path(), "", "");
+        let lora_exp = Experiment::parse(lora, dir.path(), "lora").unwrap();
+        e.adapter = lora_exp.adapter;
+        e.train = lora_exp.train;
+        e.federation.rounds = 2;
+        let pop = Population::load(&e).unwrap();
+        let held_out = sorted_ids(pop.clients.iter().flat_map(|c| &c.eval));
+        std::fs::write(dir.path().join("held-out.json"), serde_json::to_string(&held_out).unwrap()).unwrap();
+        Experiment { global_test: Some("held-out.json".into()), ..e }
+    };
+    let start = fedpool_common::AdapterPool::init(&Population::load(&base).unwrap().spec, base.seed).unwrap();
+    let run = |variant: &str, mode: fedpool_sim::experiment::Mode| {
+        let mut e = base.clone();
+        e.train.lora_variant = variant.parse().unwrap();
+        e.mode = mode;
+        simulate(&e)
+    };
+    use fedpool_sim::experiment::Mode;
+    let both = run("both", Mode::Lockstep);
+    for r in &both.rows {
+        let (accuracy, loss) = (r.accuracy.unwrap(), r.loss.unwrap());
+        assert!((accuracy - r.global_accuracy.unwrap()).abs() < 1e-6, "one model scored twice: {r:?}");
+        assert!((loss - r.global_loss.unwrap()).abs() < 1e-5 * loss, "{r:?}");
+    }
+    let fedsa = run("fedsa", Mode::Lockstep);
+    for (name, t) in &fedsa.global.tensors {
+        if name.ends_with("lora_B.weight") {
+            assert_eq!(t, &start.tensors[name], "{name}: B never leaves a client");
+        } else if name.ends_with("lora_A.weight") {
+            assert_ne!(t, &start.tensors[name], "{name}: A is trained and averaged");
+        }
+    }
+    assert!(fedsa.summary.bytes_up < both.summary.bytes_up, "{} vs {}", fedsa.summary.bytes_up, both.summary.bytes_up);
+    // Each client scores the global A and head with its own B; the global (B = 0) scores
+    // otherwise on the same sentences.
+    for r in &fedsa.rows {
+        let loss = r.loss.unwrap();
+        assert!((loss - r.global_loss.unwrap()).abs() > 1e-4 * loss, "personal B unused: {r:?}");
+    }
+    // Lockstep and sequential training give the same personalised run.
+    let sequential = run("fedsa", Mode::Sequential);
+    for (x, y) in fedsa.rows.iter().zip(&sequential.rows) {
+        assert_eq!((x.accuracy, x.bytes_up), (y.accuracy, y.bytes_up), "round {}", x.round);
+        let (a, b) = (x.loss.unwrap(), y.loss.unwrap());
+        assert!((a - b).abs() <= 1e-5 * b, "round {}: {a} vs {b}", x.round);
+    }
+    // FedSA-LoRA keeps standard LoRA's B: AdaLoRA's form is refused, naming the field.
+    let text = "[adapter]\nkind = \"adalora\"\n[train]\nlora_variant = \"fedsa\"\n";
+    let err = Experiment::parse(text, dir.path(), "sim.toml").unwrap_err().to_string();
+    assert!(err.starts_with("sim.toml: train.lora_variant:") && err.contains("fedsa"), "{err}");
+}
+
+#[test]
 fn standard_lora_takes_fixed_rank_grants_with_the_exact_merge_flexlora() {
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());

@@ -127,7 +127,7 @@ pub(crate) struct TrainArgs {
     /// Examples per step
     #[arg(long, default_value_t = 32)]
     pub(crate) batch_size: usize,
-    /// Peak learning rate of AdamW [default: 5e-3 for SSF, 5e-4 for LoRA, 2e-3 for AdaLoRA, 1e-2 for the linear probe]
+    /// Peak learning rate of AdamW [default: 5e-3 for SSF and LoRA, 2e-3 for AdaLoRA, 1e-2 for the linear probe; docs/issue14/defaults.md]
     #[arg(long)]
     pub(crate) lr: Option<f64>,
     /// Peak learning rate of the classification head [default: --lr]

@@ -282,7 +282,7 @@ impl Participant {
     /// `global` with this client's personal tensors in place of the shared ones: the model it
     /// trains and scores. `None` when it has none (the global as it is).
     pub fn personalise(&mut self, global: &AdapterPool) -> Result<Option<AdapterPool>, ParticipantError> {
-        if self.config.lora_variant == LoraVariant::Both {
+        if self.config.lora_variant != LoraVariant::FedSa {
             return Ok(None);
         }
         let personal = self.personal()?;

@@ -15,9 +15,10 @@ lint:
 test: assets lint
 	cargo test --workspace
 
+# `make demo MODEL=smollm2`: the same federation of a decoder LLM (SmolLM2's 4-bit GGUF).
 demo: assets
 	cargo build --release -p fedpool-server -p fedpool-client
-	scripts/demo.sh
+	MODEL=$(or $(MODEL),minilm) scripts/demo.sh
 
 bench:
 	cargo bench -p fedpool-common --bench codec

@@ -12,20 +12,25 @@
 # rank budgets under bandwidth — client i
 # declares an upload of 1, 4, 16 or 64 kB/s, rounds have a 120 s deadline, and the server grants
 # each client the triplets its link carries; its log lists the grants), DEMO_DIR (demo-run),
-# BIN (target/release).
+# BIN (target/release), MODEL (minilm; smollm2: SmolLM2-135M-Instruct from its 4-bit GGUF, a causal
+# LM that generates "positive"/"negative" after a ChatML prompt, judged by exact match; LoRA on
+# q_proj/v_proj by default, with CPU-sized defaults: 2 clients, 2 rounds of 4 steps × 8, 20 held out).
 # Scale up: CLIENTS=8 ROUNDS=20 STEPS=50 EVAL_MAX=1000, and device = "cuda:0" in the client configs
 # on a GPU build (cargo build --release --features cuda -p fedpool-client).
 set -euo pipefail
 
-CLIENTS=${CLIENTS:-8}
-ROUNDS=${ROUNDS:-3}
-STEPS=${STEPS:-8}
-BATCH=${BATCH:-16}
-EVAL_MAX=${EVAL_MAX:-100}
+MODEL=${MODEL:-minilm}
+ASSETS=${FEDPOOL_ASSETS:-$(pwd)/assets}
+case "$MODEL" in
+  minilm) MODEL_PATH="$ASSETS/minilm"; MAX_LEN=64
+    CLIENTS=${CLIENTS:-8}; ROUNDS=${ROUNDS:-3}; STEPS=${STEPS:-8}; BATCH=${BATCH:-16}; EVAL_MAX=${EVAL_MAX:-100} ;;
+  smollm2) MODEL_PATH="$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; MAX_LEN=256; ADAPTER=${ADAPTER:-lora}
+    CLIENTS=${CLIENTS:-2}; ROUNDS=${ROUNDS:-2}; STEPS=${STEPS:-4}; BATCH=${BATCH:-8}; EVAL_MAX=${EVAL_MAX:-20} ;;
+  *) echo "MODEL must be minilm or smollm2, not $MODEL" >&2; exit 2 ;;
+esac
 CODEC=${CODEC:-compressed}
 DEMO_DIR=${DEMO_DIR:-demo-run}
 BIN=${BIN:-target/release}
-ASSETS=${FEDPOOL_ASSETS:-$(pwd)/assets}
 DOMAINS=(tweets movieReviewSnippets amazonReviewSnippets nytEditorialSnippets)
 
 DOWNLOAD=${DOWNLOAD:-fp32}
@@ -33,7 +38,7 @@ ADAPTER=${ADAPTER:-ssf-pool}
 BUDGET=${BUDGET:-none}
 case "$ADAPTER" in
   ssf-pool) LR=0.005 ;;
-  lora) LR=0.0005 ;;
+  lora) LR=$([ "$MODEL" = smollm2 ] && echo 0.005 || echo 0.0005) ;;
   adalora) LR=0.002 ;;
   *) echo "ADAPTER must be ssf-pool, lora or adalora, not $ADAPTER" >&2; exit 2 ;;
 esac
@@ -56,7 +61,7 @@ case "$DOWNLOAD" in
   fp32|int8) DOWN="quantization = \"$DOWNLOAD\"" ;;
   *) echo "DOWNLOAD must be fp32 or int8, not $DOWNLOAD" >&2; exit 2 ;;
 esac
-[ -d "$ASSETS/minilm" ] || { echo "no model in $ASSETS/minilm: run scripts/fetch-assets.sh" >&2; exit 1; }
+[ -e "$MODEL_PATH" ] || { echo "no model at $MODEL_PATH: run scripts/fetch-assets.sh" >&2; exit 1; }
 
 rm -rf "$DEMO_DIR"
 mkdir -p "$DEMO_DIR/logs"
@@ -67,7 +72,7 @@ cd "$DEMO_DIR"
 for i in $(seq 0 $((CLIENTS - 1))); do
   "$OLDPWD/$BIN/fedpool-server" certs issue --dir certs --name "client-$i" >/dev/null
 done
-"$OLDPWD/$BIN/fedpool-client" spec --model "$ASSETS/minilm" --adapter "$ADAPTER" --num-labels 2 --out spec.json 2>/dev/null
+"$OLDPWD/$BIN/fedpool-client" spec --model "$MODEL_PATH" --adapter "$ADAPTER" --num-labels 2 --out spec.json 2>/dev/null
 
 cat > server.toml <<TOML
 listen = "127.0.0.1:0"
@@ -75,7 +80,7 @@ state_dir = "state"
 ca_cert = "certs/ca.pem"
 server_cert = "certs/server.pem"
 server_key = "certs/server.key"
-backbone_dir = "$ASSETS/minilm"
+backbone_dir = "$MODEL_PATH"
 spec_file = "spec.json"
 rounds = $ROUNDS
 clients_per_round = $CLIENTS
@@ -104,7 +109,7 @@ server_addr_file = "state/listen.addr"
 ca_cert = "certs/ca.pem"
 cert = "certs/clients/client-$i.pem"
 key = "certs/clients/client-$i.key"
-model = "$ASSETS/minilm"
+model = "$MODEL_PATH"
 data = "vader:$d1,$d2"
 shard = "$shard/4"
 test_fraction = 0.2
@@ -121,13 +126,14 @@ kind = "$ADAPTER"
 [train]
 batch_size = $BATCH
 lr = $LR
+max_len = $MAX_LEN
 
 [upload_codec]
 $UP
 TOML
 done
 
-echo "fedpool demo: $CLIENTS clients × 2 VADER domains, $ADAPTER, $ROUNDS rounds of $STEPS steps × $BATCH, upload $CODEC, download $DOWNLOAD, budget $BUDGET, in $DEMO_DIR" >&2
+echo "fedpool demo: $MODEL, $CLIENTS clients × 2 VADER domains, $ADAPTER, $ROUNDS rounds of $STEPS steps × $BATCH, upload $CODEC, download $DOWNLOAD, budget $BUDGET, in $DEMO_DIR" >&2
 START=$(date +%s)
 "$OLDPWD/$BIN/fedpool-server" run --config server.toml 2> logs/server.log &
 SERVER=$!
@@ -153,4 +159,8 @@ echo >&2
 LAST=$(ls state/round-*.safetensors | tail -n 1)
 echo
 echo "global adapter: $DEMO_DIR/$LAST ($(( $(date +%s) - START )) s)"
-echo "evaluate it anywhere: $BIN/fedpool-client eval --model $ASSETS/minilm --adapter $DEMO_DIR/$LAST --data vader --limit 2000"
+if [ "$MODEL" = smollm2 ]; then
+  echo "as a PEFT adapter: $BIN/fedpool-client peft export --adapter $DEMO_DIR/$LAST --base-model $(basename "$MODEL_PATH") --out $DEMO_DIR/peft"
+else
+  echo "evaluate it anywhere: $BIN/fedpool-client eval --model $MODEL_PATH --adapter $DEMO_DIR/$LAST --data vader --limit 2000"
+fi

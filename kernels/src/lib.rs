@@ -2,7 +2,8 @@
 //! backward on the CPU and a `*_composed` twin built from candle's ops (the reference the tests
 //! compare against, and the path on other devices: no CUDA kernel of our own yet).
 //!
-//! Built: [`frozen`] (the backbone's linear layers, gradient for the input only) on [`dense`]
+//! Built: [`frozen`] (the backbone's linear layers, gradient for the input only) on [`dense`],
+//! [`quantized`] (the same for a block-quantized GGUF weight: a 4-bit decoder base)
 //! (faer's products, AVX-512 at run time on stable), [`norm`]
 //! (LayerNorm with the SSF folded in, RMSNorm), [`activation`] (GELU, SwiGLU), [`ssf`] (scale and
 //! shift per batch row), [`attention`] (by real length or over packed tokens; GQA, causal), and
@@ -20,5 +21,6 @@ pub mod check;
 pub mod dense;
 pub mod norm;
 mod packed;
+pub mod quantized;
 pub mod simd;
 pub mod ssf;

@@ -38,8 +38,8 @@ Network and files:
   metrics_listen = \"127.0.0.1:9464\"  Serve Prometheus text on GET /metrics there. Default: off.
 
 Model and pool (exactly one of each pair):
-  backbone_dir = \"assets/model\"  The frozen backbone (config.json + model.safetensors); clients must
-                                 enroll with its fingerprint.
+  backbone_dir = \"assets/model\"  The frozen backbone (config.json + model.safetensors), or a decoder's
+                                 .gguf file; clients must enroll with its fingerprint.
   backbone_fingerprint = \"<64 hex>\"  The fingerprint itself, instead of backbone_dir.
   [pool]                         The pool spec inline (fedpool_common::PoolSpec: kind = \"SsfPool\" or
                                  \"Lora\", pool_size, top_k, key_dim, max_rank, lora_alpha,
@@ -511,7 +511,7 @@ impl ServerConfig {
             (Some(hex), _) => Sha256::from_hex(hex.trim())
                 .map(BackboneFingerprint)
                 .ok_or_else(|| field("backbone_fingerprint", format!("{hex:?} is not 64 hex characters"))),
-            (None, Some(dir)) => BackboneFingerprint::of_model_dir(dir).map_err(|e| field("backbone_dir", e)),
+            (None, Some(dir)) => BackboneFingerprint::of_model_path(dir).map_err(|e| field("backbone_dir", e)),
             (None, None) => Err(field("backbone_dir", "the backbone is missing")),
         }
     }

@@ -5,7 +5,8 @@
 
 use std::time::Instant;
 
-use fedpool_client::train::{self, CurvePoint, QueryCache, Silent, TrainConfig};
+use fedpool_client::learner::{Examples, Learner};
+use fedpool_client::train::{self, CurvePoint, EvalMetrics, QueryCache, Silent, TrainConfig};
 use fedpool_common::adapter::AdapterPool;
 use serde::{Deserialize, Serialize};
 
@@ -55,26 +56,43 @@ pub fn run_centralised(
     options: &CentralisedOptions,
 ) -> Result<CentralisedResult, SimError> {
     let t = Instant::now();
-    let train_rows: Vec<_> = pop.clients.iter().flat_map(|c| c.train.iter().cloned()).collect();
-    let eval_rows: Vec<_> = pop.clients.iter().flat_map(|c| c.eval.iter().cloned()).collect();
+    let train_rows = Examples::concat(pop.clients.iter().map(|c| &c.train))?;
+    let eval_rows = Examples::concat(pop.clients.iter().map(|c| &c.eval))?;
     let steps = exp.federation.rounds as usize * exp.clients_per_round() * exp.federation.local_steps as usize;
     let seed = options.init_seed.unwrap_or(exp.seed);
     let config = TrainConfig { steps, seed, eval_every: options.eval_every, ..exp.train_config()? };
     let start = AdapterPool::init(&pop.spec, seed)?;
-    let mut queries = QueryCache::new(pop.model.config().hidden_size);
-    let data = train::TrainData { train: &train_rows, eval: &eval_rows, pad_id: pop.pad_id };
-    let outcome = train::train(&pop.model, &pop.spec, &start, data, &mut queries, &config, &mut Silent)?;
-    let m = outcome.metrics;
+    let mut queries = QueryCache::new(pop.learner.hidden_size());
+    let (m, curve) = match &pop.learner {
+        Learner::Encoder(b) => {
+            let data = train::TrainData { train: train_rows.encoded()?, eval: eval_rows.encoded()?, pad_id: b.pad_id };
+            let m = train::train(&b.model, &pop.spec, &start, data, &mut queries, &config, &mut Silent)?.metrics;
+            (
+                EvalMetrics {
+                    accuracy: m.accuracy,
+                    macro_f1: m.macro_f1,
+                    loss: m.eval_loss,
+                    examples: m.eval_examples,
+                },
+                m.curve,
+            )
+        }
+        // A decoder: trained, then its pool evaluated by generation (no curve).
+        Learner::Decoder(_) => {
+            let pool = pop.learner.train(&pop.spec, &start, &train_rows, &mut queries, &config)?.pool;
+            (pop.learner.evaluate(&pop.spec, &pool, &eval_rows, &mut queries, &config)?, Vec::new())
+        }
+    };
     Ok(CentralisedResult {
         name: format!("{}-centralised", exp.name),
         accuracy: m.accuracy,
         macro_f1: m.macro_f1,
-        loss: m.eval_loss,
-        examples: m.eval_examples as u64,
+        loss: m.loss,
+        examples: m.examples as u64,
         train_examples: train_rows.len() as u64,
         steps: steps as u64,
         wall_seconds: t.elapsed().as_secs_f64(),
         init_seed: seed,
-        curve: m.curve,
+        curve,
     })
 }

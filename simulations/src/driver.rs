@@ -30,8 +30,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use fedpool_client::learner::Learner;
 use fedpool_client::participant::{LocalResult, Participant, ParticipantConfig};
-use fedpool_client::train::{self, EvalMetrics, QueryCache, Silent, TrainConfig};
+use fedpool_client::train::{EvalMetrics, QueryCache, TrainConfig, TrainError};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta};
 use fedpool_common::codec::{CodecSettings, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
@@ -196,7 +197,7 @@ impl<'a> Sim<'a> {
             index: pop.clients.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect(),
             participants,
             spill,
-            queries: QueryCache::new(pop.model.config().hidden_size),
+            queries: QueryCache::new(pop.learner.hidden_size()),
             train_config,
             committed: BTreeMap::new(),
             round_started: HashMap::new(),
@@ -362,7 +363,9 @@ impl<'a> Sim<'a> {
     fn lockstep_applies(&self) -> bool {
         let spec = &self.pop.spec;
         let pool = spec.kind == AdapterKind::SsfPool && spec.has_keys() && spec.pool_size >= 2;
-        self.exp.mode == Mode::Lockstep && !self.train_config.head_only && (pool || spec.kind.is_lora())
+        // Decoders train one client at a time (no per-row adapters in the decoder yet).
+        let encoder = matches!(self.pop.learner, Learner::Encoder(_));
+        encoder && self.exp.mode == Mode::Lockstep && !self.train_config.head_only && (pool || spec.kind.is_lora())
     }
 
     /// Trains the clients that got a task at `now` and schedules their updates' arrivals.
@@ -394,7 +397,7 @@ impl<'a> Sim<'a> {
         // a time (sequential). A group runs all its steps, then its updates are encoded and its
         // adapters and optimizer state freed, so memory holds one group, not every client.
         // Default on a CPU: one client per pass (1 row fits no batch but the client's own).
-        let default_rows = if self.pop.model.device().is_cpu() { 1 } else { crate::experiment::GPU_ROWS_PER_PASS };
+        let default_rows = if self.pop.learner.device().is_cpu() { 1 } else { crate::experiment::GPU_ROWS_PER_PASS };
         let max_rows = if lockstep { self.exp.max_rows_per_pass.unwrap_or(default_rows) } else { 0 };
         let batches: Vec<usize> = configs.iter().map(|c| c.batch_size).collect();
         for group in tenancy::client_groups(&batches, max_rows) {
@@ -431,19 +434,22 @@ impl<'a> Sim<'a> {
         starts: &[AdapterPool],
     ) -> Result<Vec<Trained>, SimError> {
         let pop = self.pop;
-        if self.lockstep_applies() {
+        if let (true, Learner::Encoder(backbone)) = (self.lockstep_applies(), &pop.learner) {
             let clients: Vec<VirtualClient<'_>> = work
                 .iter()
                 .zip(configs)
                 .zip(start_of)
-                .map(|(((c, _, _), config), &s)| VirtualClient {
-                    key: *c as u64,
-                    train: &pop.clients[*c].train,
-                    start: &starts[s],
-                    config: config.clone(),
+                .map(|(((c, _, _), config), &s)| {
+                    Ok(VirtualClient {
+                        key: *c as u64,
+                        train: pop.clients[*c].train.encoded()?,
+                        start: &starts[s],
+                        config: config.clone(),
+                    })
                 })
-                .collect();
-            let outcomes = tenancy::train_lockstep(&pop.model, &pop.spec, &clients, &mut self.queries, pop.pad_id)?;
+                .collect::<Result<_, TrainError>>()?;
+            let outcomes =
+                tenancy::train_lockstep(&backbone.model, &pop.spec, &clients, &mut self.queries, backbone.pad_id)?;
             return Ok(outcomes
                 .into_iter()
                 .map(|o| Trained {
@@ -458,9 +464,8 @@ impl<'a> Sim<'a> {
         }
         let mut results = Vec::with_capacity(work.len());
         for (((c, _, _), config), &s) in work.iter().zip(configs).zip(start_of) {
-            let data = train::TrainData { train: &pop.clients[*c].train, eval: &[], pad_id: pop.pad_id };
             let outcome =
-                train::train(&pop.model, &pop.spec, &starts[s], data, &mut self.queries, config, &mut Silent)?;
+                pop.learner.train(&pop.spec, &starts[s], &pop.clients[*c].train, &mut self.queries, config)?;
             results.push(Trained {
                 delta: outcome.delta,
                 loss: outcome.metrics.train_loss,
@@ -497,14 +502,13 @@ impl<'a> Sim<'a> {
             self.decode_globals(clients.iter().zip(&evals).map(|(&c, (_, t))| (c, t.round, &t.global)))?;
         self.personalise(clients.iter().copied(), &mut pools, &mut pool_of)?;
         for (((client, task), &c), &i) in evals.into_iter().zip(&clients).zip(&pool_of) {
-            let m = train::evaluate_pool(
-                &self.pop.model,
-                &self.pop.spec,
+            let pop = self.pop;
+            let m = pop.learner.evaluate(
+                &pop.spec,
                 &pools[i],
-                &self.pop.clients[c].eval,
+                &pop.clients[c].eval,
                 &mut self.queries,
                 &self.train_config,
-                self.pop.pad_id,
             )?;
             let report = self.participants[c].finish_eval(&task, m.to_wire());
             let wire_bytes = frame_len(&report)?;
@@ -518,17 +522,9 @@ impl<'a> Sim<'a> {
     /// clients evaluate with; `None` without a global test set. No simulated time, no bytes.
     fn evaluate_global(&mut self, round: Round, pool: &AdapterPool) -> Result<Option<EvalMetrics>, SimError> {
         let pop = self.pop;
-        let Some(examples) = pop.global_test.as_deref() else { return Ok(None) };
+        let Some(examples) = pop.global_test.as_ref() else { return Ok(None) };
         self.progress.phase(round.0, &format!("evaluating on the global test set ({} examples)", examples.len()));
-        let metrics = train::evaluate_pool(
-            &pop.model,
-            &pop.spec,
-            pool,
-            examples,
-            &mut self.queries,
-            &self.train_config,
-            pop.pad_id,
-        )?;
+        let metrics = pop.learner.evaluate(&pop.spec, pool, examples, &mut self.queries, &self.train_config)?;
         Ok(Some(metrics))
     }
 }

@@ -179,7 +179,7 @@ pub struct Experiment {
     /// Seed of everything: partition, splits, initial pool, sampling, batch orders.
     #[serde(default)]
     pub seed: u64,
-    /// The frozen backbone's folder (default: the fetched MiniLM, `assets/minilm`).
+    /// The frozen backbone: an HF folder (default: the fetched MiniLM, `assets/minilm`) or a decoder's `.gguf` file.
     #[serde(default)]
     pub model: Option<PathBuf>,
     /// The data: a built-in name (`vader`, `vader:tweets,movieReviewSnippets`, `trec`, `sms`) or a
@@ -419,7 +419,7 @@ impl Experiment {
         Ok(self.train.round_config(options.choice, self.seed))
     }
 
-    /// The backbone folder.
+    /// The backbone's path (a folder, or a decoder's GGUF file).
     pub fn model_dir(&self) -> PathBuf {
         match &self.model {
             Some(p) => self.base_dir.join(p),

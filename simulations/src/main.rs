@@ -18,8 +18,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 const EXPERIMENT_HELP: &str = "\
 An experiment file (TOML; `fedpool-sim default-config` prints the default one to start from):
   name, seed                 the run's name (plots, summary.json) and the seed of everything
-  model                      backbone folder (default: assets/minilm)
+  model                      backbone folder (default: assets/minilm), or a decoder's .gguf file
+                             (causal-LM fine-tuning judged by generation; its base shared quantized)
   data                       vader | vader:tweets,movieReviewSnippets | trec | sms | a CSV/TSV/JSONL file
+                             (a decoder reads a file's prompt and response columns)
   [data_options]             text_column, label_column, group_column, labels (for files)
   device                     cpu | cuda:N | auto
   clients                    virtual clients

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 
 use fedpool_client::data::{load_spec, DataError, Dataset};
 use fedpool_client::device::{DeviceChoice, DeviceError};
-use fedpool_client::model::BertEncoder;
-use fedpool_client::setup::{Backbone, SetupError};
+use fedpool_client::learner::{Examples, Learner};
+use fedpool_client::setup::SetupError;
 use fedpool_client::spec::UnknownAdapter;
-use fedpool_client::train::Encoded;
 use fedpool_common::adapter::PoolSpec;
 use fedpool_common::BackboneFingerprint;
 use rand::seq::SliceRandom;
@@ -131,26 +130,24 @@ pub struct ClientData {
     /// Its name (its identity to the round engine).
     pub name: String,
     /// Training examples, tokenized.
-    pub train: Vec<Encoded>,
+    pub train: Examples,
     /// Held-out examples for federated evaluation, tokenized.
-    pub eval: Vec<Encoded>,
+    pub eval: Examples,
 }
 
 /// The backbone, once, and every client's data.
 pub struct Population {
-    /// The frozen backbone every client shares.
-    pub model: BertEncoder,
+    /// The frozen backbone every client shares (an encoder, or a decoder's quantized base).
+    pub learner: Learner,
     /// The backbone's fingerprint (what clients enroll with).
     pub fingerprint: BackboneFingerprint,
     /// The adapter layout every client trains.
     pub spec: PoolSpec,
-    /// The tokenizer's padding id.
-    pub pad_id: u32,
     /// The clients, in partition order.
     pub clients: Vec<ClientData>,
     /// The experiment's global test set (`global_test`), tokenized like the clients' data (in
     /// the data's order); the driver scores every committed global pool on it.
-    pub global_test: Option<Vec<Encoded>>,
+    pub global_test: Option<Examples>,
     /// A line for the log: device, data and partition sizes.
     pub description: String,
 }
@@ -160,8 +157,8 @@ impl Population {
     /// writes it; a run's `split.json`): fed back as `scheme = "file"` it reproduces this
     /// population exactly, and other tools (the PEFT reference) can train on the same data.
     pub fn split(&self) -> NamedPartition {
-        let ids = |rows: &[Encoded]| {
-            let mut ids: Vec<u64> = rows.iter().map(|e| e.id).collect();
+        let ids = |rows: &Examples| {
+            let mut ids = rows.ids();
             ids.sort_unstable();
             ids
         };
@@ -184,12 +181,13 @@ impl Population {
     /// tokenizes each client's share.
     pub fn load(exp: &Experiment) -> Result<Self, PopulationError> {
         let choice: DeviceChoice = exp.device.parse()?;
-        let backbone = Backbone::load(&exp.model_dir(), choice, exp.train.max_len)?;
-        let dataset = load_spec(&exp.data_spec(), &exp.data_options)?;
+        let data_spec = fedpool_client::data::parse_spec(&exp.data_spec())?;
+        let learner = Learner::load(&exp.model_dir(), &data_spec, choice, exp.train.max_len)?;
+        let dataset = load_spec(&exp.data_spec(), &learner.data_options(&exp.data_options))?;
         let options = exp.adapter.to_options()?;
-        let spec = backbone.pool_spec(&options, dataset.num_labels())?;
+        let spec = learner.pool_spec(&options, dataset.num_labels())?;
         let split = deal(exp, &dataset)?;
-        let encode = |set: &Dataset| backbone.encode(&set.examples);
+        let encode = |set: &Dataset| learner.encode(set);
         let mut clients = Vec::with_capacity(split.names.len());
         // Every example some client holds: its share, training and held-out.
         let mut held: HashSet<u64> = HashSet::new();
@@ -233,15 +231,15 @@ impl Population {
         let global = global_test.as_ref().map_or(String::new(), |g| format!(", a global test set of {}", g.len()));
         let description = format!(
             "{}; {}: {} clients, {train} training and {eval} held-out examples{global}, {} labels; {} adapter, {} trainable values per client",
-            backbone.device,
+            learner.device_name(),
             exp.data,
             clients.len(),
             dataset.num_labels(),
             exp.adapter.kind,
             spec.num_params()
         );
-        let Backbone { model, fingerprint, pad_id, .. } = backbone;
-        Ok(Population { model, fingerprint, spec, pad_id, clients, global_test, description })
+        let fingerprint = learner.fingerprint();
+        Ok(Population { learner, fingerprint, spec, clients, global_test, description })
     }
 }
 
@@ -285,7 +283,7 @@ fn read_global_test_file(path: &Path, dataset: &Dataset, clients: &[ClientData])
     }
     let known: HashSet<u64> = dataset.examples.iter().map(|e| e.id).collect();
     let trained_by: HashMap<u64, &str> =
-        clients.iter().flat_map(|c| c.train.iter().map(|e| (e.id, c.name.as_str()))).collect();
+        clients.iter().flat_map(|c| c.train.ids().into_iter().map(|id| (id, c.name.as_str()))).collect();
     let mut seen = HashSet::with_capacity(ids.len());
     for &id in &ids {
         if !seen.insert(id) {

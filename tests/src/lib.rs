@@ -27,6 +27,8 @@ pub struct Federation {
     pub clients: Vec<String>,
     /// The pool spec the server and the clients use.
     pub spec: PoolSpec,
+    /// The backbone's path in the folder (`model`, or a decoder's `tiny.gguf`).
+    pub model: String,
 }
 
 impl Federation {
@@ -59,9 +61,35 @@ impl Federation {
         let spec = pool_spec(model_config, options, 2).expect("spec");
         std::fs::write(dir.path().join("spec.json"), serde_json::to_string_pretty(&spec).expect("json")).expect("spec");
         certs::init(&dir.path().join("certs"), &certs::InitOptions::default()).expect("certs init");
-        let f = Self { dir, clients: clients.iter().map(|c| c.to_string()).collect(), spec };
+        let f = Self { dir, clients: clients.iter().map(|c| c.to_string()).collect(), spec, model: "model".into() };
         for (i, c) in clients.iter().enumerate() {
             f.add_client(c, 100 + i as u64);
+        }
+        f
+    }
+
+    /// A federation of a decoder: a tiny random Llama as a Q8_0 GGUF (`tiny.gguf`, its tokenizer in
+    /// the metadata), `clients` with 48 prompt/response pairs each ("the N" → "in", "an N" →
+    /// "on"), the decoder spec of `options` (no head), certificates.
+    pub fn decoder(clients: &[&str], options: &AdapterOptions) -> Self {
+        use fedpool_client::model::LlamaConfig;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LlamaConfig { vocab_size: 128, ..LlamaConfig::tiny() };
+        let gguf = candle_core::quantized::GgmlDType::Q8_0;
+        fedpool_client::model::write_random_gguf(dir.path().join("tiny.gguf"), &config, gguf, 3).expect("gguf");
+        let spec = fedpool_client::spec::decoder_pool_spec(&config, options).expect("spec");
+        std::fs::write(dir.path().join("spec.json"), serde_json::to_string_pretty(&spec).expect("json")).expect("spec");
+        certs::init(&dir.path().join("certs"), &certs::InitOptions::default()).expect("certs init");
+        let f = Self { dir, clients: clients.iter().map(|c| c.to_string()).collect(), spec, model: "tiny.gguf".into() };
+        for (i, c) in clients.iter().enumerate() {
+            certs::issue(&f.dir.path().join("certs"), c, 30, false).expect("certs issue");
+            let mut csv = String::from("prompt,response\n");
+            for j in 0..48u64 {
+                let the = (j + i as u64) % 2 == 0;
+                let prompt = format!("{} {}", if the { "the" } else { "an" }, (j * 7 + i as u64) % 100);
+                csv.push_str(&format!("{prompt},{}\n", if the { "in" } else { "on" }));
+            }
+            std::fs::write(f.path(&format!("{c}.csv")), csv).expect("csv");
         }
         f
     }
@@ -96,7 +124,7 @@ impl Federation {
         deadline: &str,
         extra: &str,
     ) -> PathBuf {
-        let fp = fedpool_common::BackboneFingerprint::of_model_dir(&self.path("model")).expect("fingerprint");
+        let fp = fedpool_common::BackboneFingerprint::of_model_path(&self.path(&self.model)).expect("fingerprint");
         let text = format!(
             r#"listen = "127.0.0.1:0"
 state_dir = "state"

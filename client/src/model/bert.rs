@@ -98,16 +98,7 @@ impl BertConfig {
 
     /// Reads and checks an HF `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        if !path.is_file() {
-            return Err(ModelError::NotFound { what: "config file", path: path.to_path_buf() });
-        }
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
-        config.check().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
-        Ok(config)
+        super::read_config(path.as_ref(), Self::check)
     }
 
     /// Checks that the sizes are consistent.

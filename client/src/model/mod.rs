@@ -1,7 +1,8 @@
 //! Frozen backbones with explicit adapter hooks.
 //!
 //! A backbone is loaded from Hugging Face files (`config.json` + `model.safetensors`) by the HF
-//! tensor names, and every weight stays a plain [`candle_core::Tensor`] (never a `Var`), so the
+//! tensor names (a BERT encoder, [`BertEncoder`]; a Llama decoder, [`LlamaModel`], also from a
+//! GGUF file with its base kept quantized), and every weight stays a plain [`candle_core::Tensor`] (never a `Var`), so the
 //! backbone is frozen by construction. Adapters are not stored in the model: each forward pass
 //! takes them as an argument ([`Hooks`]), keyed by the HF module path of the op they adapt
 //! (`encoder.layer.3.attention.self.query`). A hook name the model does not have is an error.
@@ -13,7 +14,9 @@
 
 mod bert;
 mod dropout;
+mod gguf;
 mod hooks;
+mod llama;
 mod random;
 mod weights;
 
@@ -21,8 +24,61 @@ use std::path::PathBuf;
 
 pub use bert::{mean_pool, BertConfig, BertEncoder, HiddenAct, Kernels, PositionEmbeddingType};
 pub use dropout::{Dropout, DropoutSite};
+pub use gguf::GgufFile;
 pub use hooks::{Hooks, LinearTarget, Lora, Ssf, SsfPoint};
-pub use random::write_random_model;
+pub use llama::{gguf_name, gguf_rope_rows, mean_nll, Frozen, GgufWeights, LlamaConfig, LlamaModel, Segments};
+pub use random::{write_random_gguf, write_random_llama, write_random_model};
+
+/// The points of a backbone an adapter pool can attach to, and what PEFT calls its modules.
+pub trait AdapterPoints {
+    /// Every op whose output SSF can adapt, in forward order.
+    fn ssf_points(&self) -> Vec<SsfPoint>;
+    /// Every linear layer LoRA can adapt, in forward order.
+    fn lora_targets(&self) -> Vec<LinearTarget>;
+    /// Width of the hidden states (a head's input, FedIns' query).
+    fn hidden_size(&self) -> usize;
+    /// True for an encoder under a classification head (PEFT's `SEQ_CLS`), false for a decoder
+    /// (`CAUSAL_LM`).
+    fn has_classifier(&self) -> bool;
+    /// The base model's prefix under PEFT's `base_model.model.` (`bert.`; empty for a decoder).
+    fn peft_module_prefix(&self) -> &'static str;
+}
+
+impl AdapterPoints for BertConfig {
+    fn ssf_points(&self) -> Vec<SsfPoint> {
+        BertConfig::ssf_points(self)
+    }
+    fn lora_targets(&self) -> Vec<LinearTarget> {
+        BertConfig::lora_targets(self)
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn has_classifier(&self) -> bool {
+        true
+    }
+    fn peft_module_prefix(&self) -> &'static str {
+        "bert."
+    }
+}
+
+impl AdapterPoints for LlamaConfig {
+    fn ssf_points(&self) -> Vec<SsfPoint> {
+        LlamaConfig::ssf_points(self)
+    }
+    fn lora_targets(&self) -> Vec<LinearTarget> {
+        LlamaConfig::lora_targets(self)
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn has_classifier(&self) -> bool {
+        false
+    }
+    fn peft_module_prefix(&self) -> &'static str {
+        ""
+    }
+}
 
 /// What went wrong while loading a backbone or running it with adapter hooks.
 #[derive(Debug, thiserror::Error)]
@@ -107,3 +163,18 @@ pub enum ModelError {
 
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Reads an HF `config.json` as `T` and checks it with `check` (its message names the field).
+fn read_config<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    check: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    if !path.is_file() {
+        return Err(ModelError::NotFound { what: "config file", path: path.to_path_buf() });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+    let config: T = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+    check(&config).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
+    Ok(config)
+}

@@ -24,7 +24,9 @@ client.toml fields (relative paths are relative to the file's folder):
   ca_cert = \"certs/ca.pem\"        The federation CA.
   cert = \"certs/clients/a.pem\"    This client's certificate (its subject CN is its identity) and key.
   key = \"certs/clients/a.key\"
-  model = \"assets/minilm\"         The frozen backbone folder (config.json, model.safetensors, tokenizer.json).
+  model = \"assets/minilm\"         The frozen backbone: an HF BERT folder (config.json, model.safetensors,
+                                   tokenizer.json), or a decoder's .gguf file (causal-LM fine-tuning;
+                                   data vader, trec, sms or a file with prompt/response columns).
   data = \"vader:tweets\"           Local data SPEC (a CSV/TSV/JSONL file or a built-in name). It never leaves.
   shard = \"1/4\"                   Keep shard 1 of 4 of the data (disjoint by a hash of the ids). Default: all.
   max_examples = 2000             Keep at most this many examples (after the shard). Default: all.

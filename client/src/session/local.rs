@@ -14,10 +14,11 @@ use fedpool_common::TaskId;
 
 use super::config::{ConfigError, DaemonConfig};
 use super::residual::ResidualStore;
-use crate::data::{load_spec, DataError, DataOptions};
+use crate::data::{load_spec, parse_spec, DataError, DataOptions};
+use crate::learner::{Examples, Learner};
 use crate::participant::{LocalResult, Participant, ParticipantConfig, ParticipantError};
-use crate::setup::{Backbone, SetupError};
-use crate::train::{self, Encoded, QueryCache, Silent, TrainConfig};
+use crate::setup::SetupError;
+use crate::train::{self, QueryCache, TrainConfig};
 
 /// Why local work failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +61,9 @@ impl LocalError {
 
 /// Everything local: model, data, caches, and the client's protocol state.
 pub struct LocalWork {
-    backbone: Backbone,
-    train_rows: Vec<Encoded>,
-    eval_rows: Vec<Encoded>,
+    learner: Learner,
+    train_rows: Examples,
+    eval_rows: Examples,
     queries: QueryCache,
     participant: Participant,
 }
@@ -79,8 +80,9 @@ impl std::fmt::Debug for LocalWork {
 impl LocalWork {
     /// Loads the backbone and the data, splits it, and reads the saved residual.
     pub fn load(config: &DaemonConfig) -> Result<Self, LocalError> {
-        let backbone = Backbone::load(&config.model, config.device_choice()?, config.train.max_len)?;
-        tracing::info!("device: {}", backbone.device);
+        let data_spec = parse_spec(&config.data)?;
+        let learner = Learner::load(&config.model, &data_spec, config.device_choice()?, config.train.max_len)?;
+        tracing::info!("device: {}", learner.device_name());
 
         let options = DataOptions {
             text_column: config.text_column.clone(),
@@ -88,7 +90,7 @@ impl LocalWork {
             labels: config.labels.clone(),
             ..DataOptions::default()
         };
-        let mut dataset = load_spec(&config.data, &options)?;
+        let mut dataset = load_spec(&config.data, &learner.data_options(&options))?;
         if let Some((k, n)) = config.shard()? {
             // `shard()` checked 0 <= k < n, so `Dataset::shard` (None only otherwise) gives one.
             if let Some(shard) = dataset.shard(k, n, config.seed) {
@@ -112,11 +114,11 @@ impl LocalWork {
             test_set.len(),
             dataset.num_labels()
         );
-        let train_rows = backbone.encode(&train_set.examples)?;
-        let eval_rows = backbone.encode(&test_set.examples)?;
+        let train_rows = learner.encode(&train_set)?;
+        let eval_rows = learner.encode(&test_set)?;
 
         let options = config.adapter_options()?;
-        let spec = backbone.pool_spec(&options, dataset.num_labels())?;
+        let spec = learner.pool_spec(&options, dataset.num_labels())?;
         let residual_store = ResidualStore::new(&config.state_dir, spec.hash());
         let residual = residual_store.load()?;
         if !residual.tensors().is_empty() {
@@ -129,7 +131,7 @@ impl LocalWork {
         let participant = Participant::new(
             ParticipantConfig {
                 spec,
-                backbone: backbone.fingerprint,
+                backbone: learner.fingerprint(),
                 examples: train_rows.len() as u64,
                 seed: config.seed,
                 train: config.train.round_config(options.choice, config.seed),
@@ -141,8 +143,8 @@ impl LocalWork {
             },
             Box::new(residual_store.into_storage(residual)),
         );
-        let queries = QueryCache::new(backbone.model.config().hidden_size);
-        Ok(Self { backbone, train_rows, eval_rows, queries, participant })
+        let queries = QueryCache::new(learner.hidden_size());
+        Ok(Self { learner, train_rows, eval_rows, queries, participant })
     }
 
     /// The client's protocol state (spec, enrollment, staged residual).
@@ -154,10 +156,8 @@ impl LocalWork {
     /// residual staged until the server answers: [`LocalWork::on_ack`]).
     pub fn train_task(&mut self, task: &RoundTask) -> Result<Update, LocalError> {
         let (start, config): (_, TrainConfig) = self.participant.begin(task)?;
-        let b = &self.backbone;
-        let data = train::TrainData { train: &self.train_rows, eval: &[], pad_id: b.pad_id };
-        let outcome =
-            train::train(&b.model, self.participant.spec(), &start, data, &mut self.queries, &config, &mut Silent)?;
+        let spec = self.participant.spec();
+        let outcome = self.learner.train(spec, &start, &self.train_rows, &mut self.queries, &config)?;
         let m = &outcome.metrics;
         let metrics = TrainMetrics {
             loss: m.train_loss as f32,
@@ -196,17 +196,8 @@ impl LocalWork {
     pub fn evaluate_task(&mut self, task: &EvalTask) -> Result<EvalReport, LocalError> {
         let t = Instant::now();
         let pool = self.participant.begin_eval(task)?;
-        let b = &self.backbone;
         let config = &self.participant.config().train;
-        let m = train::evaluate_pool(
-            &b.model,
-            self.participant.spec(),
-            &pool,
-            &self.eval_rows,
-            &mut self.queries,
-            config,
-            b.pad_id,
-        )?;
+        let m = self.learner.evaluate(self.participant.spec(), &pool, &self.eval_rows, &mut self.queries, config)?;
         tracing::info!(
             round = %task.round,
             accuracy = m.accuracy,

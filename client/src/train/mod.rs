@@ -215,6 +215,10 @@ pub struct TrainConfig {
     pub eval_every: Option<usize>,
     /// Which LoRA factors train and are uploaded (LoRA specs; the round's [`LoraVariant`]).
     pub lora_train: LoraTrain,
+    /// Gradient checkpointing (decoders): keep only each layer's input from the forward pass and
+    /// recompute the layer in the backward, one layer's activations alive at a time, for about
+    /// one more forward pass of compute.
+    pub checkpoint_layers: bool,
 }
 
 impl Default for TrainConfig {
@@ -236,6 +240,7 @@ impl Default for TrainConfig {
             weight_decay: WEIGHT_DECAY,
             eval_every: None,
             lora_train: LoraTrain::Both,
+            checkpoint_layers: false,
         }
     }
 }
@@ -291,6 +296,20 @@ pub struct SlotReport {
     pub used_slots: usize,
     /// Selections per slot over the held-out set with the trained keys.
     pub eval_counts: Vec<u64>,
+}
+
+impl SlotReport {
+    /// The report of a run's training selections (`counter`) over `pool_size` slots, with the
+    /// held-out set's `eval_counts`.
+    pub fn new(counter: &crate::select::SlotCounter, pool_size: usize, eval_counts: Vec<u64>) -> Self {
+        Self {
+            counts: counter.counts().to_vec(),
+            entropy_bits: counter.entropy_bits(),
+            max_entropy_bits: (pool_size as f64).log2(),
+            used_slots: counter.counts().iter().filter(|&&c| c > 0).count(),
+            eval_counts,
+        }
+    }
 }
 
 /// One point of a learning curve: the held-out metrics after `step` optimizer steps.

@@ -214,13 +214,7 @@ pub fn train(
         None => full_delta,
     };
     config.lora_train.drop_frozen(&mut delta);
-    let slot_usage = spec.has_keys().then(|| SlotReport {
-        counts: counter.counts().to_vec(),
-        entropy_bits: counter.entropy_bits(),
-        max_entropy_bits: (spec.pool_size as f64).log2(),
-        used_slots: counter.counts().iter().filter(|&&c| c > 0).count(),
-        eval_counts,
-    });
+    let slot_usage = spec.has_keys().then(|| SlotReport::new(&counter, spec.pool_size, eval_counts));
     let metrics = TrainReport {
         accuracy: eval.accuracy,
         macro_f1: eval.macro_f1,

@@ -251,7 +251,7 @@ fn a_split_file_deals_exactly_its_examples_to_its_named_clients() {
     let names: Vec<&str> = pop.clients.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["hospital-b", "hospital-a", "lab-c", "bank-d"]);
     let ids = |c: usize| {
-        let mut v: Vec<u64> = pop.clients[c].train.iter().chain(&pop.clients[c].eval).map(|e| e.id).collect();
+        let mut v: Vec<u64> = pop.clients[c].train.ids().into_iter().chain(pop.clients[c].eval.ids()).collect();
         v.sort_unstable();
         v
     };
@@ -267,8 +267,8 @@ fn a_split_file_deals_exactly_its_examples_to_its_named_clients() {
     again.partition = fedpool_sim::experiment::PartitionScheme::File { file: "own.json".into() };
     let same = Population::load(&again).unwrap();
     for (a, b) in pop.clients.iter().zip(&same.clients) {
-        let ids = |rows: &[fedpool_client::train::Encoded]| {
-            rows.iter().map(|e| e.id).collect::<std::collections::BTreeSet<u64>>()
+        let ids = |rows: &fedpool_client::learner::Examples| {
+            rows.ids().into_iter().collect::<std::collections::BTreeSet<u64>>()
         };
         assert_eq!((ids(&a.train), ids(&a.eval)), (ids(&b.train), ids(&b.eval)), "client {}", a.name);
     }
@@ -365,9 +365,9 @@ fn a_lockstep_importance_budget_run_sends_the_importance_a_sequential_run_sends(
     }
 }
 
-/// The ids of some encoded examples, sorted.
-fn sorted_ids<'a>(rows: impl IntoIterator<Item = &'a fedpool_client::train::Encoded>) -> Vec<u64> {
-    let mut ids: Vec<u64> = rows.into_iter().map(|e| e.id).collect();
+/// Example ids, sorted.
+fn sorted_ids(ids: impl IntoIterator<Item = u64>) -> Vec<u64> {
+    let mut ids: Vec<u64> = ids.into_iter().collect();
     ids.sort_unstable();
     ids
 }
@@ -379,16 +379,16 @@ fn an_unused_global_test_set_holds_no_clients_examples_and_scores_every_round() 
     // 4 clients keep 30 of their 60 examples each: 120 of the 240 are held by no client.
     let exp = experiment(dir.path(), "max_examples_per_client = 30\nglobal_test = \"unused:50\"", "");
     let pop = Population::load(&exp).unwrap();
-    let global = sorted_ids(pop.global_test.as_ref().unwrap());
+    let global = sorted_ids(pop.global_test.as_ref().unwrap().ids());
     assert_eq!(global.len(), 50);
     assert_eq!(global.iter().collect::<HashSet<_>>().len(), 50, "no example twice");
-    let held: HashSet<u64> = pop.clients.iter().flat_map(|c| c.train.iter().chain(&c.eval)).map(|e| e.id).collect();
+    let held: HashSet<u64> = pop.clients.iter().flat_map(|c| c.train.ids().into_iter().chain(c.eval.ids())).collect();
     assert_eq!(held.len(), 120);
     assert!(global.iter().all(|id| !held.contains(id)), "{global:?}");
     // The same seed draws the same set; another seed another.
-    assert_eq!(sorted_ids(Population::load(&exp).unwrap().global_test.as_ref().unwrap()), global);
+    assert_eq!(sorted_ids(Population::load(&exp).unwrap().global_test.as_ref().unwrap().ids()), global);
     let other = Experiment { seed: 5, ..exp.clone() };
-    assert_ne!(sorted_ids(Population::load(&other).unwrap().global_test.as_ref().unwrap()), global);
+    assert_ne!(sorted_ids(Population::load(&other).unwrap().global_test.as_ref().unwrap().ids()), global);
 
     let out = driver::run(&exp, &pop, &mut Quiet).unwrap();
     assert_eq!(out.rows.len(), 3);
@@ -436,12 +436,12 @@ fn a_global_test_file_may_hold_held_out_ids_but_no_training_or_unknown_id() {
         Population::load(&Experiment { global_test: Some(name.into()), ..exp.clone() })
     };
     // Every client's held-out examples: allowed (the path is taken from the experiment's folder).
-    let held_out = sorted_ids(pop.clients.iter().flat_map(|c| &c.eval));
+    let held_out = sorted_ids(pop.clients.iter().flat_map(|c| c.eval.ids()));
     let global = with_file("global.json", &held_out).unwrap();
-    assert_eq!(sorted_ids(global.global_test.as_ref().unwrap()), held_out);
+    assert_eq!(sorted_ids(global.global_test.as_ref().unwrap().ids()), held_out);
 
     // An id client 1 trains on would leak: refused naming the file, the id and the client.
-    let trained = pop.clients[1].train[0].id;
+    let trained = pop.clients[1].train.ids()[0];
     let err = with_file("leak.json", &[held_out[0], trained]).unwrap_err().to_string();
     assert!(
         err.contains("leak.json") && err.contains(&format!("id {trained} ")) && err.contains("client-001"),
@@ -529,7 +529,7 @@ fn fedsa_lora_uploads_a_and_scores_each_client_with_its_own_b() {
         e.train = lora_exp.train;
         e.federation.rounds = 2;
         let pop = Population::load(&e).unwrap();
-        let held_out = sorted_ids(pop.clients.iter().flat_map(|c| &c.eval));
+        let held_out = sorted_ids(pop.clients.iter().flat_map(|c| c.eval.ids()));
         std::fs::write(dir.path().join("held-out.json"), serde_json::to_string(&held_out).unwrap()).unwrap();
         Experiment { global_test: Some("held-out.json".into()), ..e }
     };

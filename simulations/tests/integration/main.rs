@@ -5,6 +5,7 @@
 //! `cargo test -p fedpool-sim --test integration <module>::`.
 
 mod cli;
+mod decoder;
 mod driver;
 mod network;
 mod partition;

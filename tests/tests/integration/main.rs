@@ -6,6 +6,7 @@
 
 mod bad_peers;
 mod budgets;
+mod decoder;
 mod faults;
 mod federation;
 mod pair;

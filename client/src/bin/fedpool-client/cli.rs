@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use fedpool_client::data::{load_spec, DataError, DataOptions, Dataset};
 use fedpool_client::device::DeviceChoice;
-use fedpool_client::model::{BertConfig, ModelError};
+use fedpool_client::model::{BertConfig, GgufFile, LlamaConfig, ModelError};
 use fedpool_client::setup::{self, default_lr, default_model_dir, Backbone, SetupError};
 use fedpool_client::spec::{
     pool_spec, AdapterChoice, AdapterOptions, OptionsError, DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK,
@@ -54,9 +54,14 @@ pub(crate) enum Command {
     /// server's tasks, upload compressed deltas; reconnects by itself; stops on SIGINT/SIGTERM.
     Run(RunArgs),
     /// Convert between fedpool checkpoints and HF PEFT adapters (LoRA or AdaLoRA of a BERT
-    /// sequence classifier with HF's pooler head, pooling = cls-pooler).
+    /// sequence classifier with HF's pooler head, pooling = cls-pooler; LoRA of a Llama causal
+    /// LM, from `lm` or a decoder federation).
     #[command(subcommand)]
     Peft(PeftCommand),
+    /// Fine-tune adapters of a decoder LLM (a GGUF file, its base kept 4-bit) on prompt/response
+    /// pairs, the loss on the responses only; compare exact match and perplexity with the
+    /// zero-shot base; write DIR/adapter.safetensors and DIR/metrics.json.
+    Lm(crate::lm::LmArgs),
 }
 
 /// `fedpool-client peft` subcommands.
@@ -76,8 +81,9 @@ pub(crate) struct PeftImportArgs {
     /// The PEFT adapter folder
     #[arg(long, value_name = "DIR")]
     pub(crate) peft: PathBuf,
-    /// HF model folder the adapter was trained on [default: $FEDPOOL_ASSETS/minilm]
-    #[arg(long, value_name = "DIR")]
+    /// HF model folder the adapter was trained on, or a decoder's .gguf file (a CAUSAL_LM
+    /// adapter) [default: $FEDPOOL_ASSETS/minilm]
+    #[arg(long, value_name = "PATH")]
     pub(crate) model: Option<PathBuf>,
     /// The fedpool checkpoint to write
     #[arg(long, value_name = "FILE")]
@@ -289,9 +295,9 @@ pub(crate) struct EvalArgs {
 /// `fedpool-client spec` options.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct SpecArgs {
-    /// HF model folder (only config.json is read) [default: $FEDPOOL_ASSETS/minilm, else
-    /// ./assets/minilm]
-    #[arg(long, value_name = "DIR")]
+    /// HF model folder (only config.json is read), or a decoder's .gguf file (only its metadata
+    /// is read; no head) [default: $FEDPOOL_ASSETS/minilm, else ./assets/minilm]
+    #[arg(long, value_name = "PATH")]
     pub(crate) model: Option<PathBuf>,
     /// The adapter and its sizes.
     #[command(flatten)]
@@ -638,6 +644,15 @@ pub(crate) fn run_eval(args: &EvalArgs) -> Result<EvalFile, CliError> {
 /// Runs `fedpool-client peft import`: the PEFT adapter as a fedpool checkpoint for the model in
 /// `--model` (its fingerprint recorded, as `train` does); returns the spec.
 pub(crate) fn run_peft_import(args: &PeftImportArgs) -> Result<PoolSpec, CliError> {
+    if let Some(gguf) = args.model.as_deref().filter(|p| fedpool_client::learner::is_decoder_path(p)) {
+        // A decoder's CAUSAL_LM adapter, for the GGUF it was trained on.
+        let config = LlamaConfig::from_gguf(&GgufFile::open(gguf)?)?;
+        let (spec, pool) = fedpool_client::peft::import(&args.peft, &config)?;
+        let fingerprint = BackboneFingerprint::of_model_path(gguf)
+            .map_err(|source| CliError::Io { path: gguf.to_path_buf(), source })?;
+        write_pool(&args.out, &pool, &CheckpointMeta::now(Round(0), spec.clone(), fingerprint))?;
+        return Ok(spec);
+    }
     let model_dir = model_dir(args.model.as_deref())?;
     let config = BertConfig::from_file(model_dir.join("config.json"))?;
     let (spec, pool) = fedpool_client::peft::import(&args.peft, &config)?;
@@ -657,9 +672,22 @@ pub(crate) fn run_peft_export(args: &PeftExportArgs) -> Result<(), CliError> {
 /// `config.json` is read), these adapter options and `--num-labels` classes, written to `--out`
 /// when given (as [`spec_json`]).
 pub(crate) fn run_spec(args: &SpecArgs) -> Result<PoolSpec, CliError> {
-    let model_dir = model_dir(args.model.as_deref())?;
-    let config = BertConfig::from_file(model_dir.join("config.json"))?;
-    let spec = pool_spec(&config, &args.adapter.options(), args.num_labels)?;
+    let spec = match args.model.as_deref().filter(|p| fedpool_client::learner::is_decoder_path(p)) {
+        // A decoder: no head (--num-labels is not used); LoRA on q_proj, v_proj unless told.
+        Some(gguf) => {
+            let config = LlamaConfig::from_gguf(&GgufFile::open(gguf)?)?;
+            let mut options = args.adapter.options();
+            if options.lora_modules == fedpool_client::spec::DEFAULT_LORA_MODULES.map(String::from) {
+                options.lora_modules = fedpool_client::spec::DEFAULT_DECODER_LORA_MODULES.map(String::from).to_vec();
+            }
+            fedpool_client::spec::decoder_pool_spec(&config, &options)?
+        }
+        None => {
+            let model_dir = model_dir(args.model.as_deref())?;
+            let config = BertConfig::from_file(model_dir.join("config.json"))?;
+            pool_spec(&config, &args.adapter.options(), args.num_labels)?
+        }
+    };
     if let Some(path) = &args.out {
         let json = spec_json(&spec)?;
         atomic_write(path, json.as_bytes()).map_err(|source| CliError::Io { path: path.clone(), source })?;

@@ -2,6 +2,7 @@
 //! returns; errors go to stderr as one line and exit with status 1.
 
 mod cli;
+mod lm;
 
 use clap::Parser;
 use cli::{
@@ -56,6 +57,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run_daemon(&args.config),
+        Command::Lm(args) => {
+            let metrics = lm::run_lm(&args)?;
+            println!("{}\nwrote {}", metrics.table(), args.out.display());
+            Ok(())
+        }
         Command::Peft(PeftCommand::Import(args)) => {
             let spec = run_peft_import(&args)?;
             eprintln!(

@@ -7,7 +7,9 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::attention::{attention, attention_packed, AttentionShape};
+use crate::quantized::quantized_linear;
 use crate::{activation, frozen_linear, frozen_matmul, norm, ssf};
+use candle_core::quantized::{GgmlDType, QTensor};
 
 /// Largest relative error a kernel may show on another device (f32, different reduction orders).
 pub const TOLERANCE: f64 = 1e-4;
@@ -60,6 +62,14 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             Box::new(|t| frozen_linear(&t[0], &t[1], Some(&t[2])))
         }),
         ("frozen_matmul", vec![train(&[37, 48]), frozen(&[48, 40])], Box::new(|t| frozen_matmul(&t[0], &t[1]))),
+        ("quantized_linear (Q4_1)", vec![train(&[37, 64]), frozen(&[40, 64])], {
+            Box::new(|t| {
+                // The weight quantized on the host (the same blocks everywhere), then moved.
+                let host = t[1].to_device(&Device::Cpu)?;
+                let w = QTensor::quantize_onto(&host, GgmlDType::Q4_1, t[1].device())?;
+                quantized_linear(&t[0], &std::sync::Arc::new(w))
+            })
+        }),
         ("layer_norm", vec![train(&[3, 7, 40]), frozen(&[40]), frozen(&[40])], {
             Box::new(|t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-12))
         }),
@@ -160,7 +170,7 @@ mod tests {
     #[test]
     fn every_kernel_passes_on_the_cpu_and_gets_gradients() {
         let checks = check_device(&Device::Cpu).unwrap();
-        assert_eq!(checks.len(), 14);
+        assert_eq!(checks.len(), 15);
         for c in &checks {
             assert!(c.passed(), "{c:?}");
         }

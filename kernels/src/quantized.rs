@@ -7,8 +7,9 @@
 //! a weight, let alone of the model, stays in memory, and the product is the f32 product of the
 //! stored weights (what transformers computes after loading with `gguf_file=`). candle's CPU
 //! quantized product is not used: it rounds the activations to 8 bits, and for Q4_1 it is scalar
-//! code (`vec_dot_unopt`, 90% of a SmolLM2 training step in a profile). On CUDA the forward is
-//! candle's quantized kernel and the backward dequantizes the whole weight for its one product.
+//! code (`vec_dot_unopt`, 90% of a SmolLM2 training step in a profile). On other devices (CUDA)
+//! each product dequantizes the whole weight to f32 on the device and frees it after, as QLoRA's
+//! kernels do; `check` compares that path with the CPU's.
 //! The weight never gets a gradient.
 //!
 //! [`quantized_linear_reference`] is the same function on the dequantized weight, in f32 through
@@ -47,16 +48,9 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
     let product = if x.device().is_cpu() && x.dtype() == DType::F32 {
         banded_product(&x.detach(), w)?
     } else {
-        let blocks = d_in / w.dtype().block_size().max(1);
-        let paired = matches!(w.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
-        if paired && blocks % 2 != 0 {
-            // candle's dot products of these types take blocks in pairs.
-            candle_core::bail!(
-                "quantized-linear: rows of {d_in} values are {blocks} blocks of {:?}, an odd number (its kernels need pairs)",
-                w.dtype()
-            );
-        }
-        x.detach().contiguous()?.apply_op1_no_bwd(w.as_ref())?
+        // Other devices: the whole weight dequantized for the one product, freed right after
+        // (as QLoRA's kernels do), so every device computes the same f32 product.
+        x.detach().matmul(&w.dequantize(x.device())?.t()?)?
     };
     if !x.track_op() {
         return Ok(product);

@@ -918,6 +918,27 @@ mod tests {
     }
 
     #[test]
+    fn bf16_safetensors_load_as_f32() {
+        let t = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = t.hf.config().clone();
+        // The f32 files' tensors, stored in bf16.
+        let f32_file =
+            candle_core::safetensors::load(t._dir.path().join("hf/model.safetensors"), &Device::Cpu).unwrap();
+        let tensors: std::collections::HashMap<String, Tensor> =
+            f32_file.into_iter().map(|(name, w)| (name, w.to_dtype(DType::BF16).unwrap())).collect();
+        candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+        std::fs::write(dir.path().join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        let bf16 = LlamaModel::load(dir.path(), &Device::Cpu).unwrap();
+        let (a, _) = t.hf.hidden(&rows(), &Hooks::new()).unwrap();
+        let (b, _) = bf16.hidden(&rows(), &Hooks::new()).unwrap();
+        // bf16 keeps 8 bits of mantissa: the same model to about 1%.
+        let relative = max_diff(&a, &b) / max_abs(&a);
+        assert!(relative < 0.05, "{relative}");
+        assert!(matches!(bf16.embed, Frozen::Dense(ref w) if w.dtype() == DType::F32));
+    }
+
+    #[test]
     fn attention_is_causal_and_rows_are_independent() {
         let t = tiny();
         let hooks = Hooks::new();

@@ -160,3 +160,46 @@ fn gradient_checkpointing_trains_the_same_adapters() {
         assert!(moved);
     }
 }
+
+#[test]
+fn the_lm_command_compares_with_the_zero_shot_base_and_writes_the_adapter() {
+    let (dir, _, _) = setup();
+    let csv = dir.path().join("pairs.csv");
+    let mut text = String::from("prompt,response\n");
+    for i in 0..40 {
+        let the = i % 2 == 0;
+        text.push_str(&format!(
+            "{} {},{}\n",
+            if the { "the" } else { "an" },
+            i * 7 % 100,
+            if the { "in" } else { "on" }
+        ));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let out = dir.path().join("run");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fedpool-client"))
+        .args(["lm", "--model"])
+        .arg(dir.path().join("tiny.gguf"))
+        .arg("--data")
+        .arg(&csv)
+        .args(["--steps", "40", "--lr", "0.03", "--rank", "4", "--max-len", "32", "--device", "cpu", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("| zero-shot base |") && stdout.contains("| lora (40 steps) |"), "{stdout}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(metrics["report"]["accuracy"].as_f64().unwrap() > metrics["zero_shot"]["exact_match"].as_f64().unwrap());
+    let (_, meta) = fedpool_common::checkpoint::read_pool(&out.join("adapter.safetensors")).unwrap();
+    assert!(meta.spec.head.is_none());
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_fedpool-client"))
+        .args(["lm", "--model", "nowhere.gguf", "--data", "vader", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("nowhere.gguf"), "{stderr}");
+}

@@ -1,7 +1,7 @@
 //! SmolLM2-135M-Instruct (the fetched Q4_1 GGUF) against transformers' and PEFT's own outputs
 //! (tests/fixtures/smollm2, `make_smollm2_fixtures.py`: the GGUF dequantized to f32): token ids
-//! exact; logits, losses and greedy continuations of the dequantized model and of the 4-bit one
-//! within the tolerances stated here; the PEFT LoRA adapter imported gives PEFT's logits.
+//! exact; logits (to 2e-3; 3e-5 seen), losses and all greedy tokens of the dequantized model and
+//! of the 4-bit one; the PEFT LoRA adapter imported gives PEFT's logits.
 
 use std::path::PathBuf;
 
@@ -71,15 +71,9 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// The number of leading tokens two continuations share.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// Checks `model` with `hooks` against `want`: logits within `logit_tol`, the arg-max and loss,
-/// greedy tokens (all 16 when `exact_greedy`; else at least the first 3: 4-bit rounding may flip
-/// a near-tie later on). Returns the largest logit difference.
-fn check(what: &str, model: &LlamaModel, hooks: &Hooks, want: &[Prompt], logit_tol: f32, exact_greedy: bool) -> f32 {
+/// Checks `model` with `hooks` against `want`: logits within `logit_tol`, the arg-max, the loss
+/// and every greedy token. Returns the largest logit difference.
+fn check(what: &str, model: &LlamaModel, hooks: &Hooks, want: &[Prompt], logit_tol: f32) -> f32 {
     let mut worst = 0.0f32;
     for p in want {
         let got = run(model, &p.ids, hooks);
@@ -94,13 +88,7 @@ fn check(what: &str, model: &LlamaModel, hooks: &Hooks, want: &[Prompt], logit_t
             got.nll,
             p.mean_nll
         );
-        let shared = common_prefix(&got.greedy, &p.greedy16);
-        if exact_greedy {
-            assert_eq!(got.greedy, p.greedy16, "{what} {:?}", p.prompt);
-        } else {
-            eprintln!("{what} {:?}: {shared} of 16 greedy tokens as transformers'", p.prompt);
-            assert!(shared >= 3, "{what} {:?}: greedy {:?} vs {:?}", p.prompt, got.greedy, p.greedy16);
-        }
+        assert_eq!(got.greedy, p.greedy16, "{what} {:?}", p.prompt);
     }
     worst
 }
@@ -132,16 +120,19 @@ fn smollm2_dequantized_and_4bit_reproduce_transformers_and_peft() {
 
     // The GGUF dequantized to f32, as transformers loads it: the same model up to f32 rounding.
     let f32_model = LlamaModel::load_gguf(&path, GgufWeights::Dequantized, &Device::Cpu).unwrap();
-    let base = check("f32 base", &f32_model, &Hooks::new(), &reference.base, 2e-3, true);
-    let peft = check("f32 + PEFT LoRA", &f32_model, &lora, &reference.with_lora, 2e-3, true);
+    let base = check("f32 base", &f32_model, &Hooks::new(), &reference.base, 2e-3);
+    let peft = check("f32 + PEFT LoRA", &f32_model, &lora, &reference.with_lora, 2e-3);
     eprintln!("dequantized: max |Δlogit| base {base:.2e}, with the PEFT LoRA {peft:.2e}");
+    let f32_bytes = f32_model.weight_bytes();
     drop(f32_model);
 
-    // The 4-bit base (activations rounded to 8 bits per block in each product).
+    // The 4-bit base as stored: each product dequantizes its weight band by band, so the numbers
+    // are the same f32 products of the same stored values.
     let q = LlamaModel::load(&path, &Device::Cpu).unwrap();
-    let base = check("4-bit base", &q, &Hooks::new(), &reference.base, 1.0, false);
-    let peft = check("4-bit + PEFT LoRA", &q, &lora, &reference.with_lora, 1.0, false);
-    eprintln!("4-bit: max |Δlogit| base {base:.3}, with the PEFT LoRA {peft:.3}");
+    assert!(q.weight_bytes() * 5 < f32_bytes, "{} vs {f32_bytes}", q.weight_bytes());
+    let base = check("4-bit base", &q, &Hooks::new(), &reference.base, 2e-3);
+    let peft = check("4-bit + PEFT LoRA", &q, &lora, &reference.with_lora, 2e-3);
+    eprintln!("4-bit: max |Δlogit| base {base:.2e}, with the PEFT LoRA {peft:.2e}");
 
     // The LoRA moves the logits (the check above is not the base's logits twice).
     let moved = max_diff(&reference.base[0].last_logits_first64, &reference.with_lora[0].last_logits_first64);

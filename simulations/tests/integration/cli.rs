@@ -145,7 +145,7 @@ fn device_check_on_the_cpu_prints_every_table() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let kernels = stdout.lines().filter(|l| l.ends_with("| ok |")).count();
-    assert_eq!(kernels, 14, "{stdout}");
+    assert_eq!(kernels, 15, "{stdout}");
     for adapter in ["lora r=8", "ssf", "ssf-pool"] {
         assert!(stdout.lines().any(|l| l.starts_with(&format!("| {adapter} | "))), "{adapter}: {stdout}");
     }

@@ -54,3 +54,26 @@ async fn two_daemons_federate_lora_on_a_gguf_decoder() {
     assert!(meta.spec.head.is_none());
     assert!(pool.tensors.contains_key("model.layers.1.self_attn.v_proj.lora_B.weight"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_with_another_gguf_is_refused_at_enrollment() {
+    let options = AdapterOptions { choice: AdapterChoice::Lora, rank: 4, ..AdapterOptions::default() };
+    let options = AdapterOptions { lora_modules: vec!["q_proj".into()], ..options };
+    let fed = Federation::decoder(&["other"], &options);
+    // The same architecture and tokenizer, other weights: a different file, a different model.
+    let config = fedpool_client::model::LlamaConfig { vocab_size: 128, ..fedpool_client::model::LlamaConfig::tiny() };
+    let q8 = candle_core::quantized::GgmlDType::Q8_0;
+    fedpool_client::model::write_random_gguf(fed.path("other.gguf"), &config, q8, 4).expect("gguf");
+    fed.write_server_config(1, 1, 1, "10s", "evaluate = false");
+    let (server, _) = fed.start_server_in_process().await;
+    let config = DaemonConfig::load(&fed.write_client_config("other", "other.gguf", "")).expect("config");
+    let (_tx, stop) = watch::channel(false);
+    let r = tokio::time::timeout(Duration::from_secs(60), session::run(config, DaemonOptions::default(), stop))
+        .await
+        .expect("refused in time");
+    match r {
+        Err(session::DaemonError::Refused { reason, .. }) => assert_eq!(reason, "BackboneMismatch"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    server.shutdown().await.expect("shutdown");
+}

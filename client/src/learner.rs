@@ -17,7 +17,7 @@ use crate::device::{self, DeviceChoice};
 use crate::lm::{evaluate_lm, train_lm, LmExample, LmTask, LmTokenizer};
 use crate::model::{GgufFile, GgufWeights, LlamaModel};
 use crate::setup::{Backbone, SetupError};
-use crate::spec::{decoder_pool_spec, AdapterOptions, DEFAULT_DECODER_LORA_MODULES, DEFAULT_LORA_MODULES};
+use crate::spec::{decoder_pool_spec, AdapterOptions};
 use crate::train::{
     self, AdapterTensors, Encoded, EvalMetrics, QueryCache, Silent, TrainConfig, TrainData, TrainError, TrainOutcome,
 };
@@ -196,13 +196,7 @@ impl Learner {
     pub fn pool_spec(&self, options: &AdapterOptions, num_labels: usize) -> Result<PoolSpec, SetupError> {
         match self {
             Self::Encoder(b) => b.pool_spec(options, num_labels),
-            Self::Decoder(d) => {
-                let mut options = options.clone();
-                if options.lora_modules == DEFAULT_LORA_MODULES.map(String::from) {
-                    options.lora_modules = DEFAULT_DECODER_LORA_MODULES.map(String::from).to_vec();
-                }
-                Ok(decoder_pool_spec(d.model.config(), &options)?)
-            }
+            Self::Decoder(d) => Ok(decoder_pool_spec(d.model.config(), options)?),
         }
     }
 

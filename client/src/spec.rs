@@ -126,10 +126,17 @@ pub fn pool_spec(config: &BertConfig, options: &AdapterOptions, num_labels: usiz
 }
 
 /// The pool spec of a decoder's causal-LM adapters (no head): SSF at every point, LoRA on every
-/// layer's `lora_modules` (`q_proj`, `self_attn.v_proj`, …). The linear probe has nothing to train.
+/// layer's `lora_modules` (`q_proj`, `self_attn.v_proj`, …; the encoder's default modules, which
+/// a decoder does not have, stand for the decoder's, [`DEFAULT_DECODER_LORA_MODULES`]). The
+/// linear probe has nothing to train.
 pub fn decoder_pool_spec(config: &dyn AdapterPoints, options: &AdapterOptions) -> Result<PoolSpec, OptionsError> {
     if options.choice == AdapterChoice::LinearProbe {
         return Err(OptionsError("a causal LM has no head: the linear probe trains nothing".into()));
+    }
+    if options.lora_modules == DEFAULT_LORA_MODULES.map(String::from) {
+        let options =
+            AdapterOptions { lora_modules: DEFAULT_DECODER_LORA_MODULES.map(String::from).to_vec(), ..options.clone() };
+        return spec_with_head(config, &options, None);
     }
     spec_with_head(config, options, None)
 }
@@ -218,6 +225,12 @@ mod tests {
         assert!(
             err.contains("\"query\"") && err.contains("self_attn.q_proj") && err.contains("mlp.down_proj"),
             "{err}"
+        );
+        let defaults = AdapterOptions { choice: AdapterChoice::Lora, ..AdapterOptions::default() };
+        assert_eq!(
+            decoder_pool_spec(&cfg, &defaults).unwrap(),
+            lora,
+            "the encoder's default modules mean q_proj, v_proj"
         );
         let probe = AdapterOptions { choice: AdapterChoice::LinearProbe, ..opts };
         assert!(decoder_pool_spec(&cfg, &probe).is_err());

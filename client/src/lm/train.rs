@@ -59,7 +59,8 @@ impl Queries {
         let hidden = model.config().hidden_size;
         let mut flat = Vec::with_capacity(rows.len() * hidden);
         for e in rows {
-            flat.extend_from_slice(&self.by_id[&e.id]);
+            let query = self.by_id.get(&e.id).ok_or(TrainError::MissingQuery(e.id))?;
+            flat.extend_from_slice(query);
         }
         Ok(Tensor::from_vec(flat, (rows.len(), hidden), model.device())?)
     }

@@ -676,11 +676,7 @@ pub(crate) fn run_spec(args: &SpecArgs) -> Result<PoolSpec, CliError> {
         // A decoder: no head (--num-labels is not used); LoRA on q_proj, v_proj unless told.
         Some(gguf) => {
             let config = LlamaConfig::from_gguf(&GgufFile::open(gguf)?)?;
-            let mut options = args.adapter.options();
-            if options.lora_modules == fedpool_client::spec::DEFAULT_LORA_MODULES.map(String::from) {
-                options.lora_modules = fedpool_client::spec::DEFAULT_DECODER_LORA_MODULES.map(String::from).to_vec();
-            }
-            fedpool_client::spec::decoder_pool_spec(&config, &options)?
+            fedpool_client::spec::decoder_pool_spec(&config, &args.adapter.options())?
         }
         None => {
             let model_dir = model_dir(args.model.as_deref())?;

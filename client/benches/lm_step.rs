@@ -29,17 +29,6 @@ fn iters() -> usize {
     std::env::var("FEDPOOL_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3)
 }
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 /// One case in this process: `warm-up + iters` steps of `train_lm`, timed by the trainer.
 fn run_case(case: &str) {
     let path = default_decoder_path();
@@ -91,7 +80,7 @@ fn run_case(case: &str) {
     let s = run(iters());
     println!(
         "{{\"case\": \"{case}\", \"s_per_step_median\": {s}, \"peak_rss_mib\": {:.1}, \"weight_mib\": {:.1}}}",
-        peak_rss_mib(),
+        fedpool_client::malloc::peak_rss_mib().unwrap_or(f64::NAN),
         model.weight_bytes() as f64 / (1 << 20) as f64
     );
 }

@@ -389,15 +389,6 @@ fn eval_table(models: &[(Kernels, BertEncoder)], inputs: &Inputs, model_dir: &Pa
     println!();
 }
 
-/// Peak resident memory of this process, MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// In a child process: 3 steps of one case at 32 × 64, then the peak RSS on stdout.
 fn rss_child(case: &str, model_dir: &Path) {
     let (choice, kernels) = case.split_once(':').expect("case is ADAPTER:KERNELS");
@@ -408,7 +399,7 @@ fn rss_child(case: &str, model_dir: &Path) {
     // With FEDPOOL_BENCH_ITERS set it times that many steps (stderr): A/B runs of whole processes.
     let steps = if std::env::var_os("FEDPOOL_BENCH_ITERS").is_some() { iters() } else { 1 };
     let phases = step_phases(&model, choice, &inputs, false, steps);
-    println!("{:.1}", peak_rss_mib());
+    println!("{:.1}", fedpool_client::malloc::peak_rss_mib().unwrap_or(f64::NAN));
     eprintln!("s per step {:.3}", phases.iter().sum::<f64>());
 }
 

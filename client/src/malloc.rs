@@ -1,4 +1,5 @@
-//! Process-wide tuning of glibc's malloc for training, called first thing by the binaries.
+//! Process-wide tuning of glibc's malloc for training, called first thing by the binaries, and the
+//! process's peak resident memory ([`peak_rss_mib`]) that the binaries and benchmarks report.
 //!
 //! A training step frees and reallocates ~100 activation tensors of up to 12 MB. glibc serves
 //! blocks above its (adaptive) mmap threshold with fresh `mmap`s and returns freed heap to the
@@ -29,11 +30,31 @@ pub fn tune_for_training() -> bool {
     }
 }
 
+/// The peak resident set of this process (Linux's `VmHWM`), in MiB; `None` where
+/// `/proc/self/status` does not say (other systems).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn glibc_accepts_the_settings() {
         let applied = super::tune_for_training();
         assert_eq!(applied, cfg!(all(target_os = "linux", target_env = "gnu")));
+    }
+
+    #[test]
+    fn the_peak_covers_what_was_touched() {
+        if !cfg!(target_os = "linux") {
+            return assert!(super::peak_rss_mib().is_none());
+        }
+        let before = super::peak_rss_mib().expect("VmHWM on Linux");
+        let block = vec![1u8; 64 << 20];
+        let after = super::peak_rss_mib().expect("VmHWM on Linux");
+        // Other tests share the process, so only bounds hold: never lower, at least the block.
+        assert!(after >= before && after >= 64.0 && block.iter().all(|&b| b == 1), "{before} → {after}");
     }
 }

@@ -7,7 +7,7 @@
 //! a weight, let alone of the model, stays in memory, and the product is the f32 product of the
 //! stored weights (what transformers computes after loading with `gguf_file=`). candle's CPU
 //! quantized product is not used: it rounds the activations to 8 bits, and for Q4_1 it is scalar
-//! code (`vec_dot_unopt`, 90% of a SmolLM2 training step in a profile). On other devices (CUDA)
+//! code (`vec_dot_unopt`, 88% of a SmolLM2 training step in a `perf` profile). On other devices (CUDA)
 //! each product dequantizes the whole weight to f32 on the device and frees it after, as QLoRA's
 //! kernels do; `check` compares that path with the CPU's.
 //! The weight never gets a gradient.

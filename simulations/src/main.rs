@@ -328,7 +328,7 @@ fn simulate(exp: &Experiment, dir: &Path) -> anyhow::Result<RunOutput> {
         out.train_wall_seconds,
         out.trained_samples as f64 / out.train_wall_seconds.max(1e-9),
         exp.mode,
-        peak_rss_mib().map_or("unknown".to_string(), |m| format!("{m:.0} MiB")),
+        fedpool_client::malloc::peak_rss_mib().map_or("unknown".to_string(), |m| format!("{m:.0} MiB")),
         files.len(),
         dir.display()
     );
@@ -408,11 +408,4 @@ fn table(runs: &[(String, RunOutput)]) -> String {
 
 fn print_table(runs: &[(String, RunOutput)]) {
     println!("{}", table(runs));
-}
-
-/// This process's peak resident memory so far (Linux: `VmHWM` of /proc/self/status).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

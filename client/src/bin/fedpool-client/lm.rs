@@ -124,13 +124,6 @@ pub(crate) struct LmMetrics {
     pub(crate) peak_rss_mib: Option<f64>,
 }
 
-/// The peak resident set of this process (`VmHWM`), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// At most `n` of `examples`, a sample fixed by `seed` (in their original order).
 fn sample(mut examples: Vec<LmExample>, n: usize, seed: u64) -> Vec<LmExample> {
     if examples.len() <= n {
@@ -229,7 +222,7 @@ pub(crate) fn run_lm(args: &LmArgs) -> anyhow::Result<LmMetrics> {
         zero_shot,
         seconds_per_step: outcome.metrics.train_seconds / outcome.metrics.steps.max(1) as f64,
         report: outcome.metrics,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: fedpool_client::malloc::peak_rss_mib(),
     };
     let json = serde_json::to_string_pretty(&metrics)?;
     let metrics_path = args.out.join("metrics.json");

@@ -5,6 +5,13 @@
 //! the target, and the folder is fsync'd: a crash leaves either the old file or the new one, plus
 //! at worst a temporary file that readers ignore. Every file carries a SHA-256 of its tensors in
 //! its metadata, so a flipped byte anywhere is refused on read, with the file's name.
+//!
+//! Two kinds of files are written: files meant for people and other tools (an exported adapter,
+//! metrics) with the process's default mode (`0666` less the umask: [`atomic_write`],
+//! [`write_tensors`], [`write_pool`]), and state derived from private data (the coordinator's
+//! checkpoints and log, a client's error-feedback residual) readable by its owner only: the
+//! `*_private` variants create the temporary file with mode `0600` on Unix, so the file is never
+//! readable by others, not even between its creation and the rename.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -69,8 +76,32 @@ impl CheckpointMeta {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder. The
+/// file gets the default mode (`0666` less the umask); see [`atomic_write_private`] for state.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically(path, bytes, Access::Default)
+}
+
+/// [`atomic_write`] for a file readable and writable by its owner only (mode `0600` on Unix, set
+/// on the temporary file before any byte is written; elsewhere the default).
+pub fn atomic_write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically(path, bytes, Access::Private)
+}
+
+/// Who may read a file written here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The process's default (`0666` less the umask).
+    Default,
+    /// The owner only (`0600`).
+    Private,
+}
+
+/// The mode of files written with [`atomic_write_private`] and the other `*_private` writers.
+#[cfg(unix)]
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+fn write_atomically(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -80,7 +111,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = create_temp(&tmp, access)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -91,6 +122,24 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates (or truncates) the temporary file of an atomic write with the mode `access` asks for.
+fn create_temp(tmp: &Path, access: Access) -> std::io::Result<File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if access == Access::Private {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(PRIVATE_FILE_MODE);
+        let f = options.open(tmp)?;
+        // A stale temporary file of the same name keeps its old mode through `open`: set it.
+        f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        return Ok(f);
+    }
+    #[cfg(not(unix))]
+    let _ = access;
+    options.open(tmp)
 }
 
 struct F32View<'a>(&'a HostTensor);
@@ -121,27 +170,52 @@ fn data_digest(tensors: &BTreeMap<String, HostTensor>) -> Sha256 {
 }
 
 /// Writes named f32 tensors and string metadata to a safetensors file, atomically, adding the
-/// format tag and the data digest.
+/// format tag and the data digest. The file gets the default mode; see [`write_tensors_private`].
 pub fn write_tensors(
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
     metadata: BTreeMap<String, String>,
+) -> Result<(), CheckpointError> {
+    write_tensors_as(path, tensors, metadata, Access::Default)
+}
+
+/// [`write_tensors`] for a file readable by its owner only (mode `0600` on Unix): state derived
+/// from private data, such as a client's error-feedback residual.
+pub fn write_tensors_private(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: BTreeMap<String, String>,
+) -> Result<(), CheckpointError> {
+    write_tensors_as(path, tensors, metadata, Access::Private)
+}
+
+fn write_tensors_as(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: BTreeMap<String, String>,
+    access: Access,
 ) -> Result<(), CheckpointError> {
     let mut meta: HashMap<String, String> = metadata.into_iter().collect();
     meta.entry(META_FORMAT.into()).or_insert_with(|| FORMAT_TENSORS.into());
     meta.insert(META_DATA_SHA256.into(), data_digest(tensors).to_hex());
     let views = tensors.iter().map(|(n, t)| (n.as_str(), F32View(t)));
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| CheckpointError::new(path, e))?;
-    atomic_write(path, &bytes).map_err(|e| CheckpointError::new(path, e))
+    write_atomically(path, &bytes, access).map_err(|e| CheckpointError::new(path, e))
 }
 
 /// Reads a file written by [`write_tensors`]: parses it, checks every tensor is f32, and checks
 /// the data digest.
 pub fn read_tensors(path: &Path) -> Result<(NamedTensors, Metadata), CheckpointError> {
     let bytes = fs::read(path).map_err(|e| CheckpointError::new(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    tensors_from_bytes(path, &bytes)
+}
+
+/// [`read_tensors`] on a file's bytes already in memory (`path` only names them in errors): the
+/// same checks, no I/O. The fuzz target `checkpoint` feeds it.
+pub fn tensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<(NamedTensors, Metadata), CheckpointError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| CheckpointError::new(path, format!("not a valid safetensors file ({e})")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| CheckpointError::new(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| CheckpointError::new(path, e))?;
     let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
@@ -166,8 +240,24 @@ fn host_tensor(view: &TensorView<'_>) -> Result<HostTensor, String> {
     HostTensor::new(view.shape().to_vec(), data).map_err(|e| e.to_string())
 }
 
-/// Writes a pool checkpoint atomically. The pool must follow `meta.spec`.
+/// Writes a pool checkpoint atomically, with the default mode (an adapter exported for people
+/// and tools). The pool must follow `meta.spec`. See [`write_pool_private`].
 pub fn write_pool(path: &Path, pool: &AdapterPool, meta: &CheckpointMeta) -> Result<(), CheckpointError> {
+    write_pool_as(path, pool, meta, Access::Default)
+}
+
+/// [`write_pool`] for a file readable by its owner only (mode `0600` on Unix): the coordinator's
+/// round checkpoints.
+pub fn write_pool_private(path: &Path, pool: &AdapterPool, meta: &CheckpointMeta) -> Result<(), CheckpointError> {
+    write_pool_as(path, pool, meta, Access::Private)
+}
+
+fn write_pool_as(
+    path: &Path,
+    pool: &AdapterPool,
+    meta: &CheckpointMeta,
+    access: Access,
+) -> Result<(), CheckpointError> {
     pool.validate(&meta.spec).map_err(|e| CheckpointError::new(path, format!("pool does not fit its spec: {e}")))?;
     let spec_json = serde_json::to_string(&meta.spec).map_err(|e| CheckpointError::new(path, e))?;
     let metadata = BTreeMap::from([
@@ -178,12 +268,19 @@ pub fn write_pool(path: &Path, pool: &AdapterPool, meta: &CheckpointMeta) -> Res
         ("fedpool.backbone".to_string(), meta.backbone.0.to_hex()),
         ("fedpool.created_at".to_string(), meta.created_at.clone()),
     ]);
-    write_tensors(path, &pool.tensors, metadata)
+    write_tensors_as(path, &pool.tensors, metadata, access)
 }
 
 /// Reads and verifies a pool checkpoint: digest, format, metadata, and the pool against its spec.
 pub fn read_pool(path: &Path) -> Result<(AdapterPool, CheckpointMeta), CheckpointError> {
-    let (tensors, meta) = read_tensors(path)?;
+    let bytes = fs::read(path).map_err(|e| CheckpointError::new(path, e))?;
+    pool_from_bytes(path, &bytes)
+}
+
+/// [`read_pool`] on a file's bytes already in memory (`path` only names them in errors): the
+/// same checks, no I/O. The fuzz target `checkpoint` feeds it.
+pub fn pool_from_bytes(path: &Path, bytes: &[u8]) -> Result<(AdapterPool, CheckpointMeta), CheckpointError> {
+    let (tensors, meta) = tensors_from_bytes(path, bytes)?;
     let err = |p: String| CheckpointError::new(path, p);
     let get = |k: &str| meta.get(k).ok_or_else(|| err(format!("metadata has no {k:?}")));
     if get(META_FORMAT)? != FORMAT_POOL {
@@ -263,4 +360,44 @@ pub fn latest_valid_pool(dir: &Path) -> std::io::Result<Latest> {
         }
     }
     Ok(latest)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn private_writes_are_0600_even_over_a_world_readable_target_and_a_stale_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.safetensors");
+        // A world-readable target and a stale temporary file of this process's name.
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let stale = dir.path().join(format!(".state.safetensors.tmp.{}", std::process::id()));
+        fs::write(&stale, b"stale").unwrap();
+        fs::set_permissions(&stale, fs::Permissions::from_mode(0o666)).unwrap();
+        let t = BTreeMap::from([("x".to_string(), HostTensor::new(vec![2], vec![1.0, 2.0]).unwrap())]);
+        write_tensors_private(&path, &t, BTreeMap::new()).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(!stale.exists(), "the temporary file was renamed over the target");
+        assert_eq!(read_tensors(&path).unwrap().0, t);
+        atomic_write_private(&path, b"bytes").unwrap();
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn default_writes_keep_the_default_mode_for_exported_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter.json");
+        atomic_write(&path, b"{}").unwrap();
+        let probe = dir.path().join("probe");
+        File::create(&probe).unwrap();
+        assert_eq!(mode(&path), mode(&probe), "same as any file the process creates");
+    }
 }

@@ -621,7 +621,7 @@ fn dequantize(values: &Values, config: CodecConfig, count: usize) -> Result<Vec<
             let level = |i: usize| -> f32 {
                 if q == Quantization::Int4 {
                     let byte = levels[i / 2];
-                    let n = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                    let n = if i.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
                     f32::from(n) - 8.0
                 } else {
                     f32::from(levels[i] as i8)

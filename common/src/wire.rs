@@ -31,7 +31,8 @@ pub struct Enroll {
     pub declared_upload_bps: Option<u64>,
     /// Download bandwidth declared, bytes per second.
     pub declared_download_bps: Option<u64>,
-    /// Training examples the client holds (for sampling and weighting; not a promise).
+    /// Training examples the client holds: a claim, which the coordinator caps (its roster or
+    /// `max_examples_per_update`) and freezes for the client's life before it weighs anything.
     pub examples: u64,
     /// Software name and version, for the server's log.
     pub software: String,
@@ -124,7 +125,10 @@ pub struct Update {
     pub importance: Vec<TripletImportance>,
 }
 
-/// Server → client: an update was accepted.
+/// Server → client: an update is part of a committed round that is on the server's disk (sent
+/// only after the commit, never when the update is merely folded), so the client may now make its
+/// error-feedback residual its own. An update folded into an attempt that ends without a commit
+/// is answered with [`RejectReason::NotCommitted`] instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     /// The update's round.
@@ -160,6 +164,11 @@ pub enum RejectReason {
     Corrupt,
     /// A message of the wrong kind, too large, or malformed.
     Protocol,
+    /// The update was accepted but its round attempt ended without a commit (below quorum, or the
+    /// merge could not finish): it is in no committed round, so the client keeps its residual.
+    NotCommitted,
+    /// The client was refused too often and is quarantined for the rest of the run.
+    Quarantined,
 }
 
 /// A refusal, with the reason in words for the operator.

@@ -252,7 +252,7 @@ fn check_dims(q: &[usize], k: &[usize], v: &[usize], lengths: &[usize], shape: &
             "attention: num_heads {heads}, num_kv_heads {kv_heads}, head_dim {head_dim}: all must be positive"
         )));
     }
-    if heads % kv_heads != 0 {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(Error::Msg(format!("attention: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}")));
     }
     let &[batch, tokens, width] = q else {

@@ -101,7 +101,7 @@ pub fn permute_rows(w: &QTensor, order: &[usize]) -> Result<QTensor> {
 /// Bytes of one row of `d` values of `w`'s type (whole blocks only).
 fn row_bytes(w: &QTensor, d: usize) -> Result<usize> {
     let block = w.dtype().block_size();
-    if d % block != 0 {
+    if !d.is_multiple_of(block) {
         candle_core::bail!("a row of {d} values is not a whole number of {block}-value blocks");
     }
     Ok(d / block * w.dtype().type_size())

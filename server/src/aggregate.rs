@@ -14,8 +14,9 @@
 //! - **Exact LoRA merge** on each AdaLoRA target: the weighted mean of the clients' products
 //!   `B_k diag(E_k) A_k`, re-factorised to the spec's `max_rank` by a truncated SVD of the stacked
 //!   factors, never forming a `d_out × d_in` matrix (module [`lora`]).
-//! - **Robustness** (module [`robust`]): per-update L2 norm clipping, and a coordinate-wise trimmed
-//!   mean that buffers the round's updates (bounded by `max_updates`).
+//! - **Robustness** (module [`robust`]): per-update L2 norm clipping, and three Byzantine-robust
+//!   rules that buffer the round's updates (bounded by `max_updates`): the coordinate-wise trimmed
+//!   mean, the coordinate-wise median and Multi-Krum. The streaming mean stays the default.
 //! - **Server optimiser** (module [`fedadam`]): the averaged delta applied as is, or as the
 //!   pseudo-gradient of FedAdam (Reddi et al. 2021), whose moments persist across rounds.
 //!
@@ -145,6 +146,17 @@ pub trait Merge: Send {
     fn begin(&mut self, global: &AdapterPool) -> Result<(), AggregateError>;
     /// Folds one validated update, weighted by its example count.
     fn fold(&mut self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError>;
+    /// Folds one validated update that claims `examples` (its slot counts are checked against
+    /// that claim) but weighs only `weight` ≤ `examples`, the coordinator's cap: every weight the
+    /// update carries (its examples, its slot counts) is scaled by `weight / examples`. A merge
+    /// that cannot scale refuses anything but `weight == examples`.
+    fn fold_weighted(&mut self, delta: &PoolDelta, examples: u64, weight: u64) -> Result<(), AggregateError> {
+        if weight == examples {
+            self.fold(delta, examples)
+        } else {
+            Err(AggregateError::Unsupported("this merge cannot weigh an update below its example count"))
+        }
+    }
     /// The next global pool from the updates folded since `begin`.
     fn finish(&mut self, global: &AdapterPool) -> Result<AdapterPool, AggregateError>;
 
@@ -181,6 +193,41 @@ pub enum Rule {
         /// The most updates a round may buffer.
         max_updates: usize,
     },
+    /// Coordinate-wise median (Yin et al., ICML 2018): per coordinate, the median of the values
+    /// of the updates that carry it (unweighted: a weighted median breaks down with the weight
+    /// an attacker holds, not with the number of attackers). Buffers the round's updates like the
+    /// trimmed mean (memory: up to `max_updates` deltas).
+    Median {
+        /// The most updates a round may buffer.
+        max_updates: usize,
+    },
+    /// Multi-Krum (Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant
+    /// Gradient Descent", NeurIPS 2017): each update is scored by the sum of squared L2 distances
+    /// to its `n − f − 2` nearest others (at least 1), and the weighted mean of the `select`
+    /// best-scored updates is taken (`select = 1`: Krum). A slot or factor an update does not
+    /// carry counts as a zero delta in the distances. Needs `n ≥ 2f + 3` for its guarantee.
+    /// Buffers the round's updates (memory: up to `max_updates` deltas plus an n × n distance
+    /// table; time O(n² · model) at commit).
+    Krum {
+        /// f: the Byzantine updates to tolerate.
+        byzantine: usize,
+        /// m: the updates averaged (≥ 1).
+        select: usize,
+        /// The most updates a round may buffer.
+        max_updates: usize,
+    },
+}
+
+impl Rule {
+    /// The most updates the rule buffers per round; `None` for the streaming mean.
+    pub fn max_updates(&self) -> Option<usize> {
+        match *self {
+            Rule::Mean => None,
+            Rule::TrimmedMean { max_updates, .. } | Rule::Median { max_updates } | Rule::Krum { max_updates, .. } => {
+                Some(max_updates)
+            }
+        }
+    }
 }
 
 /// What the server does with the combined delta.
@@ -260,13 +307,16 @@ struct LoraNames {
     d_out: usize,
 }
 
-/// One update kept for the trimmed mean.
+/// One update kept for the buffering rules (trimmed mean, median, Krum).
 #[derive(Debug)]
 struct Buffered {
     delta: PoolDelta,
     /// The clipping factor to apply to its values.
     scale: f32,
-    examples: u64,
+    /// Its weight (the coordinator's, ≤ its claimed examples).
+    weight: f64,
+    /// `weight / examples`: the factor on its slot counts.
+    count_factor: f64,
 }
 
 /// The running state of a round.
@@ -356,17 +406,24 @@ impl Aggregator {
                 return bad_setting("LoRA-FAIR's lambda", format!("{lambda} must be positive and finite"));
             }
         }
-        if let Rule::TrimmedMean { trim_fraction, max_updates } = config.rule {
+        if let Rule::TrimmedMean { trim_fraction, .. } = config.rule {
             if !(0.0..0.5).contains(&trim_fraction) {
                 return bad_setting("trim_fraction", format!("{trim_fraction} must be in [0, 0.5)"));
             }
+        }
+        if let Rule::Krum { select, .. } = config.rule {
+            if select == 0 {
+                return bad_setting("krum_select", "must be at least 1".into());
+            }
+        }
+        if let Some(max_updates) = config.rule.max_updates() {
             if max_updates == 0 {
                 return bad_setting("max_updates", "must be at least 1".into());
             }
             if stacked {
                 return Err(AggregateError::Unsupported(
-                    "the trimmed mean is not defined for the exact LoRA merge (AdaLoRA, or lora_merge exact / \
-                     fair): use Rule::Mean with clip_norm, or standard LoRA's factor mean",
+                    "the trimmed mean, median and Krum are not defined for the exact LoRA merge (AdaLoRA, or \
+                     lora_merge exact / fair): use Rule::Mean with clip_norm, or standard LoRA's factor mean",
                 ));
             }
         }
@@ -629,20 +686,31 @@ impl Merge for Aggregator {
     }
 
     fn fold(&mut self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError> {
+        self.fold_weighted(delta, examples, examples)
+    }
+
+    fn fold_weighted(&mut self, delta: &PoolDelta, examples: u64, weight: u64) -> Result<(), AggregateError> {
         if !self.round.active {
             return Err(AggregateError::OutsideRound("fold"));
         }
         self.check_update(delta, examples)?;
+        if weight == 0 {
+            return Err(AggregateError::ZeroExamples);
+        }
+        if weight > examples {
+            return bad_setting("weight", format!("{weight} is above the update's {examples} examples"));
+        }
         let scale = self.clip_scale(delta)?;
-        if let Rule::TrimmedMean { max_updates, .. } = self.config.rule {
+        let count_factor = weight as f64 / examples as f64;
+        if let Some(max_updates) = self.config.rule.max_updates() {
             if self.round.buffered.len() >= max_updates {
                 return Err(AggregateError::BufferFull { max_updates });
             }
-            self.round.buffered.push(Buffered { delta: delta.clone(), scale, examples });
+            self.round.buffered.push(Buffered { delta: delta.clone(), scale, weight: weight as f64, count_factor });
             self.round.updates += 1;
             return Ok(());
         }
-        let w = examples as f64;
+        let w = weight as f64;
         let r = &mut self.round;
         for (i, d) in self.dense.iter().enumerate() {
             // Presence and shape were checked by check_update.
@@ -655,7 +723,7 @@ impl Merge for Aggregator {
                 Some(u) if d.pooled => {
                     for (i, (&slot, &count)) in u.slots.iter().zip(&u.counts).enumerate() {
                         let row = &mut sum[slot as usize * d.row_len..(slot as usize + 1) * d.row_len];
-                        axpy(row, (count as f64 * f64::from(scale)) as f32, t.row(i));
+                        axpy(row, (count as f64 * count_factor * f64::from(scale)) as f32, t.row(i));
                     }
                 }
                 _ => axpy(sum, (w * f64::from(scale)) as f32, t.data()),
@@ -663,7 +731,7 @@ impl Merge for Aggregator {
         }
         if let Some(u) = &delta.slots {
             for (&slot, &count) in u.slots.iter().zip(&u.counts) {
-                r.slot_weight[slot as usize] += count as f64;
+                r.slot_weight[slot as usize] += count as f64 * count_factor;
             }
         }
         for (stack, n) in r.lora.iter_mut().zip(&self.lora) {
@@ -819,6 +887,15 @@ fn combined_deltas<'a>(
     rule: Rule,
 ) -> Result<Vec<Combined<'a>>, AggregateError> {
     let mut out = Vec::with_capacity(dense.len());
+    // Krum picks whole updates first; their weighted mean is then taken like a trimmed mean
+    // with nothing trimmed.
+    let chosen: Vec<&Buffered> = match rule {
+        Rule::Krum { byzantine, select, .. } => {
+            let picked = robust::krum_select(&krum_distances(dense, &r.buffered), byzantine, select);
+            picked.into_iter().map(|i| &r.buffered[i]).collect()
+        }
+        _ => r.buffered.iter().collect(),
+    };
     for (i, d) in dense.iter().enumerate() {
         let c = match rule {
             Rule::Mean => {
@@ -831,7 +908,16 @@ fn combined_deltas<'a>(
                 Combined::Sum { sum: &r.sums[i], inv_weight }
             }
             Rule::TrimmedMean { trim_fraction, .. } => {
-                let (values, rows) = trimmed(&r.buffered, d, trim_fraction);
+                let (values, rows) =
+                    coordinate_wise(&chosen, d, |pairs| robust::trimmed_weighted_mean(pairs, trim_fraction));
+                Combined::Owned { values, rows }
+            }
+            Rule::Krum { .. } => {
+                let (values, rows) = coordinate_wise(&chosen, d, |pairs| robust::trimmed_weighted_mean(pairs, 0.0));
+                Combined::Owned { values, rows }
+            }
+            Rule::Median { .. } => {
+                let (values, rows) = coordinate_wise(&chosen, d, robust::median);
                 Combined::Owned { values, rows }
             }
         };
@@ -850,8 +936,55 @@ fn combined_deltas<'a>(
     Ok(out)
 }
 
-/// The coordinate-wise trimmed mean of one dense tensor over the buffered updates.
-fn trimmed(buffered: &[Buffered], d: &DenseTensor, trim_fraction: f64) -> (Vec<f32>, Vec<bool>) {
+/// The squared L2 distance between every two buffered updates over the dense tensors (clipped
+/// values; a row or factor an update does not carry is a zero delta), as an n × n table.
+fn krum_distances(dense: &[DenseTensor], buffered: &[Buffered]) -> Vec<Vec<f64>> {
+    let n = buffered.len();
+    let mut dist = vec![vec![0.0f64; n]; n];
+    for d in dense {
+        // Each update's full `rows × row_len` values of this tensor (zeros where not carried).
+        let full: Vec<Vec<f32>> = buffered.iter().map(|b| dense_values(b, d)).collect();
+        for i in 0..n {
+            for j in i + 1..n {
+                let s: f64 = full[i].iter().zip(&full[j]).map(|(&x, &y)| f64::from(x - y) * f64::from(x - y)).sum();
+                dist[i][j] += s;
+                dist[j][i] += s;
+            }
+        }
+    }
+    dist
+}
+
+/// A buffered update's values of dense tensor `d` laid out as the whole tensor, clipped, with
+/// zeros where it carries nothing.
+fn dense_values(b: &Buffered, d: &DenseTensor) -> Vec<f32> {
+    let mut out = vec![0.0f32; d.rows * d.row_len];
+    let Some(t) = b.delta.tensors.get(&d.name) else { return out };
+    match &b.delta.slots {
+        Some(u) if d.pooled => {
+            for (i, &slot) in u.slots.iter().enumerate() {
+                let row = &mut out[slot as usize * d.row_len..(slot as usize + 1) * d.row_len];
+                for (o, &x) in row.iter_mut().zip(t.row(i)) {
+                    *o = x * b.scale;
+                }
+            }
+        }
+        _ => {
+            for (o, &x) in out.iter_mut().zip(t.data()) {
+                *o = x * b.scale;
+            }
+        }
+    }
+    out
+}
+
+/// One dense tensor combined coordinate by coordinate over the updates that carry each row:
+/// `reduce` gets the `(clipped value, weight)` pairs of one coordinate.
+fn coordinate_wise(
+    buffered: &[&Buffered],
+    d: &DenseTensor,
+    mut reduce: impl FnMut(&mut [(f32, f64)]) -> f64,
+) -> (Vec<f32>, Vec<bool>) {
     let mut values = vec![0.0f32; d.rows * d.row_len];
     let mut rows = vec![false; d.rows];
     let mut scratch = Vec::new();
@@ -863,10 +996,10 @@ fn trimmed(buffered: &[Buffered], d: &DenseTensor, trim_fraction: f64) -> (Vec<f
             match &b.delta.slots {
                 Some(u) if d.pooled => {
                     if let Ok(i) = u.slots.binary_search(&(row as u32)) {
-                        members.push((update_row(t, true, i), b.scale, u.counts[i] as f64));
+                        members.push((update_row(t, true, i), b.scale, u.counts[i] as f64 * b.count_factor));
                     }
                 }
-                _ => members.push((update_row(t, false, 0), b.scale, b.examples as f64)),
+                _ => members.push((update_row(t, false, 0), b.scale, b.weight)),
             }
         }
         if members.is_empty() {
@@ -877,7 +1010,7 @@ fn trimmed(buffered: &[Buffered], d: &DenseTensor, trim_fraction: f64) -> (Vec<f
         for (j, o) in out.iter_mut().enumerate() {
             scratch.clear();
             scratch.extend(members.iter().map(|&(x, s, w)| (x[j] * s, w)));
-            *o = robust::trimmed_weighted_mean(&mut scratch, trim_fraction) as f32;
+            *o = reduce(&mut scratch) as f32;
         }
     }
     (values, rows)

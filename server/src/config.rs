@@ -16,10 +16,10 @@ use fedpool_common::{AdapterPool, BackboneFingerprint, PoolSpec, Round, Sha256};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::aggregate::{AggregateConfig, FedAdamConfig, LoraMerge, Rule, ServerOpt};
-use crate::net::NetSetup;
+use crate::net::{NetBounds, NetSetup};
 use crate::ranks::BudgetSection;
-use crate::round::{Engine, EngineConfig, EngineError};
-use crate::store::Store;
+use crate::round::{Engine, EngineConfig, EngineError, NormBound, RosterEntry, TrustConfig};
+use crate::store::{Retention, Store};
 
 /// Every field of the configuration file, for `--help`.
 pub const CONFIG_REFERENCE: &str = "\
@@ -27,15 +27,35 @@ CONFIGURATION FILE (TOML; relative paths are relative to the file's folder)
 
 Network and files:
   listen = \"0.0.0.0:4433\"        UDP address for QUIC (port 0: any free port). Default 0.0.0.0:4433.
-  state_dir = \"state\"            Checkpoints (round-NNNNNN.safetensors), rounds.jsonl, and
-                                 listen.addr (the bound address, written at start). Required.
+  state_dir = \"state\"            Checkpoints (round-NNNNNN.safetensors, pruned by [store]), rounds.jsonl
+                                 (append-only), listen.addr (the bound address, written at start) and
+                                 LOCK (one server per folder: a second one refuses to start, naming the
+                                 holder). Files 0600, the folder 0700. Required.
   ca_cert = \"certs/ca.pem\"       The federation CA; clients must present a certificate it signed. Required.
   server_cert = \"certs/server.pem\"  The server's certificate (PEM). Required.
   server_key = \"certs/server.key\"   The server's private key (PEM). Required.
-  revocation_list = \"certs/revoked.txt\"  Revoked client names, one a line; re-read on every new
-                                 connection; a missing file revokes nobody.
+  revocation_list = \"certs/revoked.txt\"  Revoked certificates (serial:HEX lines, as `certs revoke`
+                                 writes; a bare name revokes every certificate of that name), checked
+                                 at every new connection and polled every 0.5 s: a live connection
+                                 whose certificate is revoked is closed. A missing file revokes nobody.
                                  Default: revoked.txt beside ca_cert (where `certs revoke` writes).
   metrics_listen = \"127.0.0.1:9464\"  Serve Prometheus text on GET /metrics there. Default: off.
+  max_connections = 10000        Most connections open at once; more are refused before any handshake
+                                 work. Default 10000.
+  max_handshakes = 256           Most QUIC handshakes in progress at once; more are refused. Default 256.
+  retry_above_handshakes = 64    From this many handshakes in progress on, a client whose address is not
+                                 yet validated is sent a QUIC Retry first (0: always). Default 64.
+  enroll_timeout = \"30s\"         A connection with no Enroll frame this long after admission is closed.
+                                 Default 30s.
+  control_timeout = \"10s\"        Most time for a control frame (Enroll, Heartbeat, EvalReport) from its
+                                 stream's opening, and for any frame's header. Default 10s.
+  upload_stall_timeout = \"60s\"   An upload (or a push) with no 64 KiB chunk moving for this long is cut and
+                                 its connection closed. Default 60s.
+  max_upload_bytes_in_flight = 1073741824  Bytes of upload bodies all connections hold at once (read,
+                                 decoded, waiting for the engine); beyond it uploads wait (back-pressure).
+                                 Default: the larger of 1 GiB and 4 x max_frame_bytes.
+  max_queued_pushes = 8          Pushes (tasks, evaluation tasks) waiting behind the one being written, per
+                                 connection; one more closes the connection. Default 8.
 
 Model and pool (exactly one of each pair):
   backbone_dir = \"assets/model\"  The frozen backbone (config.json + model.safetensors), or a decoder's
@@ -59,13 +79,14 @@ Rounds:
   local_steps = 100              Local optimisation steps each client runs. Required.
   evaluate = true                Federated evaluation: after each commit every connected client evaluates
                                  the new global pool on its held-out data; the example-weighted accuracy,
-                                 macro-F1 and loss go into that round's line of rounds.jsonl. Default true.
+                                 macro-F1 and loss go into rounds.jsonl as a line of their own
+                                 ({\"eval_of\": N, ...}, merged into round N by `report`). Default true.
   eval_deadline = \"2m\"           How long an evaluation waits for reports. Default: deadline.
   seed = 0                       Seed of the initial pool and of client selection. Default 0.
   heartbeat = \"10s\"              Heartbeat interval clients are told. Default 10s.
   idle_timeout = \"60s\"           A connection silent this long is closed and its client lost. Default 60s.
   keep_alive = \"5s\"              QUIC keep-alive interval sent by the server. Default idle_timeout / 4.
-  request_timeout = \"10m\"        Most time to receive one request frame (e.g. an upload). Default 10m.
+  request_timeout = \"10m\"        Most time for an upload's whole body (or a whole push). Default 10m.
   max_frame_bytes = 268435456    Cap on an update (or task) frame's body. Default 256 MiB.
 
 [download_codec]                 How tasks carry the global pool. Default lossless fp32.
@@ -75,10 +96,23 @@ Rounds:
   zstd_level = 3                 zstd the payload at this level (1..=22). Default: no zstd.
 
 [aggregate]
-  strategy = \"fedavg\"            fedavg | trimmed-mean | fedadam. Default fedavg.
-  clip_norm = 10.0               Clip each update to this L2 norm. Default: no clipping.
+  strategy = \"fedavg\"            fedavg | trimmed-mean | median | krum | fedadam. Default fedavg (streaming:
+                                 memory O(model) whatever the number of clients). trimmed-mean, median
+                                 (coordinate-wise) and krum (Multi-Krum) are Byzantine-robust but need
+                                 every update of a round at once: they buffer up to max_updates decoded
+                                 deltas (memory max_updates x the pool's size; krum also O(n^2) time).
+  clip_norm = 10.0               Clip each update to this L2 norm in the merge. Default: no clipping.
   trim_fraction = 0.1            trimmed-mean: fraction trimmed at each end. Default 0.1.
-  max_updates = 1024             trimmed-mean: most updates buffered per round. Default 1024.
+  krum_byzantine = 1             krum: f, the attackers tolerated (its guarantee needs n >= 2f + 3). Default 1.
+  krum_select = 1                krum: m, the best-scored updates averaged (1: Krum). Default 1.
+  max_updates = 1024             trimmed-mean, median, krum: most updates buffered per round. Default 1024.
+  norm_bound = \"median\"          median | absolute | off: before folding, scale each update down to
+                                 norm_factor x the median L2 norm of the previous round's accepted
+                                 updates (median; the first round of a federation uses max_update_norm
+                                 if set), or to max_update_norm (absolute). Default median.
+  norm_factor = 3.0              median: the multiple of the median. Default 3.
+  max_update_norm = 100.0        absolute: the bound; median: the first round's bound. Default: none.
+  max_abs_value = 1e4            An update with any value of larger magnitude is refused. Default 1e4.
   server_lr = 0.01               fedadam: server learning rate. Default 0.01.
   beta1 = 0.9                    fedadam: first-moment decay. Default 0.9.
   beta2 = 0.99                   fedadam: second-moment decay. Default 0.99.
@@ -87,6 +121,23 @@ Rounds:
                                  exact (the mean product B·A, SVD to rank r: FlexLoRA) |
                                  fair (LoRA-FAIR: Ā, and the B closest to the mean product). Default fedavg.
   lora_fair_lambda = 0.01        fair: ridge weight, relative to the mean squared row norm of Ā. Default 0.01.
+
+Trust (what a client's word is worth; the coordinator decides what an update weighs):
+  max_examples_per_update = 1000000  The most examples an update or evaluation report weighs. A client's
+                                 first declared count is capped to it and frozen for its life (a later
+                                 enrollment cannot raise it). Default 1000000.
+  roster_only = false            Refuse clients that are not in [clients]. Default false.
+  strikes = 3                    Refusals (a broken or forged update, a replayed nonce, a protocol error;
+                                 not lateness) within strike_window rounds that quarantine a client for
+                                 the rest of the run (0: never). Default 3.
+  strike_window = 10             Rounds a strike counts for. Default 10.
+[clients]                        The roster: per certificate name, the most examples its updates weigh,
+  \"hospital-a\" = { max_examples = 5000 }   or a fixed weight whatever it claims:
+  \"lab-b\" = { weight = 1000 }              Default: empty (every client capped at max_examples_per_update).
+
+[store]                          Which checkpoints stay in state_dir (the newest and round 0 always do).
+  keep_last = 5                  The newest checkpoints kept. Default 5.
+  keep_every = 10                Also every round that is a multiple of this (0: none). Default 10.
 
 [budget]                         Per-client LoRA rank budgets (LoRA pools only). Default: none.
   policy = \"importance\"          none | fixed | classes | importance.
@@ -186,6 +237,49 @@ pub struct AggregateSection {
     /// LoRA-FAIR's relative ridge weight.
     #[serde(default = "default_fair_lambda")]
     pub lora_fair_lambda: f64,
+    /// krum: the attackers tolerated.
+    #[serde(default = "default_one")]
+    pub krum_byzantine: usize,
+    /// krum: the updates averaged.
+    #[serde(default = "default_one")]
+    pub krum_select: usize,
+    /// `median`, `absolute` or `off`.
+    #[serde(default = "default_norm_bound")]
+    pub norm_bound: String,
+    /// median: the multiple of the previous round's median norm.
+    #[serde(default = "default_norm_factor")]
+    pub norm_factor: f64,
+    /// absolute: the bound; median: the first round's bound.
+    #[serde(default)]
+    pub max_update_norm: Option<f64>,
+    /// The largest magnitude of an update's value.
+    #[serde(default = "default_max_abs_value")]
+    pub max_abs_value: f32,
+}
+
+fn default_one() -> usize {
+    1
+}
+fn default_norm_bound() -> String {
+    "median".into()
+}
+fn default_norm_factor() -> f64 {
+    crate::round::DEFAULT_NORM_FACTOR
+}
+fn default_max_abs_value() -> f32 {
+    crate::round::DEFAULT_MAX_ABS_VALUE
+}
+
+/// One entry of the `[clients]` roster: exactly one of the two.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RosterSection {
+    /// The most examples the client's updates weigh.
+    #[serde(default)]
+    pub max_examples: Option<u64>,
+    /// A fixed weight for every update of the client.
+    #[serde(default)]
+    pub weight: Option<u64>,
 }
 
 fn default_lora_merge() -> String {
@@ -218,6 +312,12 @@ impl Default for AggregateSection {
             tau: None,
             lora_merge: default_lora_merge(),
             lora_fair_lambda: default_fair_lambda(),
+            krum_byzantine: default_one(),
+            krum_select: default_one(),
+            norm_bound: default_norm_bound(),
+            norm_factor: default_norm_factor(),
+            max_update_norm: None,
+            max_abs_value: default_max_abs_value(),
         }
     }
 }
@@ -233,6 +333,11 @@ impl AggregateSection {
                 Rule::TrimmedMean { trim_fraction: self.trim_fraction, max_updates: self.max_updates },
                 ServerOpt::Plain,
             ),
+            "median" => (Rule::Median { max_updates: self.max_updates }, ServerOpt::Plain),
+            "krum" => (
+                Rule::Krum { byzantine: self.krum_byzantine, select: self.krum_select, max_updates: self.max_updates },
+                ServerOpt::Plain,
+            ),
             "fedadam" => {
                 let d = FedAdamConfig::default();
                 let adam = FedAdamConfig {
@@ -245,7 +350,10 @@ impl AggregateSection {
                 (Rule::Mean, ServerOpt::FedAdam(adam))
             }
             other => {
-                return Err(field("aggregate.strategy", format!("{other:?} is not fedavg, trimmed-mean or fedadam")))
+                return Err(field(
+                    "aggregate.strategy",
+                    format!("{other:?} is not fedavg, trimmed-mean, median, krum or fedadam"),
+                ))
             }
         };
         if adam_fields && self.strategy != "fedadam" {
@@ -260,6 +368,17 @@ impl AggregateSection {
             }
         };
         Ok(AggregateConfig { clip_norm: self.clip_norm, rule, server_opt, lora_merge })
+    }
+
+    /// The engine's bound on an update's norm.
+    pub fn norm_bound(&self) -> Result<NormBound, ConfigError> {
+        match (self.norm_bound.as_str(), self.max_update_norm) {
+            ("off", _) => Ok(NormBound::Off),
+            ("absolute", Some(b)) => Ok(NormBound::Absolute(b)),
+            ("absolute", None) => Err(field("aggregate.max_update_norm", "norm_bound = \"absolute\" needs it")),
+            ("median", first_round) => Ok(NormBound::Median { factor: self.norm_factor, first_round }),
+            (other, _) => Err(field("aggregate.norm_bound", format!("{other:?} is not median, absolute or off"))),
+        }
     }
 }
 
@@ -331,9 +450,34 @@ pub struct ServerConfig {
     /// QUIC keep-alive interval (default idle_timeout / 4).
     #[serde(default, deserialize_with = "opt_duration")]
     pub keep_alive: Option<Duration>,
-    /// Most time to receive one request frame.
+    /// Most time for an upload's whole body (or a whole push).
     #[serde(default = "default_request_timeout", deserialize_with = "duration")]
     pub request_timeout: Duration,
+    /// Most time from admission to a client's Enroll frame.
+    #[serde(default = "default_enroll_timeout", deserialize_with = "duration")]
+    pub enroll_timeout: Duration,
+    /// Most time for a control frame (and any frame's header).
+    #[serde(default = "default_control_timeout", deserialize_with = "duration")]
+    pub control_timeout: Duration,
+    /// Most time without a 64 KiB chunk of an upload (or a push) moving.
+    #[serde(default = "default_upload_stall_timeout", deserialize_with = "duration")]
+    pub upload_stall_timeout: Duration,
+    /// Bytes of upload bodies held at once, all connections together (default: the larger of
+    /// 1 GiB and 4 × the bulk frame cap).
+    #[serde(default)]
+    pub max_upload_bytes_in_flight: Option<u64>,
+    /// Most connections open at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most QUIC handshakes in progress at once.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Handshakes in progress from which unvalidated clients get a QUIC Retry (0: always).
+    #[serde(default = "default_retry_above_handshakes")]
+    pub retry_above_handshakes: usize,
+    /// Pushes waiting per connection beyond which it is closed.
+    #[serde(default = "default_max_queued_pushes")]
+    pub max_queued_pushes: usize,
     /// Cap on a bulk frame's body.
     #[serde(default)]
     pub max_frame_bytes: Option<u32>,
@@ -346,6 +490,59 @@ pub struct ServerConfig {
     /// Per-client LoRA rank budgets (default: none).
     #[serde(default)]
     pub budget: BudgetSection,
+    /// The most examples an update or evaluation report weighs.
+    #[serde(default = "default_max_examples")]
+    pub max_examples_per_update: u64,
+    /// Refuse clients not in the roster.
+    #[serde(default)]
+    pub roster_only: bool,
+    /// Refusals within `strike_window` rounds that quarantine a client (0: never).
+    #[serde(default = "default_strikes")]
+    pub strikes: u32,
+    /// Rounds a strike counts for.
+    #[serde(default = "default_strike_window")]
+    pub strike_window: u64,
+    /// The roster: per certificate name, what its updates weigh.
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<String, RosterSection>,
+    /// Which checkpoints stay on disk.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`: which older checkpoints stay on disk (the newest and round 0 always do).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// The newest checkpoints kept.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Every round that is a multiple of this is kept too (0: none).
+    #[serde(default = "default_keep_every")]
+    pub keep_every: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self { keep_last: default_keep_last(), keep_every: default_keep_every() }
+    }
+}
+
+fn default_keep_last() -> usize {
+    Retention::DEFAULT_KEEP_LAST
+}
+fn default_keep_every() -> u64 {
+    Retention::DEFAULT_KEEP_EVERY
+}
+
+fn default_max_examples() -> u64 {
+    crate::round::DEFAULT_MAX_EXAMPLES_PER_UPDATE
+}
+fn default_strikes() -> u32 {
+    crate::round::DEFAULT_STRIKES
+}
+fn default_strike_window() -> u64 {
+    crate::round::DEFAULT_STRIKE_WINDOW
 }
 
 fn default_listen() -> SocketAddr {
@@ -366,7 +563,28 @@ fn default_idle() -> Duration {
     Duration::from_secs(60)
 }
 fn default_request_timeout() -> Duration {
-    Duration::from_secs(600)
+    NetBounds::default().request_timeout
+}
+fn default_enroll_timeout() -> Duration {
+    NetBounds::default().enroll_timeout
+}
+fn default_control_timeout() -> Duration {
+    NetBounds::default().control_timeout
+}
+fn default_upload_stall_timeout() -> Duration {
+    NetBounds::default().upload_stall_timeout
+}
+fn default_max_connections() -> usize {
+    NetBounds::default().max_connections
+}
+fn default_max_handshakes() -> usize {
+    NetBounds::default().max_handshakes
+}
+fn default_retry_above_handshakes() -> usize {
+    NetBounds::default().retry_above_handshakes
+}
+fn default_max_queued_pushes() -> usize {
+    NetBounds::default().max_queued_pushes
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -464,6 +682,7 @@ impl ServerConfig {
         if self.keep_alive.is_some_and(|k| k >= self.idle_timeout) {
             return Err(field("keep_alive", "must be shorter than idle_timeout"));
         }
+        self.check_bounds()?;
         match (&self.pool, &self.spec_file) {
             (Some(_), Some(_)) => return Err(field("pool", "give [pool] or spec_file, not both")),
             (None, None) => return Err(field("pool", "the pool spec is missing: give [pool] or spec_file")),
@@ -480,7 +699,63 @@ impl ServerConfig {
         }
         self.download_codec.to_codec().map_err(|e| field("download_codec", e))?;
         self.aggregate.to_config()?;
+        if let Some(problem) = self.trust()?.problem() {
+            return Err(field("trust", problem));
+        }
         Ok(())
+    }
+
+    /// Checks the network bounds (caps and timeouts).
+    fn check_bounds(&self) -> Result<(), ConfigError> {
+        let millis = Duration::from_millis(1);
+        for (name, d) in [
+            ("enroll_timeout", self.enroll_timeout),
+            ("control_timeout", self.control_timeout),
+            ("upload_stall_timeout", self.upload_stall_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if d < millis {
+                return Err(field(name, "must be at least 1ms"));
+            }
+        }
+        if self.upload_stall_timeout > self.request_timeout {
+            return Err(field("upload_stall_timeout", "must not be longer than request_timeout"));
+        }
+        for (name, n) in [
+            ("max_connections", self.max_connections),
+            ("max_handshakes", self.max_handshakes),
+            ("max_queued_pushes", self.max_queued_pushes),
+        ] {
+            if n == 0 {
+                return Err(field(name, "must be at least 1"));
+            }
+        }
+        if self.max_upload_bytes_in_flight == Some(0) {
+            return Err(field("max_upload_bytes_in_flight", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// What the coordinator believes of clients: the roster, the caps, the update bounds, strikes.
+    pub fn trust(&self) -> Result<TrustConfig, ConfigError> {
+        let mut roster = std::collections::BTreeMap::new();
+        for (name, entry) in &self.clients {
+            let e = match (entry.max_examples, entry.weight) {
+                (Some(m), None) => RosterEntry::MaxExamples(m),
+                (None, Some(w)) => RosterEntry::Weight(w),
+                _ => return Err(field("clients", format!("{name:?}: give max_examples or weight, exactly one"))),
+            };
+            roster.insert(name.clone(), e);
+        }
+        Ok(TrustConfig {
+            max_examples_per_update: self.max_examples_per_update,
+            roster,
+            roster_only: self.roster_only,
+            norm_bound: self.aggregate.norm_bound()?,
+            max_abs_value: self.aggregate.max_abs_value,
+            strikes: self.strikes,
+            strike_window: self.strike_window,
+        })
     }
 
     /// The revocation list's path: the configured one, else `revoked.txt` beside the CA.
@@ -533,7 +808,17 @@ impl ServerConfig {
             limits: self.frame_limits(),
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive.unwrap_or(self.idle_timeout / 4),
-            request_timeout: self.request_timeout,
+            bounds: NetBounds {
+                max_connections: self.max_connections,
+                max_handshakes: self.max_handshakes,
+                retry_above_handshakes: self.retry_above_handshakes,
+                enroll_timeout: self.enroll_timeout,
+                control_timeout: self.control_timeout,
+                upload_stall_timeout: self.upload_stall_timeout,
+                request_timeout: self.request_timeout,
+                max_upload_bytes_in_flight: self.max_upload_bytes_in_flight,
+                max_queued_pushes: self.max_queued_pushes,
+            },
             metrics_listen: self.metrics_listen,
         }
     }
@@ -549,7 +834,9 @@ impl ServerConfig {
             .map_err(|e| ConfigError::Store { dir: self.state_dir.clone(), problem: e.to_string() })?;
         let store_err =
             |e: crate::store::StoreError| ConfigError::Store { dir: self.state_dir.clone(), problem: e.to_string() };
-        let (mut store, resume) = Store::open(&self.state_dir, spec.clone(), backbone).map_err(store_err)?;
+        let (store, resume) = Store::open(&self.state_dir, spec.clone(), backbone).map_err(store_err)?;
+        let mut store =
+            store.with_retention(Retention { keep_last: self.store.keep_last, keep_every: self.store.keep_every });
         for skipped in &resume.skipped {
             tracing::warn!("skipped a checkpoint that does not verify: {skipped}");
         }
@@ -578,6 +865,7 @@ impl ServerConfig {
             heartbeat: self.heartbeat,
             idle_timeout: self.idle_timeout,
             eval_deadline: self.evaluate.then(|| self.eval_deadline.unwrap_or(self.deadline)),
+            trust: self.trust()?,
         };
         let mut merge = self.budget.merge(&spec, aggregate).map_err(|e| field("aggregate", e))?;
         if !server_state.is_empty() {
@@ -589,7 +877,9 @@ impl ServerConfig {
             tracing::warn!(round = %start_round, "no server optimiser state was saved with the resumed round; FedAdam's moments start from zero");
         }
         let planner = self.budget.planner(&spec, self.deadline, self.rounds).map_err(|e| field("budget", e))?;
-        let mut engine = Engine::new(engine_config, spec, merge, start_round, global)?;
+        // The norm bound's reference: the median update norm of the round resumed from.
+        let median = store.rounds().iter().rev().find(|r| r.round == start_round.0).and_then(|r| r.median_update_norm);
+        let mut engine = Engine::new(engine_config, spec, merge, start_round, global)?.with_norm_median(median);
         if let Some(planner) = planner {
             engine = engine.with_ranks(planner);
         }
@@ -631,6 +921,26 @@ mod tests {
     }
 
     #[test]
+    fn network_bounds_default_as_documented_and_a_bad_one_is_named() {
+        let c = ServerConfig::parse(EXAMPLE, Path::new(".")).unwrap();
+        let net = c.net_setup();
+        assert_eq!(net.bounds, NetBounds::default());
+        assert_eq!(net.upload_budget(), 1 << 30, "256 MiB frames: 1 GiB");
+        let big = EXAMPLE.replace("rounds = 20", "rounds = 20\nmax_frame_bytes = 536870912");
+        assert_eq!(ServerConfig::parse(&big, Path::new(".")).unwrap().net_setup().upload_budget(), 2 << 30);
+        for (line, name) in [
+            ("max_connections = 0", "max_connections"),
+            ("upload_stall_timeout = \"11m\"", "upload_stall_timeout"),
+            ("control_timeout = \"0s\"", "control_timeout"),
+            ("max_upload_bytes_in_flight = 0", "max_upload_bytes_in_flight"),
+        ] {
+            let bad = EXAMPLE.replace("rounds = 20", &format!("rounds = 20\n{line}"));
+            let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains(name), "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let bad = EXAMPLE.replace("quorum = 2", "quorum = 9");
         let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
@@ -638,9 +948,32 @@ mod tests {
         let bad = EXAMPLE.replace("rounds = 20", "rounds = 20\nsurprise = 1");
         let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
         assert!(e.contains("surprise"), "{e}");
-        let bad = EXAMPLE.replace("strategy = \"fedavg\"", "strategy = \"median\"");
+        let bad = EXAMPLE.replace("strategy = \"fedavg\"", "strategy = \"mode\"");
         let e = ServerConfig::parse(&bad, Path::new(".")).unwrap_err().to_string();
         assert!(e.contains("aggregate.strategy"), "{e}");
+    }
+
+    #[test]
+    fn the_roster_and_the_trust_settings_parse_and_a_bad_entry_is_named() {
+        let text = EXAMPLE.replace("rounds = 20", "rounds = 20\nmax_examples_per_update = 500\nstrikes = 2")
+            + "\n[clients]\na = { max_examples = 50 }\nb = { weight = 7 }\n";
+        let c = ServerConfig::parse(&text, Path::new(".")).unwrap();
+        let t = c.trust().unwrap();
+        assert_eq!(t.max_examples_per_update, 500);
+        assert_eq!(t.strikes, 2);
+        assert_eq!(t.roster["a"], RosterEntry::MaxExamples(50));
+        assert_eq!(t.roster["b"], RosterEntry::Weight(7));
+        assert_eq!(t.norm_bound, NormBound::Median { factor: 3.0, first_round: None }, "on by default");
+        let both = format!("{EXAMPLE}\n[clients]\na = {{ max_examples = 5, weight = 5 }}\n");
+        let e = ServerConfig::parse(&both, Path::new(".")).unwrap_err().to_string();
+        assert!(e.contains("clients") && e.contains("\"a\""), "{e}");
+        let section = |body: &str| -> AggregateSection { toml::from_str(body).unwrap() };
+        assert_eq!(section("norm_bound = \"off\"").norm_bound().unwrap(), NormBound::Off);
+        assert!(section("norm_bound = \"absolute\"").norm_bound().is_err());
+        assert_eq!(
+            section("strategy = \"krum\"\nkrum_byzantine = 2\nkrum_select = 3").to_config().unwrap().rule,
+            Rule::Krum { byzantine: 2, select: 3, max_updates: 1024 }
+        );
     }
 
     #[test]

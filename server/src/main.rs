@@ -60,28 +60,50 @@ enum CertsCommand {
         days: u32,
     },
     /// Issue a client certificate and key (DIR/clients/NAME.pem, NAME.key), subject CN = NAME,
-    /// signed by the CA in DIR.
+    /// a random serial, signed by the CA in DIR, recorded in DIR/issued.jsonl. Prefer `certs
+    /// sign` (the key made on the client by `fedpool-client keygen`).
     Issue {
         #[command(flatten)]
         dir: DirArg,
         /// The client's name: its identity in the federation ([A-Za-z0-9._-], at most 64).
         #[arg(long)]
         name: String,
-        /// Validity in days.
+        /// Validity in days (1 to 3650).
         #[arg(long, default_value_t = certs::LEAF_VALIDITY_DAYS)]
         days: u32,
-        /// Overwrite an existing certificate of that name.
+        /// Overwrite an existing certificate of that name; its earlier certificates are revoked.
         #[arg(long)]
         force: bool,
     },
-    /// Revoke a client: add NAME to DIR/revoked.txt. A running server refuses it from its next
-    /// connection on.
+    /// Sign a client's certificate signing request (from `fedpool-client keygen`): subject CN
+    /// from the request, a random serial, written to DIR/clients/NAME.pem and recorded in
+    /// DIR/issued.jsonl. The client's private key never leaves the client.
+    Sign {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The request (PEM), e.g. the client's `client.csr`.
+        #[arg(long, value_name = "FILE")]
+        csr: PathBuf,
+        /// Validity in days (1 to 3650).
+        #[arg(long, default_value_t = certs::LEAF_VALIDITY_DAYS)]
+        days: u32,
+        /// Replace an existing certificate of that name; its earlier certificates are revoked.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Revoke client certificates: every one issued to --name, or the one with --serial; their
+    /// serials go into DIR/revoked.txt. A running server closes their live connections within
+    /// half a second and refuses them from then on.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["name", "serial"])))]
     Revoke {
         #[command(flatten)]
         dir: DirArg,
-        /// The client's name.
+        /// The client's name: every certificate issued to it.
         #[arg(long)]
-        name: String,
+        name: Option<String>,
+        /// One certificate's serial (hexadecimal, as `certs issue`/`sign` print it).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
     },
 }
 
@@ -143,24 +165,50 @@ fn certs_command(c: CertsCommand) -> anyhow::Result<()> {
         }
         CertsCommand::Issue { dir, name, days, force } => {
             let r = certs::issue(&dir.dir, &name, days, force)?;
-            println!("client {:?}: {} (key {})", r.name, r.cert.display(), r.key.display());
+            let key = r.key.as_ref().map(|k| format!(" (key {})", k.display())).unwrap_or_default();
+            println!(
+                "client {:?}: {}{key}, serial {}, valid until {}",
+                r.name,
+                r.cert.display(),
+                r.serial,
+                r.not_after
+            );
+            print_revoked_previous(&r);
             println!("give it these and {}", dir.dir.join(certs::CA_CERT).display());
         }
-        CertsCommand::Revoke { dir, name } => {
-            let r = certs::revoke(&dir.dir, &name)?;
-            match (r.newly_added, r.was_issued) {
-                (false, _) => println!("{name:?} was already revoked in {}", r.path.display()),
-                (true, true) => println!("revoked {name:?} in {}", r.path.display()),
-                (true, false) => {
-                    println!(
-                        "revoked {name:?} in {} (no certificate of that name was issued from this folder)",
-                        r.path.display()
-                    )
+        CertsCommand::Sign { dir, csr, days, force } => {
+            let r = certs::sign(&dir.dir, &csr, days, force)?;
+            println!("client {:?}: {}, serial {}, valid until {}", r.name, r.cert.display(), r.serial, r.not_after);
+            print_revoked_previous(&r);
+            println!("give it this and {}", dir.dir.join(certs::CA_CERT).display());
+        }
+        CertsCommand::Revoke { dir, name, serial } => {
+            let (r, what) = match (name, serial) {
+                (Some(name), _) => (certs::revoke(&dir.dir, &name)?, format!("client {name:?}")),
+                (None, Some(hex)) => {
+                    let serial: certs::Serial = hex.parse()?;
+                    (certs::revoke_serial(&dir.dir, &serial)?, format!("serial {serial}"))
                 }
+                (None, None) => anyhow::bail!("give --name or --serial"),
+            };
+            for s in &r.serials {
+                println!("revoked serial {s} ({what}) in {}", r.path.display());
+            }
+            for s in &r.already {
+                println!("serial {s} ({what}) was already revoked in {}", r.path.display());
+            }
+            if !r.was_issued {
+                println!("note: {what} is not recorded in {} (revoked anyway)", dir.dir.join(certs::ISSUED).display());
             }
         }
     }
     Ok(())
+}
+
+fn print_revoked_previous(r: &certs::IssuedClient) {
+    for s in &r.revoked_previous {
+        println!("revoked its earlier certificate, serial {s}");
+    }
 }
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -226,13 +274,7 @@ async fn wait_for_signal() {
 /// `fedpool-server report`: the round log as a table on stdout.
 fn report(state: &Path) -> anyhow::Result<()> {
     let path = state.join(fedpool_server::store::ROUND_LOG);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut records = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let r: fedpool_server::round::RoundRecord =
-            serde_json::from_str(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
-        records.push(r);
-    }
+    let records = fedpool_server::store::read_round_log(&path)?;
     print!("{}", fedpool_server::report::round_table(&records));
     Ok(())
 }

@@ -9,7 +9,15 @@
 //! | `fedpool_bytes_in_total` | counter | frame bytes received from clients (headers + bodies) |
 //! | `fedpool_bytes_out_total` | counter | frame bytes sent to clients |
 //! | `fedpool_updates_rejected_total{reason}` | counter | refusals sent, by `RejectReason` (snake case); `protocol` also counts connections closed for a bad frame |
-//! | `fedpool_connections_refused_total{reason}` | counter | connections refused after the handshake (`revoked`, `no_identity`) |
+//! | `fedpool_quarantined_clients` | gauge | clients quarantined for the rest of the run (too many refusals) |
+//! | `fedpool_connections_refused_total{reason}` | counter | connections refused: before the handshake (`too_many_connections`, `too_many_handshakes`) or after it (`revoked`, `no_identity`, `revocation_list_unreadable`) |
+//! | `fedpool_connections_closed_total{reason}` | counter | connections the server closed for exceeding a bound (`enroll_timeout`, `control_timeout`, `upload_stalled`, `request_timeout`, `push_queue_full`, `push_stalled`) |
+//! | `fedpool_quic_retries_total` | counter | incoming connections sent a QUIC Retry (address validation) |
+//! | `fedpool_handshakes_in_progress` | gauge | QUIC handshakes under way |
+//! | `fedpool_upload_bytes_in_flight` | gauge | bytes of upload bodies held (being read, decoded, or waiting for the engine): the shared budget in use |
+//! | `fedpool_upload_bytes_in_flight_max` | gauge | the most `fedpool_upload_bytes_in_flight` has been since the start |
+//! | `fedpool_pushes_in_flight` | gauge | server pushes being written (at most one per connection) |
+//! | `fedpool_pushes_in_flight_max` | gauge | the most `fedpool_pushes_in_flight` has been since the start |
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -28,10 +36,18 @@ pub struct Metrics {
     round: AtomicU64,
     committed_round: AtomicU64,
     connected: AtomicU64,
+    quarantined: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    closed: Mutex<BTreeMap<&'static str, u64>>,
+    quic_retries: AtomicU64,
+    handshakes: AtomicU64,
+    upload_bytes: AtomicU64,
+    upload_bytes_max: AtomicU64,
+    pushes: AtomicU64,
+    pushes_max: AtomicU64,
 }
 
 /// The label value for a reject reason.
@@ -50,6 +66,8 @@ pub fn reason_label(reason: RejectReason) -> &'static str {
         NonFinite => "non_finite",
         Corrupt => "corrupt",
         Protocol => "protocol",
+        NotCommitted => "not_committed",
+        Quarantined => "quarantined",
     }
 }
 
@@ -74,6 +92,11 @@ impl Metrics {
         self.connected.store(n, Ordering::Relaxed);
     }
 
+    /// Sets the number of quarantined clients.
+    pub fn set_quarantined(&self, n: u64) {
+        self.quarantined.store(n, Ordering::Relaxed);
+    }
+
     /// Counts bytes received.
     pub fn add_bytes_in(&self, n: u64) {
         self.bytes_in.fetch_add(n, Ordering::Relaxed);
@@ -96,6 +119,83 @@ impl Metrics {
         if let Ok(mut m) = self.refused.lock() {
             *m.entry(reason).or_default() += 1;
         }
+    }
+
+    /// Counts one connection closed by the server for exceeding a bound (a timeout, a full push
+    /// queue).
+    pub fn count_closed(&self, reason: &'static str) {
+        if let Ok(mut m) = self.closed.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Counts one QUIC Retry sent.
+    pub fn count_retry(&self) {
+        self.quic_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handshake started (`true`) or ended (`false`).
+    pub fn handshake(&self, started: bool) {
+        if started {
+            self.handshakes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` bytes of the upload budget taken (`true`) or given back (`false`).
+    pub fn upload_bytes(&self, n: u64, taken: bool) {
+        if taken {
+            let now = self.upload_bytes.fetch_add(n, Ordering::Relaxed) + n;
+            self.upload_bytes_max.fetch_max(now, Ordering::Relaxed);
+        } else {
+            self.upload_bytes.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// A push started (`true`) or ended (`false`).
+    pub fn push(&self, started: bool) {
+        if started {
+            let now = self.pushes.fetch_add(1, Ordering::Relaxed) + 1;
+            self.pushes_max.fetch_max(now, Ordering::Relaxed);
+        } else {
+            self.pushes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections refused for `reason` so far.
+    pub fn refused(&self, reason: &str) -> u64 {
+        self.refused.lock().map_or(0, |m| m.get(reason).copied().unwrap_or(0))
+    }
+
+    /// Connections closed for exceeding a bound, for `reason`, so far.
+    pub fn closed(&self, reason: &str) -> u64 {
+        self.closed.lock().map_or(0, |m| m.get(reason).copied().unwrap_or(0))
+    }
+
+    /// QUIC Retries sent so far.
+    pub fn quic_retries(&self) -> u64 {
+        self.quic_retries.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the upload budget in use now.
+    pub fn upload_bytes_in_flight(&self) -> u64 {
+        self.upload_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes of the upload budget in use at once since the start.
+    pub fn upload_bytes_in_flight_max(&self) -> u64 {
+        self.upload_bytes_max.load(Ordering::Relaxed)
+    }
+
+    /// Pushes being written now.
+    pub fn pushes_in_flight(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
+    }
+
+    /// The most pushes written at once since the start.
+    pub fn pushes_in_flight_max(&self) -> u64 {
+        self.pushes_max.load(Ordering::Relaxed)
     }
 
     /// The current round.
@@ -132,8 +232,50 @@ impl Metrics {
             "Authenticated clients with an open connection.",
             self.connected.load(Ordering::Relaxed),
         );
+        one(
+            "fedpool_quarantined_clients",
+            "gauge",
+            "Clients quarantined for the rest of the run (too many refused updates).",
+            self.quarantined.load(Ordering::Relaxed),
+        );
         one("fedpool_bytes_in_total", "counter", "Frame bytes received from clients.", self.bytes_in());
         one("fedpool_bytes_out_total", "counter", "Frame bytes sent to clients.", self.bytes_out());
+        one(
+            "fedpool_quic_retries_total",
+            "counter",
+            "Incoming connections sent a QUIC Retry (address validation).",
+            self.quic_retries(),
+        );
+        one(
+            "fedpool_handshakes_in_progress",
+            "gauge",
+            "QUIC handshakes under way.",
+            self.handshakes.load(Ordering::Relaxed),
+        );
+        one(
+            "fedpool_upload_bytes_in_flight",
+            "gauge",
+            "Bytes of upload bodies held (read, decoded or queued for the engine): the shared budget in use.",
+            self.upload_bytes_in_flight(),
+        );
+        one(
+            "fedpool_upload_bytes_in_flight_max",
+            "gauge",
+            "The most bytes of upload bodies held at once since the start.",
+            self.upload_bytes_in_flight_max(),
+        );
+        one(
+            "fedpool_pushes_in_flight",
+            "gauge",
+            "Server pushes being written (at most one per connection).",
+            self.pushes_in_flight(),
+        );
+        one(
+            "fedpool_pushes_in_flight_max",
+            "gauge",
+            "The most server pushes written at once since the start.",
+            self.pushes_in_flight_max(),
+        );
         let mut labelled = |name: &str, help: &str, m: &Mutex<BTreeMap<&'static str, u64>>| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
             if let Ok(m) = m.lock() {
@@ -145,8 +287,13 @@ impl Metrics {
         labelled("fedpool_updates_rejected_total", "Refusals sent to clients, by reason.", &self.rejected);
         labelled(
             "fedpool_connections_refused_total",
-            "Connections refused after the TLS handshake, by reason.",
+            "Connections refused (over a cap before the handshake, or at admission after it), by reason.",
             &self.refused,
+        );
+        labelled(
+            "fedpool_connections_closed_total",
+            "Connections the server closed for exceeding a bound (a timeout, a full push queue), by reason.",
+            &self.closed,
         );
         s
     }
@@ -234,6 +381,7 @@ mod tests {
         assert!(out.contains("\nfedpool_round 3\n"), "{out}");
         assert!(out.contains("\nfedpool_bytes_in_total 100\n"), "{out}");
         assert!(out.contains("fedpool_updates_rejected_total{reason=\"wrong_nonce\"} 2\n"), "{out}");
+        assert!(out.contains("\nfedpool_upload_bytes_in_flight 0\n"), "{out}");
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         out.clear();

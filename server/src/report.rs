@@ -53,6 +53,7 @@ mod tests {
             started_at_secs: 10.0,
             committed_at_secs: 12.5,
             recovered: false,
+            median_update_norm: None,
             eval,
         }
     }

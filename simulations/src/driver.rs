@@ -38,7 +38,7 @@ use fedpool_common::codec::{CodecSettings, DecodeLimits, EncodedDelta};
 use fedpool_common::frame::{self, HEADER_LEN};
 use fedpool_common::wire::{EvalTask, RoundTask, TrainMetrics, TripletImportance, Update};
 use fedpool_common::Round;
-use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, RoundRecord, Time};
+use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, RoundRecord, Time, TrustConfig};
 
 use crate::error::SimError;
 use crate::experiment::{Experiment, Mode};
@@ -157,6 +157,12 @@ impl<'a> Sim<'a> {
             heartbeat: forever / 2,
             idle_timeout: forever,
             eval_deadline: Some(exp.deadline()),
+            // The server's update bounds; weights as the clients hold (every virtual client is known).
+            trust: TrustConfig {
+                norm_bound: exp.aggregate.norm_bound()?,
+                max_abs_value: exp.aggregate.max_abs_value,
+                ..TrustConfig::default()
+            },
         };
         let global = AdapterPool::init(&spec, exp.seed)?;
         let mut engine = Engine::new(config, spec, merge, Round(0), global)?;

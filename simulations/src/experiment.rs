@@ -376,6 +376,7 @@ impl Experiment {
         self.upload_codec.to_codec().map_err(|e| self.bad("upload_codec", e.to_string()))?;
         self.download_codec.to_codec().map_err(|e| self.bad("download_codec", e.to_string()))?;
         self.aggregate.to_config().map_err(|e| self.bad("aggregate", e.to_string()))?;
+        self.aggregate.norm_bound().map_err(|e| self.bad("aggregate", e.to_string()))?;
         self.network.validate().map_err(|e| self.bad("network", e.to_string()))?;
         Ok(())
     }
@@ -470,7 +471,8 @@ mod tests {
         check("[partition]\nscheme = \"dirichlet\"\nalpha = 0", "partition.alpha");
         check("[partition]\nscheme = \"shuffle\"", "scheme");
         check("[adapter]\nkind = \"prefix\"", "adapter.kind");
-        check("[aggregate]\nstrategy = \"median\"", "aggregate");
+        check("[aggregate]\nstrategy = \"mode\"", "aggregate");
+        check("[aggregate]\nnorm_bound = \"absolute\"", "aggregate");
         check("surprise = 1", "surprise");
         check("test_fraction = 1.5", "test_fraction");
         check("global_test = \"unused:x\"", "global_test");

@@ -46,8 +46,9 @@ An experiment file (TOML; `fedpool-sim default-config` prints the default one to
                ffa (B only) | rolora (B in odd rounds, A in even ones) | fedsa (A and the head
                shared, B kept per client: evaluation is personalised)
   [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level
-  [aggregate]  strategy = fedavg | trimmed-mean | fedadam, clip_norm, lora_merge = fedavg (A, B
-               averaged) | exact (FlexLoRA) | fair (LoRA-FAIR), lora_fair_lambda, ...
+  [aggregate]  strategy = fedavg | trimmed-mean | median | krum | fedadam, clip_norm, lora_merge =
+               fedavg (A, B averaged) | exact (FlexLoRA) | fair (LoRA-FAIR), lora_fair_lambda,
+               norm_bound = median | absolute | off (norm_factor, max_update_norm), max_abs_value, ...
   [budget]     LoRA rank budgets: policy = none | fixed (rank) | classes (classes) | importance
                (safety_margin, init_rank, target_rank, ...), merge = exact | zero-pad
                (every field: fedpool-server run --help)

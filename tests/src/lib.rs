@@ -16,6 +16,8 @@ use fedpool_client::spec::{pool_spec, AdapterChoice, AdapterOptions};
 use fedpool_common::adapter::PoolSpec;
 use fedpool_server::certs;
 
+pub mod load;
+
 /// A word in every training text that the tokenizer does not know: it must never be on the wire.
 pub const SECRET: &str = "patientsecret";
 
@@ -85,7 +87,7 @@ impl Federation {
             certs::issue(&f.dir.path().join("certs"), c, 30, false).expect("certs issue");
             let mut csv = String::from("prompt,response\n");
             for j in 0..48u64 {
-                let the = (j + i as u64) % 2 == 0;
+                let the = (j + i as u64).is_multiple_of(2);
                 let prompt = format!("{} {}", if the { "the" } else { "an" }, (j * 7 + i as u64) % 100);
                 csv.push_str(&format!("{prompt},{}\n", if the { "in" } else { "on" }));
             }
@@ -210,14 +212,19 @@ lr = 0.01
         (server, config)
     }
 
-    /// Lines of `state/rounds.jsonl` as JSON.
+    /// The rounds of `state/rounds.jsonl` as JSON, each with its evaluation merged in
+    /// (`fedpool_server::store::read_round_log`); none while the log does not exist yet.
     pub fn rounds(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.state().join("rounds.jsonl")).unwrap_or_default();
-        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json line")).collect()
+        let path = self.state().join(fedpool_server::store::ROUND_LOG);
+        if !path.exists() {
+            return Vec::new();
+        }
+        let records = fedpool_server::store::read_round_log(&path).expect("the round log reads");
+        records.iter().map(|r| serde_json::to_value(r).expect("a record is JSON")).collect()
     }
 
-    /// Waits until `rounds.jsonl` has `n` lines whose `eval` is present (with evaluation on) or
-    /// `n` lines (`with_eval` false).
+    /// Waits until `rounds.jsonl` has `n` rounds whose `eval` is present (with evaluation on) or
+    /// `n` rounds (`with_eval` false).
     pub fn wait_rounds(&self, n: usize, with_eval: bool, timeout: Duration) -> Vec<serde_json::Value> {
         let t = Instant::now();
         loop {

@@ -15,7 +15,8 @@ pub mod close {
     pub const NORMAL: u32 = 0;
     /// A bad frame: oversized, truncated, garbage, wrong kind, or too slow.
     pub const PROTOCOL: u32 = 1;
-    /// The client's certificate subject is on the revocation list.
+    /// The client's certificate is revoked (its serial, or its name in the older list format): at
+    /// the handshake, or while connected.
     pub const REVOKED: u32 = 2;
     /// The client's certificate has no usable subject CN.
     pub const NO_IDENTITY: u32 = 3;

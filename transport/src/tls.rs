@@ -2,6 +2,12 @@
 //! default: with both providers compiled in, `ServerConfig::builder()` panics), TLS 1.3 only,
 //! mutual TLS against the federation CA, and a transport with an idle timeout and keep-alives so a
 //! dead peer is noticed.
+//!
+//! Also what both ends need of certificates: the client-name rule ([`validate_client_name`]), a
+//! client's key and certificate signing request made on the client ([`client_key_request`]), the
+//! peer's certificate and its serial ([`peer_certificate`], [`certificate_serial`]: the server
+//! revokes by serial), and the TLS alert inside a QUIC close ([`tls_alert`],
+//! [`is_certificate_alert`]: the client daemon stops on a refused certificate).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -188,4 +194,185 @@ pub fn client_config_from_files(
     let chain = load_certs(cert)?;
     let key = load_key(key)?;
     client_config(&ca, Some((chain, key)), transport)
+}
+
+/// Longest client name accepted (a client's name is its certificate's subject CN and a file name
+/// in the server's certificate folder).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks that `name` can be a client identity: 1–64 characters of `[A-Za-z0-9._-]`, not
+/// starting with `.` or `-`. The one rule for both ends: the client's `keygen` and the server's
+/// `certs issue`/`certs sign`.
+pub fn validate_client_name(name: &str) -> Result<(), BadClientName> {
+    let bad = |why: String| Err(BadClientName { name: name.to_string(), why });
+    if name.is_empty() {
+        return bad("it is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad(format!("it has {} characters, at most {MAX_NAME_LEN} are allowed", name.len()));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return bad(format!("character {c:?} is not allowed (use letters, digits, '.', '_', '-')"));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return bad("it must not start with '.' or '-'".into());
+    }
+    Ok(())
+}
+
+/// A client name that cannot be a certificate subject and a file name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad client name {name:?}: {why}")]
+pub struct BadClientName {
+    /// The name given.
+    pub name: String,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+/// A client's new private key and its certificate signing request, both PEM.
+pub struct ClientKeyRequest {
+    /// The private key (PKCS#8 PEM, ECDSA P-256): it never leaves the client.
+    pub key_pem: String,
+    /// The certificate signing request (PEM, subject CN = the client's name, self-signed by the
+    /// key), for the coordinator's `fedpool-server certs sign --csr`.
+    pub csr_pem: String,
+}
+
+impl std::fmt::Debug for ClientKeyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a private key.
+        f.debug_struct("ClientKeyRequest").field("csr_pem", &self.csr_pem).finish_non_exhaustive()
+    }
+}
+
+/// Why a client key and its request could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRequestError {
+    /// The name cannot be a client identity.
+    #[error(transparent)]
+    Name(#[from] BadClientName),
+    /// rcgen could not generate the key or the request.
+    #[error("cannot generate {what}: {source}")]
+    Generate {
+        /// The key or the request.
+        what: &'static str,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// Generates a client's private key (ECDSA P-256) and a certificate signing request for it with
+/// subject CN = `name`: the client keeps the key, the coordinator signs the request
+/// (`fedpool-server certs sign`) and so never holds a client's private key.
+pub fn client_key_request(name: &str) -> Result<ClientKeyRequest, KeyRequestError> {
+    validate_client_name(name)?;
+    let generate = |what| move |source| KeyRequestError::Generate { what, source };
+    let key = rcgen::KeyPair::generate().map_err(generate("the client key"))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let csr = params.serialize_request(&key).map_err(generate("the certificate signing request"))?;
+    let csr_pem = csr.pem().map_err(generate("the certificate signing request's PEM"))?;
+    Ok(ClientKeyRequest { key_pem: key.serialize_pem(), csr_pem })
+}
+
+/// A peer certificate that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerCertError {
+    /// The peer presented no certificate (or not an X.509 chain).
+    #[error("no certificate presented: {0}")]
+    Missing(&'static str),
+    /// The certificate's DER does not parse.
+    #[error("unparsable certificate: {0}")]
+    Unparsable(#[from] x509_parser::nom::Err<x509_parser::error::X509Error>),
+}
+
+/// The first certificate the peer of an established connection presented (its own).
+pub fn peer_certificate(conn: &quinn::Connection) -> Result<CertificateDer<'static>, PeerCertError> {
+    let identity = conn.peer_identity().ok_or(PeerCertError::Missing("the handshake carried none"))?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| PeerCertError::Missing("the peer identity is not an X.509 chain"))?;
+    chain.first().cloned().ok_or(PeerCertError::Missing("the certificate chain is empty"))
+}
+
+/// A certificate's serial number as big-endian bytes without leading zero bytes (DER adds a zero
+/// byte before a serial whose first bit is set; this form is the same either way).
+pub fn certificate_serial(der: &[u8]) -> Result<Vec<u8>, PeerCertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)?;
+    Ok(strip_leading_zeros(cert.raw_serial()))
+}
+
+/// `bytes` without its leading zero bytes (at least one byte is kept).
+pub fn strip_leading_zeros(bytes: &[u8]) -> Vec<u8> {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    bytes[start..].to_vec()
+}
+
+/// The TLS alert a QUIC connection was closed with, if its code is a crypto error (QUIC carries a
+/// TLS alert as transport error `0x100 + alert`, RFC 9001 §4.8).
+pub fn tls_alert(code: quinn::TransportErrorCode) -> Option<rustls::AlertDescription> {
+    let code = u64::from(code);
+    (0x100..0x200).contains(&code).then(|| rustls::AlertDescription::from((code & 0xff) as u8))
+}
+
+/// True for the TLS alerts that mean a certificate was refused (bad, unsupported, revoked,
+/// expired, unknown, from an unknown CA, missing, access denied): retrying with the same
+/// certificate cannot succeed.
+pub fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired
+            | A::BadCertificateStatusResponse
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::CertificateSigningRequestDer;
+    use x509_parser::prelude::FromDer;
+
+    use super::*;
+
+    #[test]
+    fn a_key_request_carries_the_name_and_hides_the_key() {
+        let r = client_key_request("hospital-a").expect("request");
+        assert!(r.key_pem.contains("PRIVATE KEY") && r.csr_pem.contains("CERTIFICATE REQUEST"));
+        assert!(!format!("{r:?}").contains("PRIVATE KEY"), "Debug must not print the key");
+        let der = CertificateSigningRequestDer::from_pem_slice(r.csr_pem.as_bytes()).expect("pem");
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der).expect("der");
+        let cn = csr.certification_request_info.subject.iter_common_name().next().expect("CN");
+        assert_eq!(cn.as_str().expect("utf-8"), "hospital-a");
+        assert!(matches!(client_key_request("a/b"), Err(KeyRequestError::Name(_))));
+    }
+
+    #[test]
+    fn crypto_close_codes_map_to_certificate_alerts() {
+        let code = |alert: u8| quinn::TransportErrorCode::crypto(alert);
+        for (alert, certificate) in
+            [(42, true), (44, true), (45, true), (46, true), (48, true), (116, true), (40, false), (80, false)]
+        {
+            let a = tls_alert(code(alert)).expect("a crypto code");
+            assert_eq!(is_certificate_alert(a), certificate, "alert {alert}: {a:?}");
+        }
+        assert_eq!(tls_alert(quinn::TransportErrorCode::PROTOCOL_VIOLATION), None);
+    }
+
+    #[test]
+    fn serials_lose_their_leading_zeros_only() {
+        assert_eq!(strip_leading_zeros(&[0, 0x80, 1]), vec![0x80, 1]);
+        assert_eq!(strip_leading_zeros(&[0x40, 0]), vec![0x40, 0]);
+        assert_eq!(strip_leading_zeros(&[0, 0]), vec![0]);
+        assert_eq!(strip_leading_zeros(&[]), Vec::<u8>::new());
+    }
 }

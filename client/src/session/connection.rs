@@ -135,8 +135,14 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends one request and waits for its one answer.
+    /// Sends one request and waits for its one answer (at most [`ANSWER_TIMEOUT`]).
     pub async fn exchange(&self, msg: &ClientMessage) -> Result<ServerMessage, LinkError> {
+        self.exchange_within(msg, ANSWER_TIMEOUT).await
+    }
+
+    /// Sends one request and waits at most `timeout` for its one answer (an update's answer comes
+    /// only once its round is committed, which may be as late as the round's deadline).
+    pub async fn exchange_within(&self, msg: &ClientMessage, timeout: Duration) -> Result<ServerMessage, LinkError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         self.write_frame(&mut send, msg).await?;
         let answer = async {
@@ -145,9 +151,9 @@ impl Connection {
                 .ok_or_else(|| LinkError::Stream("the server closed the stream without answering".into()))?;
             Ok::<_, LinkError>(ServerMessage::decode(frame.kind, &frame.body)?)
         };
-        match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+        match tokio::time::timeout(timeout, answer).await {
             Ok(r) => r,
-            Err(_) => Err(LinkError::Timeout(ANSWER_TIMEOUT)),
+            Err(_) => Err(LinkError::Timeout(timeout)),
         }
     }
 

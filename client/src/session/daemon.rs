@@ -14,11 +14,14 @@
 //! A job keeps running while the connection is down; its result waits and is sent when the server,
 //! after the client enrolls again, re-sends the same task (the engine does that while the round is
 //! open). A result for a task the server no longer offers is dropped. The residual is saved only
-//! after the server acknowledges the update ([`super::residual`]).
+//! after the server acknowledges the update ([`super::residual`]), which it does only once the
+//! round is committed to its disk: the answer to an upload may take until the round's deadline,
+//! so heartbeats run on a task of their own meanwhile, and an answer that arrives pushed (the
+//! upload's stream was lost with an earlier connection) counts as well.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fedpool_common::wire::{ClientMessage, EvalTask, Heartbeat, RejectReason, RoundTask, ServerMessage, Update};
 use fedpool_common::TaskId;
@@ -28,7 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::config::{ConfigError, DaemonConfig};
-use super::connection::{Connection, Dialer, Faults, FrameTap, LinkError};
+use super::connection::{Connection, Dialer, Faults, FrameTap, LinkError, ANSWER_TIMEOUT};
 use super::local::{LocalError, LocalWork};
 
 /// How the daemon ended.
@@ -116,6 +119,37 @@ struct Daemon {
     queue: VecDeque<Job>,
     running: Option<Running>,
     ready: Option<Ready>,
+    /// The newest training task and when its round's deadline passes at the server (its update's
+    /// answer comes by then, plus the commit).
+    train_deadline: Option<(TaskId, Instant)>,
+}
+
+/// A task that sends heartbeats for one connection; stopped when dropped.
+struct Heartbeats(JoinHandle<()>);
+
+impl Heartbeats {
+    /// Starts sending a heartbeat on `conn` every `every`.
+    fn start(conn: Connection, every: Duration) -> Self {
+        Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            for seq in 1u64.. {
+                tick.tick().await;
+                let c = conn.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c.exchange(&ClientMessage::Heartbeat(Heartbeat { seq })).await {
+                        tracing::debug!("heartbeat {seq}: {e}");
+                    }
+                });
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How one connection ended.
@@ -143,6 +177,7 @@ pub async fn run(
         queue: VecDeque::new(),
         running: None,
         ready: None,
+        train_deadline: None,
     };
     let mut failures: u32 = 0;
     loop {
@@ -206,9 +241,8 @@ impl Daemon {
             Ok(other) => return Err(SessionError::Retry(format!("unexpected answer to enrollment: {other:?}"))),
             Err(e) => return Err(classify(&conn, e)),
         };
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(heartbeat_secs.max(1))));
-        heartbeat.tick().await;
-        let mut seq = 0u64;
+        // Heartbeats go on while an upload waits for its answer (until the round commits).
+        let _heartbeats = Heartbeats::start(conn.clone(), Duration::from_secs(u64::from(heartbeat_secs.max(1))));
         let mut pushes = conn.pushes();
         loop {
             self.start_next_job();
@@ -222,6 +256,10 @@ impl Daemon {
                 push = pushes.recv() => match push {
                     Some(Ok(ServerMessage::Task(task))) => self.offer(Job::Train(task), &conn, stop).await?,
                     Some(Ok(ServerMessage::EvalTask(task))) => self.offer(Job::Eval(task), &conn, stop).await?,
+                    // The answer to an upload whose stream went with an earlier connection.
+                    Some(Ok(answer @ (ServerMessage::Ack(_) | ServerMessage::Reject(_)))) => {
+                        self.answered(answer).await?;
+                    }
                     Some(Ok(other)) => tracing::debug!("ignoring a pushed {other:?}"),
                     Some(Err(e)) => return end_of(&conn, e),
                     None => return end_of(&conn, LinkError::Stream("the push reader stopped".into())),
@@ -240,15 +278,6 @@ impl Daemon {
                         Ok(Err(e)) => return Err(SessionError::Fatal(e)),
                         Err(e) => return Err(SessionError::Fatal(DaemonError::Job(e.to_string()))),
                     }
-                }
-                _ = heartbeat.tick() => {
-                    seq += 1;
-                    let c = conn.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = c.exchange(&ClientMessage::Heartbeat(Heartbeat { seq })).await {
-                            tracing::debug!("heartbeat {seq}: {e}");
-                        }
-                    });
                 }
                 _ = stop.changed() => {
                     conn.close(close::NORMAL, "client stopping");
@@ -279,6 +308,7 @@ impl Daemon {
         }
         if let Job::Train(t) = &job {
             tracing::info!(round = %t.round, task = %id, steps = t.local_steps, "training task received");
+            self.train_deadline = Some((id, Instant::now() + Duration::from_millis(t.deadline_ms)));
             self.queue.retain(|j| !matches!(j, Job::Train(_)));
         } else if let Job::Eval(t) = &job {
             tracing::info!(round = %t.round, task = %id, "evaluation task received");
@@ -317,8 +347,18 @@ impl Daemon {
             Ready::Update(u) => ClientMessage::Update(u.as_ref().clone()),
             Ready::Eval(r) => ClientMessage::EvalReport(*r),
         };
+        // An update is answered once its round commits: by the round's deadline, plus the commit.
+        let wait = match (&ready, self.train_deadline) {
+            (Ready::Update(u), Some((task, at))) if task == u.task_id => {
+                at.saturating_duration_since(Instant::now()) + ANSWER_TIMEOUT
+            }
+            _ => ANSWER_TIMEOUT,
+        };
+        if let Ready::Update(u) = &ready {
+            tracing::info!(round = %u.round, task = %u.task_id, bytes = u.delta.wire_len(), "uploading the update");
+        }
         let answer = tokio::select! {
-            a = conn.exchange(&msg) => a,
+            a = conn.exchange_within(&msg, wait) => a,
             _ = stop.changed() => {
                 tracing::info!("stopping: the upload in flight is abandoned (it will be redone if the server asks)");
                 conn.close(close::NORMAL, "client stopping");
@@ -326,27 +366,8 @@ impl Daemon {
             }
         };
         match answer {
-            Ok(ServerMessage::Ack(a)) => {
-                self.ready = None;
-                if let Ready::Update(u) = ready {
-                    self.with_local(move |local| local.on_ack(a.task_id)).await?;
-                    tracing::info!(round = %a.round, task = %a.task_id, bytes = u.delta.wire_len(), "update accepted");
-                } else {
-                    tracing::info!(round = %a.round, "evaluation accepted");
-                }
-                Ok(None)
-            }
-            Ok(ServerMessage::Reject(r)) => {
-                self.ready = None;
-                let level_late = matches!(r.reason, RejectReason::Late | RejectReason::Duplicate);
-                if level_late {
-                    tracing::info!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
-                } else {
-                    tracing::warn!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
-                }
-                if let Ready::Update(u) = ready {
-                    self.with_local(move |local| local.on_reject(Some(u.task_id))).await?;
-                }
+            Ok(answer @ (ServerMessage::Ack(_) | ServerMessage::Reject(_))) => {
+                self.answered(answer).await?;
                 Ok(None)
             }
             Ok(other) => {
@@ -358,6 +379,39 @@ impl Daemon {
                 Err(e) => Err(e),
             },
         }
+    }
+
+    /// The server's answer to the waiting result: an ack (the update is in a committed round:
+    /// its residual is saved) or a refusal (the result is dropped, the residual kept). An answer
+    /// for another task changes nothing.
+    async fn answered(&mut self, answer: ServerMessage) -> Result<(), SessionError> {
+        let Some(ready) = self.ready.clone() else { return Ok(()) };
+        match answer {
+            ServerMessage::Ack(a) if a.task_id == ready.task_id() => {
+                self.ready = None;
+                if let Ready::Update(u) = ready {
+                    self.with_local(move |local| local.on_ack(a.task_id)).await?;
+                    tracing::info!(round = %a.round, task = %a.task_id, bytes = u.delta.wire_len(), "update committed");
+                } else {
+                    tracing::info!(round = %a.round, "evaluation accepted");
+                }
+            }
+            ServerMessage::Reject(r) if r.task_id.is_none_or(|t| t == ready.task_id()) => {
+                self.ready = None;
+                let level_late =
+                    matches!(r.reason, RejectReason::Late | RejectReason::Duplicate | RejectReason::NotCommitted);
+                if level_late {
+                    tracing::info!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
+                } else {
+                    tracing::warn!("result for task {} refused ({:?}): {}", ready.task_id(), r.reason, r.detail);
+                }
+                if let Ready::Update(u) = ready {
+                    self.with_local(move |local| local.on_reject(Some(u.task_id))).await?;
+                }
+            }
+            other => tracing::debug!("an answer for another task: {other:?}"),
+        }
+        Ok(())
     }
 }
 
@@ -385,20 +439,104 @@ fn fatal_poison() -> SessionError {
 
 /// What a failed exchange on `conn` means for the daemon.
 fn classify(conn: &Connection, e: LinkError) -> SessionError {
-    match conn.quic().close_reason() {
+    classify_close(conn.quic().close_reason().as_ref(), e)
+}
+
+/// [`classify`] from the connection's close reason alone (none: still open): the server's
+/// `REVOKED`/`NO_IDENTITY` close, or a TLS alert that refused a certificate (ours, sent by the
+/// server; or the server's, refused here), stops the daemon; anything else is retried. Decided
+/// from the QUIC error's codes (a TLS alert travels as transport error `0x100 + alert`), never
+/// from its text.
+fn classify_close(reason: Option<&quinn::ConnectionError>, e: LinkError) -> SessionError {
+    use fedpool_transport::tls::{is_certificate_alert, tls_alert};
+    let refused =
+        |reason: &str, detail: String| SessionError::Fatal(DaemonError::Refused { reason: reason.into(), detail });
+    match reason {
         Some(quinn::ConnectionError::ApplicationClosed(c)) => {
             let code = c.error_code.into_inner();
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
             if code == u64::from(close::REVOKED) || code == u64::from(close::NO_IDENTITY) {
-                SessionError::Fatal(DaemonError::Refused { reason: "certificate".into(), detail: reason })
+                refused("certificate", reason)
             } else {
                 SessionError::Retry(format!("closed by the server (code {code}): {reason}"))
             }
         }
-        Some(quinn::ConnectionError::ConnectionClosed(c)) if c.error_code.to_string().contains("certificate") => {
-            SessionError::Fatal(DaemonError::Refused { reason: "TLS".into(), detail: c.to_string() })
-        }
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => match tls_alert(c.error_code) {
+            Some(alert) if is_certificate_alert(alert) => {
+                refused("TLS", format!("the server refused this client's certificate (TLS alert {alert:?}): {c}"))
+            }
+            _ => SessionError::Retry(e.to_string()),
+        },
+        Some(quinn::ConnectionError::TransportError(t)) => match tls_alert(t.code) {
+            Some(alert) if is_certificate_alert(alert) => {
+                refused("TLS", format!("the server's certificate is not acceptable (TLS alert {alert:?}): {t}"))
+            }
+            _ => SessionError::Retry(e.to_string()),
+        },
         _ => SessionError::Retry(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    fn closed_by_peer(code: quinn::TransportErrorCode) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: Default::default(),
+        })
+    }
+
+    fn lost() -> LinkError {
+        LinkError::Stream("the exchange failed".into())
+    }
+
+    #[test]
+    fn a_certificate_alert_from_the_server_stops_the_daemon() {
+        // certificate_revoked (44), bad_certificate (42), unknown_ca (48), certificate_required (116).
+        for alert in [44u8, 42, 48, 116] {
+            let closed = closed_by_peer(quinn::TransportErrorCode::crypto(alert));
+            match classify_close(Some(&closed), lost()) {
+                SessionError::Fatal(DaemonError::Refused { reason, detail }) => {
+                    assert_eq!(reason, "TLS", "alert {alert}");
+                    assert!(detail.contains("refused this client's certificate"), "alert {alert}: {detail}");
+                }
+                SessionError::Fatal(other) => panic!("alert {alert}: {other}"),
+                SessionError::Retry(why) => panic!("alert {alert} was retried: {why}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_handshake_failure_that_is_not_about_a_certificate_is_retried() {
+        // handshake_failure (40), internal_error (80), and a plain transport error.
+        for code in [
+            quinn::TransportErrorCode::crypto(40),
+            quinn::TransportErrorCode::crypto(80),
+            quinn::TransportErrorCode::PROTOCOL_VIOLATION,
+        ] {
+            let closed = closed_by_peer(code);
+            assert!(matches!(classify_close(Some(&closed), lost()), SessionError::Retry(_)), "{code:?}");
+        }
+        assert!(matches!(classify_close(Some(&quinn::ConnectionError::TimedOut), lost()), SessionError::Retry(_)));
+        assert!(matches!(classify_close(None, lost()), SessionError::Retry(_)));
+    }
+
+    #[test]
+    fn the_servers_revoked_close_stops_the_daemon_and_a_shutdown_is_retried() {
+        let app = |code: u32| {
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: quinn::VarInt::from_u32(code),
+                reason: Default::default(),
+            })
+        };
+        assert!(matches!(
+            classify_close(Some(&app(close::REVOKED)), lost()),
+            SessionError::Fatal(DaemonError::Refused { .. })
+        ));
+        assert!(matches!(classify_close(Some(&app(close::SHUTDOWN)), lost()), SessionError::Retry(_)));
     }
 }
 

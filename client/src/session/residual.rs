@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fedpool_common::checkpoint::{read_tensors, write_tensors, CheckpointError};
+use fedpool_common::checkpoint::{read_tensors, write_tensors_private, CheckpointError};
 use fedpool_common::codec::ErrorFeedback;
 use fedpool_common::SpecHash;
 
@@ -53,14 +53,15 @@ impl ResidualStore {
         Ok(ErrorFeedback::from_tensors(tensors))
     }
 
-    /// Saves `residual` atomically (temp file, fsync, rename).
+    /// Saves `residual` atomically (temp file, fsync, rename), readable by its owner only (mode
+    /// `0600` on Unix): the residual is derived from the client's private data.
     pub fn save(&self, residual: &ErrorFeedback) -> Result<(), CheckpointError> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| CheckpointError { path: dir.to_path_buf(), problem: e.to_string() })?;
         }
         let meta = BTreeMap::from([(META_SPEC.to_string(), self.spec.to_string())]);
-        write_tensors(&self.path, residual.tensors(), meta)
+        write_tensors_private(&self.path, residual.tensors(), meta)
     }
 }
 
@@ -95,5 +96,17 @@ mod tests {
         assert!(other.load().unwrap().tensors().is_empty());
         std::fs::write(store.path(), b"garbage").unwrap();
         assert!(store.load().is_err(), "a damaged residual is an error, not silently zero");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_saved_residual_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResidualStore::new(dir.path(), SpecHash(Sha256::of(b"spec")));
+        let t = HostTensor::new(vec![1], vec![0.5]).unwrap();
+        store.save(&ErrorFeedback::from_tensors(BTreeMap::from([("a".to_string(), t)]))).unwrap();
+        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the residual is derived from private data");
     }
 }

@@ -164,7 +164,7 @@ pub fn train(
         seen += batch.len();
         loss_sum += f64::from(loss_value);
         observer.progress(step + 1, Some(loss_value));
-        let due = config.eval_every.is_some_and(|n| n > 0 && (step + 1) % n == 0 && step + 1 < config.steps);
+        let due = config.eval_every.is_some_and(|n| n > 0 && (step + 1).is_multiple_of(n) && step + 1 < config.steps);
         if due && !data.eval.is_empty() {
             let detached = params.detached(spec, config.head_only);
             let m = evaluate(model, &detached, data.eval, queries, config, data.pad_id)?;

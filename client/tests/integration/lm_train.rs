@@ -22,7 +22,7 @@ fn setup() -> (tempfile::TempDir, LlamaModel, LmTokenizer) {
 /// "the N" → "in", "an N" → "on": the answer is set by the prompt's first word.
 fn examples(tokenizer: &LmTokenizer, ids: std::ops::Range<u64>) -> Vec<LmExample> {
     ids.map(|i| {
-        let the = i % 2 == 0;
+        let the = i.is_multiple_of(2);
         let pair = PromptResponse {
             id: i,
             prompt: format!("{} {}", if the { "the" } else { "an" }, i * 7 % 100),
@@ -166,8 +166,8 @@ fn the_lm_command_compares_with_the_zero_shot_base_and_writes_the_adapter() {
     let (dir, _, _) = setup();
     let csv = dir.path().join("pairs.csv");
     let mut text = String::from("prompt,response\n");
-    for i in 0..40 {
-        let the = i % 2 == 0;
+    for i in 0..40u32 {
+        let the = i.is_multiple_of(2);
         text.push_str(&format!(
             "{} {},{}\n",
             if the { "the" } else { "an" },

@@ -1,4 +1,5 @@
-//! Robust aggregation: per-update L2 norm clipping and the coordinate-wise trimmed mean.
+//! Robust aggregation: per-update L2 norm clipping, the coordinate-wise trimmed mean and median,
+//! and Multi-Krum's choice of updates.
 //!
 //! Clipping scales a whole update (every tensor it carries; for LoRA the factor deltas) by
 //! `min(1, clip / ‖Δ‖₂)` before it is folded, so one update moves a weighted mean by at most
@@ -73,9 +74,71 @@ pub fn trimmed_weighted_mean(pairs: &mut [(f32, f64)], trim_fraction: f64) -> f6
     }
 }
 
+/// The median of the values of `(value, weight)` pairs, weights ignored (the mean of the two
+/// middle values for an even count); `pairs` is reordered. Returns 0 for no pairs.
+pub fn median(pairs: &mut [(f32, f64)]) -> f64 {
+    let n = pairs.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let by_value = |a: &(f32, f64), b: &(f32, f64)| -> Ordering { a.0.total_cmp(&b.0) };
+    pairs.select_nth_unstable_by(n / 2, by_value);
+    let upper = f64::from(pairs[n / 2].0);
+    if n % 2 == 1 {
+        return upper;
+    }
+    // The lower middle is the largest of the values below the upper one.
+    let lower = pairs[..n / 2].iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
+    0.5 * (f64::from(lower) + upper)
+}
+
+/// Multi-Krum's choice (Blanchard et al. 2017) from an n × n table of squared distances: each
+/// update's score is the sum of its `n − byzantine − 2` (at least 1) smallest distances to the
+/// others; the indices of the `select` lowest scores are returned in increasing order (ties by
+/// index). With a single update it is chosen.
+pub fn krum_select(dist: &[Vec<f64>], byzantine: usize, select: usize) -> Vec<usize> {
+    let n = dist.len();
+    if n <= 1 {
+        return (0..n).collect();
+    }
+    let neighbours = n.saturating_sub(byzantine + 2).clamp(1, n - 1);
+    let mut scored: Vec<(f64, usize)> = (0..n)
+        .map(|i| {
+            let mut d: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| dist[i][j]).collect();
+            d.sort_by(f64::total_cmp);
+            (d[..neighbours].iter().sum(), i)
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut picked: Vec<usize> = scored.into_iter().take(select.clamp(1, n)).map(|(_, i)| i).collect();
+    picked.sort_unstable();
+    picked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_ignores_weights_and_outliers() {
+        let mut p: Vec<(f32, f64)> = [5.0, -100.0, 1.0, 2.0, 1e6].iter().map(|&x| (x, 1.0)).collect();
+        assert_eq!(median(&mut p), 2.0);
+        let mut p = vec![(1.0, 1e9), (4.0, 1.0), (3.0, 1.0), (2.0, 1.0)];
+        assert_eq!(median(&mut p), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+
+    #[test]
+    fn krum_leaves_out_the_far_updates() {
+        // Four close points on a line and two far ones.
+        let x = [0.0f64, 0.1, 0.2, 0.3, 50.0, -80.0];
+        let dist: Vec<Vec<f64>> = x.iter().map(|a| x.iter().map(|b| (a - b) * (a - b)).collect()).collect();
+        let picked = krum_select(&dist, 2, 3);
+        assert_eq!(picked.len(), 3);
+        assert!(picked.iter().all(|&i| i < 4), "{picked:?}");
+        assert_eq!(krum_select(&dist, 2, 1).len(), 1);
+        assert_eq!(krum_select(&dist[..1], 2, 3), vec![0]);
+    }
 
     #[test]
     fn trimming_drops_the_extremes_at_both_ends() {

@@ -83,6 +83,10 @@ impl Merge for ZeroPadLora {
     }
 
     fn fold(&mut self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError> {
+        self.fold_weighted(delta, examples, examples)
+    }
+
+    fn fold_weighted(&mut self, delta: &PoolDelta, examples: u64, weight: u64) -> Result<(), AggregateError> {
         delta.validate(&self.spec).map_err(AggregateError::Update)?;
         // The head goes to the wrapped aggregator first: if it refuses, nothing here changed.
         let plain = PoolDelta {
@@ -95,8 +99,8 @@ impl Merge for ZeroPadLora {
                 .map(|(n, t)| (n.clone(), t.clone()))
                 .collect(),
         };
-        self.inner.fold(&plain, examples)?;
-        let w = examples as f64;
+        self.inner.fold_weighted(&plain, examples, weight)?;
+        let w = weight as f64;
         for f in &mut self.factors {
             let Some(d) = delta.tensors.get(&f.name) else { continue };
             let (&[rows, cols], Some(base)) = (d.shape(), self.base.get(&f.name)) else {

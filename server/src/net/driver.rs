@@ -10,7 +10,7 @@ use fedpool_common::Round;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::{close, NetError, Outcome, ToConn, ToEngine};
+use super::{close, NetError, Outcome, ToConn, ToEngine, UploadPermit};
 use crate::metrics::Metrics;
 use crate::round::{Action, ClientId, Commit, Engine, EvalRecord, Event, RoundRecord, Time};
 use crate::store::Store;
@@ -23,7 +23,9 @@ struct Link {
 
 /// The engine task's state.
 pub(crate) struct Driver {
-    engine: Engine,
+    /// The engine; `None` only while it works on the blocking pool (`feed` awaits it) or after
+    /// that work panicked (the driver then stops).
+    engine: Option<Engine>,
     store: Option<Store>,
     links: HashMap<String, Link>,
     epoch: Instant,
@@ -35,11 +37,47 @@ impl Driver {
     pub(crate) fn new(engine: Engine, store: Store, metrics: Arc<Metrics>, committed: watch::Sender<Round>) -> Self {
         metrics.set_round(engine.round().0);
         metrics.set_committed_round(committed.borrow().0);
-        Self { engine, store: Some(store), links: HashMap::new(), epoch: Instant::now(), metrics, committed }
+        Self {
+            engine: Some(engine),
+            store: Some(store),
+            links: HashMap::new(),
+            epoch: Instant::now(),
+            metrics,
+            committed,
+        }
     }
 
     fn now(&self) -> Time {
         Time(self.epoch.elapsed())
+    }
+
+    /// `at` on the engine's clock.
+    fn time_of(&self, at: Instant) -> Time {
+        Time(at.saturating_duration_since(self.epoch))
+    }
+
+    /// The engine's newest committed round.
+    fn round(&self) -> Round {
+        self.engine.as_ref().map_or(*self.committed.borrow(), Engine::round)
+    }
+
+    /// Feeds `events` to the engine, each at its time, on the blocking pool: decoding an update,
+    /// folding it and a round's merge may take seconds, and the async workers that serve the
+    /// connections (heartbeat answers, uploads arriving) must never wait for them. Messages that
+    /// arrive meanwhile queue up and are judged at the time they arrived, so a busy engine never
+    /// drops a live client as idle.
+    async fn feed(&mut self, events: Vec<(Time, Event)>) -> Result<Vec<Action>, NetError> {
+        let Some(mut engine) = self.engine.take() else { return Ok(Vec::new()) };
+        let (engine, actions) = tokio::task::spawn_blocking(move || {
+            let mut actions = Vec::new();
+            for (at, event) in events {
+                actions.extend(engine.handle(at, event));
+            }
+            (engine, actions)
+        })
+        .await?;
+        self.engine = Some(engine);
+        Ok(actions)
     }
 
     /// Runs until the engine finishes, a shutdown is requested (or its sender dropped), or a
@@ -49,72 +87,95 @@ impl Driver {
         mut from_conns: mpsc::Receiver<ToEngine>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<Outcome, NetError> {
-        let first = self.engine.handle(self.now(), Event::Tick);
+        let first = self.feed(vec![(self.now(), Event::Tick)]).await?;
         if let Some(outcome) = self.execute(first).await? {
             return Ok(outcome);
         }
         loop {
-            let wake = self.engine.next_wakeup().map(|t| self.epoch + t.0);
+            let wake = self.engine.as_ref().and_then(Engine::next_wakeup).map(|t| self.epoch + t.0);
             let sleep = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             };
-            let actions = tokio::select! {
+            // Messages before the timer: one that waited while the engine was busy is judged at
+            // its arrival before a tick runs the idle timeouts at the current time. An upload's
+            // share of the upload budget is held until the engine has handled it (below).
+            let mut permit: Option<UploadPermit> = None;
+            let events = tokio::select! {
+                biased;
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
-                        info!("shutting down in round {}", self.engine.round());
+                        info!("shutting down in round {}", self.round());
                         self.close_all(close::SHUTDOWN, "server shutting down");
-                        return Ok(Outcome::ShutDown(self.engine.round()));
+                        return Ok(Outcome::ShutDown(self.round()));
                     }
                     continue;
                 }
                 msg = from_conns.recv() => match msg {
-                    Some(m) => self.on_message(m),
+                    Some(mut m) => {
+                        if let ToEngine::Message { permit: p, .. } = &mut m {
+                            permit = p.take();
+                        }
+                        self.on_message(m)
+                    }
                     // Cannot happen while the accept loop holds a sender; treat as a shutdown.
-                    None => return Ok(Outcome::ShutDown(self.engine.round())),
+                    None => return Ok(Outcome::ShutDown(self.round())),
                 },
-                _ = sleep => self.engine.handle(self.now(), Event::Tick),
+                _ = sleep => vec![(self.now(), Event::Tick)],
             };
+            if events.is_empty() {
+                continue;
+            }
+            let actions = self.feed(events).await?;
+            // Handled (decoded, checked, folded): its bytes go back to the budget.
+            drop(permit);
             if let Some(outcome) = self.execute(actions).await? {
                 return Ok(outcome);
             }
         }
     }
 
-    fn on_message(&mut self, msg: ToEngine) -> Vec<Action> {
+    /// The engine events a connection's message stands for, each with the time to judge it at.
+    fn on_message(&mut self, msg: ToEngine) -> Vec<(Time, Event)> {
         match msg {
             ToEngine::Connected { client, conn, tx } => {
-                if let Some(old) = self.links.insert(client.clone(), Link { conn, tx }) {
-                    info!("client {client:?}: connection {conn} replaces connection {}", old.conn);
-                    let _ = old.tx.send(ToConn::Close {
-                        code: close::REPLACED,
-                        reason: "replaced by a newer connection of the same client".into(),
-                    });
-                }
+                let replaced = self.links.insert(client.clone(), Link { conn, tx });
                 self.metrics.set_connected(self.links.len() as u64);
-                Vec::new()
+                match replaced {
+                    Some(old) => {
+                        info!("client {client:?}: connection {conn} replaces connection {}", old.conn);
+                        let _ = old.tx.send(ToConn::Close {
+                            code: close::REPLACED,
+                            reason: "replaced by a newer connection of the same client".into(),
+                        });
+                        // The old connection is gone for the engine too: the new one enrolls afresh
+                        // (a second Enroll on a live connection is a protocol error).
+                        vec![(self.now(), Event::Lost { client: ClientId(client) })]
+                    }
+                    None => Vec::new(),
+                }
             }
-            ToEngine::Message { client, conn, msg, wire_bytes, seconds } => {
+            ToEngine::Message { client, conn, msg, wire_bytes, seconds, received, permit: _ } => {
                 if self.links.get(&client).map(|l| l.conn) != Some(conn) {
                     debug!("client {client:?}: ignoring a message from replaced connection {conn}");
                     return Vec::new();
                 }
                 let id = ClientId(client);
-                let mut actions = Vec::new();
+                let at = self.time_of(received);
+                let mut events = Vec::new();
                 let event = match msg {
                     ClientMessage::Enroll(enroll) => Event::Enroll { client: id, enroll },
                     ClientMessage::Update(update) => {
-                        let timed = Event::Throughput { client: id.clone(), bytes: wire_bytes, seconds };
-                        actions = self.engine.handle(self.now(), timed);
+                        events.push((at, Event::Throughput { client: id.clone(), bytes: wire_bytes, seconds }));
                         Event::Update { client: id, update, wire_bytes }
                     }
                     ClientMessage::Heartbeat(_) => Event::Heartbeat { client: id },
                     ClientMessage::EvalReport(report) => Event::EvalReport { client: id, report, wire_bytes },
                 };
-                actions.extend(self.engine.handle(self.now(), event));
-                actions
+                events.push((at, event));
+                events
             }
             ToEngine::Disconnected { client, conn } => {
                 if self.links.get(&client).map(|l| l.conn) != Some(conn) {
@@ -122,7 +183,7 @@ impl Driver {
                 }
                 self.links.remove(&client);
                 self.metrics.set_connected(self.links.len() as u64);
-                self.engine.handle(self.now(), Event::Lost { client: ClientId(client) })
+                vec![(self.now(), Event::Lost { client: ClientId(client) })]
             }
         }
     }
@@ -181,7 +242,10 @@ impl Driver {
                 }
             }
         }
-        self.metrics.set_round(self.engine.round().0);
+        if let Some(engine) = &self.engine {
+            self.metrics.set_round(engine.round().0);
+            self.metrics.set_quarantined(engine.quarantined().len() as u64);
+        }
         Ok(outcome)
     }
 

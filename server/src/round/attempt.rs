@@ -53,7 +53,13 @@ pub(super) struct Attempt {
     /// The attempt's tasks by client (each selected client has one).
     pub(super) by_client: BTreeMap<ClientId, TaskId>,
     accepted: Vec<String>,
+    /// The acknowledgements owed to the accepted updates: sent only after the round's commit is
+    /// on disk (or turned into `NotCommitted` refusals if the attempt ends without one).
+    acks: Vec<(ClientId, Ack)>,
+    /// The L2 norms of the accepted updates (before any scaling): the next round's norm reference.
+    norms: Vec<f64>,
     answered: usize,
+    /// Σ of the accepted updates' weights (the coordinator's, not the clients' claims).
     examples: u64,
     loss_sum: f64,
     accuracy_sum: f64,
@@ -88,6 +94,22 @@ impl Attempt {
 
 fn reject_key(reason: RejectReason) -> String {
     format!("{reason:?}")
+}
+
+/// Tells the senders of updates that were folded but will not be committed (their attempt ended
+/// without a commit) that their work is in no round: they keep their residuals.
+fn not_committed(acks: Vec<(ClientId, Ack)>, detail: &str, out: &mut Vec<Action>) {
+    for (client, ack) in acks {
+        out.push(Action::Reject {
+            client,
+            reject: Reject {
+                round: Some(ack.round),
+                task_id: Some(ack.task_id),
+                reason: RejectReason::NotCommitted,
+                detail: detail.to_string(),
+            },
+        });
+    }
 }
 
 impl Engine {
@@ -144,6 +166,8 @@ impl Engine {
             deadline_at,
             by_client: by_client.clone(),
             accepted: Vec::new(),
+            acks: Vec::new(),
+            norms: Vec::new(),
             answered: 0,
             examples: 0,
             loss_sum: 0.0,
@@ -163,8 +187,9 @@ impl Engine {
         }
     }
 
-    /// Ends an attempt that missed its quorum; the round waits for its next attempt.
-    pub(super) fn abandon_attempt(&mut self, now: Time, account: RoundAccount, a: Attempt) {
+    /// Ends an attempt that missed its quorum; the round waits for its next attempt. Its accepted
+    /// updates are in no commit: their senders are told so (`NotCommitted`) instead of an ack.
+    pub(super) fn abandon_attempt(&mut self, now: Time, account: RoundAccount, a: Attempt, out: &mut Vec<Action>) {
         let round = self.training_round();
         let why = if now >= a.deadline_at { "the deadline passed" } else { "every selected client answered" };
         tracing::warn!(
@@ -174,6 +199,8 @@ impl Engine {
             quorum = self.config.quorum,
             "round attempt missed its quorum ({why}); retrying with new tasks"
         );
+        let detail = format!("attempt {} of round {round} missed its quorum ({why}): nothing was committed", a.number);
+        not_committed(a.acks, &detail, out);
         // The attempt's tasks stay known (an update for one is then `Late`) until the round after
         // next starts; `check_update` tells a closed task by its absence from the running attempt.
         self.phase = Phase::WaitingToTrain { account: Some(account) };
@@ -306,6 +333,11 @@ impl Engine {
         if let Some(acc) = self.account_mut() {
             acc.bytes_up = acc.bytes_up.saturating_add(wire_bytes);
         }
+        if let Some(why) = self.strikes.quarantined().get(&client.0) {
+            let detail = format!("client {client} is quarantined for this run: {why}");
+            self.refuse(client, &update, RejectReason::Quarantined, detail, out);
+            return;
+        }
         match self.clients.get_mut(&client) {
             Some(c) => {
                 if c.connected {
@@ -325,24 +357,36 @@ impl Engine {
                     self.mark(update.task_id, TaskState::Rejected);
                     self.refuse(client, &update, invalid.reason, invalid.detail, out);
                 }
-                Ok(delta) => {
+                Ok(mut delta) => {
                     let round = expected.round;
-                    let declared = self.clients.get(&client).map_or(0, |c| c.examples);
-                    if update.examples > declared {
-                        let detail = format!(
-                            "the update claims {} examples, the client declared {declared} at enrollment",
+                    let (declared, cap) = self.clients.get(&client).map_or((0, 0), |c| (c.declared, c.weight_cap));
+                    let refused = if update.examples > declared {
+                        Some(format!(
+                            "the update claims {} examples, the client declared {declared} at its first enrollment",
                             update.examples
-                        );
+                        ))
+                    } else {
+                        self.above_grant(&update, &delta).or_else(|| self.out_of_range(&delta))
+                    };
+                    if let Some(detail) = refused {
                         self.mark(update.task_id, TaskState::Rejected);
                         self.refuse(client, &update, RejectReason::InvalidDelta, detail, out);
                         return;
                     }
-                    if let Some(detail) = self.above_grant(&update, &delta) {
-                        self.mark(update.task_id, TaskState::Rejected);
-                        self.refuse(client, &update, RejectReason::InvalidDelta, detail, out);
-                        return;
+                    // The weight is the coordinator's: the claim, capped (or fixed by the roster).
+                    let weight = match self.config.trust.roster.get(&client.0) {
+                        Some(super::RosterEntry::Weight(w)) => (*w).min(update.examples),
+                        _ => update.examples.min(cap),
+                    };
+                    let norm = crate::aggregate::robust::l2_norm(&delta);
+                    if let Some(limit) = self.config.trust.norm_limit(self.norm_median) {
+                        if norm > limit {
+                            tracing::info!(%client, %round, norm, limit, "update scaled down to the norm bound");
+                            let factor = (limit / norm) as f32;
+                            delta.tensors.values_mut().for_each(|t| t.scale(factor));
+                        }
                     }
-                    if let Err(e) = self.merge.fold(&delta, update.examples) {
+                    if let Err(e) = self.merge.fold_weighted(&delta, update.examples, weight) {
                         tracing::warn!(%client, %round, error = %e, "the merge refused an update");
                         self.mark(update.task_id, TaskState::Rejected);
                         self.refuse(client, &update, RejectReason::InvalidDelta, e.to_string(), out);
@@ -353,17 +397,37 @@ impl Engine {
                         p.observe_update(&client.0, &update);
                     }
                     if let Phase::Training { attempt: a, .. } = &mut self.phase {
-                        let w = update.examples as f64;
+                        let w = weight as f64;
                         a.accepted.push(client.0.clone());
-                        a.examples = a.examples.saturating_add(update.examples);
+                        a.norms.push(norm);
+                        a.examples = a.examples.saturating_add(weight);
                         a.loss_sum += w * f64::from(update.metrics.loss);
                         a.accuracy_sum += w * f64::from(update.metrics.accuracy);
+                        // Acknowledged only once the round is committed (durable acknowledgement).
+                        a.acks.push((client.clone(), Ack { round, task_id: update.task_id }));
                     }
-                    tracing::debug!(%client, %round, task = %update.task_id, examples = update.examples, "update accepted");
-                    out.push(Action::Ack { client, ack: Ack { round, task_id: update.task_id } });
+                    tracing::info!(
+                        %client,
+                        %round,
+                        task = %update.task_id,
+                        weight,
+                        norm,
+                        "update folded (acknowledged once the round is committed)"
+                    );
                 }
             },
         }
+    }
+
+    /// Why an update's values are out of the trusted range (`max_abs_value`), if they are: a
+    /// finite 10³⁰ would pass the finiteness check and overflow the merge's sums.
+    fn out_of_range(&self, delta: &PoolDelta) -> Option<String> {
+        let max = self.config.trust.max_abs_value;
+        delta.tensors.iter().find_map(|(name, t)| {
+            let worst = t.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            (worst > max)
+                .then(|| format!("tensor {name:?} holds a value of magnitude {worst:e}, above max_abs_value {max:e}"))
+        })
     }
 
     /// Why an update carries more than its task granted (a LoRA rank above the budget), if it does.
@@ -442,9 +506,10 @@ impl Engine {
             *acc.rejected.entry(reject_key(reason)).or_insert(0) += 1;
         }
         out.push(Action::Reject {
-            client,
-            reject: Reject { round: Some(update.round), task_id: Some(update.task_id), reason, detail },
+            client: client.clone(),
+            reject: Reject { round: Some(update.round), task_id: Some(update.task_id), reason, detail: detail.clone() },
         });
+        self.strike(&client, reason, &detail, out);
     }
 
     // ---- commit ------------------------------------------------------------------------------
@@ -460,15 +525,21 @@ impl Engine {
             Err(source) => {
                 let e = EngineError::Merge { round, source };
                 tracing::error!(error = %e, attempt = a.number, "the merge could not finish; retrying the round");
+                not_committed(a.acks, &format!("round {round} could not be merged: {e}"), out);
                 self.phase = Phase::WaitingToTrain { account: Some(account) };
                 return;
             }
         };
         if let Err(e) = pool.validate(&self.spec) {
             tracing::error!(%round, error = %e, attempt = a.number, "the merge produced a pool that does not fit the spec; retrying the round");
+            not_committed(a.acks, &format!("round {round}'s merged pool does not fit the spec: {e}"), out);
             self.phase = Phase::WaitingToTrain { account: Some(account) };
             return;
         }
+        // The median norm of the accepted updates: the next round's norm bound (logged, so a
+        // restart goes on with it).
+        let mut norms = a.norms.clone();
+        let median_norm = super::trust::median(&mut norms).filter(|m| m.is_finite() && *m > 0.0);
         let mut stragglers: Vec<String> = a
             .by_client
             .iter()
@@ -494,6 +565,7 @@ impl Engine {
             started_at_secs: account.started_at.as_secs_f64(),
             committed_at_secs: now.as_secs_f64(),
             recovered: false,
+            median_update_norm: median_norm,
             eval: None,
         };
         tracing::info!(
@@ -516,7 +588,12 @@ impl Engine {
         self.committed = round;
         self.encoded = None;
         let server_state = self.merge.server_state();
+        if median_norm.is_some() {
+            self.norm_median = median_norm;
+        }
         out.push(Action::Commit(Box::new(Commit { round, pool, record, server_state })));
+        // The driver persists the commit before the actions after it: an ack means "on disk".
+        out.extend(a.acks.into_iter().map(|(client, ack)| Action::Ack { client, ack }));
         self.phase = if self.config.eval_deadline.is_some() {
             Phase::WaitingToEvaluate
         } else if self.committed.0 >= self.config.total_rounds {

@@ -7,6 +7,7 @@ use fedpool_common::adapter::{PoolError, SpecError};
 use fedpool_common::codec::{CodecConfig, CodecError, DecodeLimits};
 use fedpool_common::{BackboneFingerprint, Round};
 
+use super::TrustConfig;
 use crate::aggregate::AggregateError;
 
 /// How the engine runs rounds.
@@ -42,6 +43,8 @@ pub struct EngineConfig {
     /// Federated evaluation: after each commit every connected client evaluates the new global
     /// pool on its held-out data and has this long to report (`None`: no evaluation).
     pub eval_deadline: Option<Duration>,
+    /// What the coordinator believes of clients: weights, update bounds, strikes.
+    pub trust: TrustConfig,
 }
 
 impl EngineConfig {
@@ -86,6 +89,9 @@ impl EngineConfig {
         }
         if self.eval_deadline.is_some_and(|d| d.is_zero()) {
             return bad("eval_deadline must be positive".into());
+        }
+        if let Some(problem) = self.trust.problem() {
+            return bad(problem);
         }
         self.download_codec.validate().map_err(|e| EngineError::DownloadCodec(Arc::new(e)))?;
         Ok(())
@@ -194,6 +200,7 @@ mod tests {
             heartbeat: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3),
             eval_deadline: None,
+            trust: TrustConfig::default(),
         }
     }
 

@@ -103,6 +103,8 @@ impl Engine {
                 c.last_heard = now;
             }
         }
+        // A report weighs what the coordinator allows (the same cap as the client's updates).
+        let weight = self.config.trust.eval_weight(&client.0, report.metrics.examples);
         let refusal = match &mut self.phase {
             Phase::Evaluating(e) => {
                 e.bytes_up = e.bytes_up.saturating_add(wire_bytes);
@@ -122,10 +124,10 @@ impl Engine {
                     Some((invalid.reason, invalid.detail))
                 } else {
                     let m = report.metrics;
-                    let w = m.examples as f64;
+                    let w = weight as f64;
                     e.pending.remove(&client);
                     e.reported.push(client.0.clone());
-                    e.examples = e.examples.saturating_add(m.examples);
+                    e.examples = e.examples.saturating_add(weight);
                     e.accuracy_sum += w * f64::from(m.accuracy);
                     e.f1_sum += w * f64::from(m.macro_f1);
                     e.loss_sum += w * f64::from(m.loss);

@@ -73,6 +73,7 @@ mod evaluation;
 mod event;
 mod nonce;
 mod record;
+mod trust;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -86,6 +87,10 @@ pub use config::{EngineConfig, EngineError};
 pub use event::{Action, ClientId, Commit, Event, Time};
 pub use nonce::{NonceSource, OsNonces, SeededNonces};
 pub use record::{EvalRecord, RoundRecord};
+pub use trust::{
+    NormBound, RosterEntry, TrustConfig, DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_EXAMPLES_PER_UPDATE, DEFAULT_NORM_FACTOR,
+    DEFAULT_STRIKES, DEFAULT_STRIKE_WINDOW,
+};
 
 use crate::aggregate::Merge;
 use crate::ranks::RankPlanner;
@@ -97,8 +102,11 @@ use evaluation::Evaluation;
 struct ClientState {
     connected: bool,
     last_heard: Time,
-    /// The training examples it declared at enrollment: an update may not claim more.
-    examples: u64,
+    /// The training examples it declared at its first enrollment: an update may not claim more.
+    declared: u64,
+    /// What its updates weigh at most: `declared` capped by the roster or
+    /// `max_examples_per_update` (frozen for the client's life).
+    weight_cap: u64,
 }
 
 /// Where the engine stands. Each phase holds its own state, so that no other combination (an
@@ -184,6 +192,11 @@ pub struct Engine {
     truncated: BTreeMap<Vec<usize>, EncodedDelta>,
     /// Where task nonces come from ([`Engine::with_nonces`]).
     nonces: Box<dyn NonceSource>,
+    /// Refusals per client, and the quarantined ones.
+    strikes: trust::StrikeBook,
+    /// The median L2 norm of the accepted updates of the newest committed round (the norm
+    /// bound's reference), if known.
+    norm_median: Option<f64>,
     now: Time,
 }
 
@@ -209,6 +222,16 @@ fn mix(mut z: u64) -> u64 {
 /// At most 16 hex characters of a digest, for messages.
 fn short_hex(s: &str) -> &str {
     &s[..s.len().min(16)]
+}
+
+/// A client-supplied string made safe for a log line: at most 64 characters, control and other
+/// non-printing characters escaped.
+fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
 }
 
 impl Engine {
@@ -247,8 +270,23 @@ impl Engine {
             ranks: None,
             truncated: BTreeMap::new(),
             nonces: Box::new(OsNonces),
+            strikes: trust::StrikeBook::default(),
+            norm_median: None,
             now: Time::ZERO,
         })
+    }
+
+    /// Starts with `median` as the median update norm of the newest committed round (the norm
+    /// bound's reference: a restart takes it from the round log, so the bound holds from its
+    /// first round on).
+    pub fn with_norm_median(mut self, median: Option<f64>) -> Self {
+        self.norm_median = median.filter(|m| m.is_finite() && *m > 0.0);
+        self
+    }
+
+    /// The clients quarantined so far, each with the refusal that put it there.
+    pub fn quarantined(&self) -> &BTreeMap<String, String> {
+        self.strikes.quarantined()
     }
 
     /// Grants LoRA rank budgets with `planner` from now on: each task carries the client's ranks
@@ -453,18 +491,47 @@ impl Engine {
         } else {
             None
         };
+        let refusal = refusal.or_else(|| self.enrollment_refusal(&client));
         if let Some((reason, detail)) = refusal {
             tracing::warn!(%client, ?reason, %detail, "enrollment refused");
             out.push(Action::Reject {
                 client: client.clone(),
-                reject: Reject { round: None, task_id: None, reason, detail },
+                reject: Reject { round: None, task_id: None, reason, detail: detail.clone() },
             });
+            if reason == RejectReason::Protocol {
+                self.strike(&client, reason, &detail, out);
+            }
             out.push(Action::Drop { client, reason: format!("enrollment refused: {reason:?}") });
             return;
         }
-        let state = ClientState { connected: true, last_heard: now, examples: enroll.examples };
-        let returning = self.clients.insert(client.clone(), state).is_some();
-        tracing::info!(%client, returning, examples = enroll.examples, software = %enroll.software, "client enrolled");
+        // The first declaration is frozen (capped): coming back cannot raise a client's weight.
+        let first = ClientState {
+            connected: true,
+            last_heard: now,
+            declared: enroll.examples,
+            weight_cap: self.config.trust.frozen_examples(&client.0, enroll.examples),
+        };
+        let returning = self.clients.contains_key(&client);
+        let state = self.clients.entry(client.clone()).or_insert(first);
+        state.connected = true;
+        state.last_heard = now;
+        let (declared, weight_cap) = (state.declared, state.weight_cap);
+        if enroll.examples != declared {
+            tracing::warn!(
+                %client,
+                declared,
+                claimed = enroll.examples,
+                "client declares another example count than at its first enrollment; the first stands"
+            );
+        }
+        tracing::info!(
+            %client,
+            returning,
+            examples = declared,
+            weight_cap,
+            software = %printable(&enroll.software),
+            "client enrolled"
+        );
         if let Some(p) = self.ranks.as_mut() {
             p.enrolled(&client.0, &enroll);
         }
@@ -488,6 +555,55 @@ impl Engine {
                 tracing::info!(%client, task = %task_id, "re-sending the open task to a returning client");
                 self.send_task(now, client, task_id, out);
             }
+        }
+    }
+
+    /// Why `client` may not enroll now beyond what its message says: it is quarantined, not on
+    /// a `roster_only` roster, or already enrolled on a live connection.
+    fn enrollment_refusal(&self, client: &ClientId) -> Option<(RejectReason, String)> {
+        if let Some(why) = self.strikes.quarantined().get(&client.0) {
+            return Some((RejectReason::Quarantined, format!("client {client} is quarantined for this run: {why}")));
+        }
+        if self.config.trust.roster_only && !self.config.trust.roster.contains_key(&client.0) {
+            return Some((RejectReason::Protocol, format!("client {client} is not on the coordinator's roster")));
+        }
+        if self.clients.get(client).is_some_and(|c| c.connected) {
+            return Some((
+                RejectReason::Protocol,
+                format!("client {client} is already enrolled on a live connection (a second Enroll)"),
+            ));
+        }
+        None
+    }
+
+    /// Counts a strike against `client` for a refusal of `reason`; at the limit the client is
+    /// quarantined for the rest of the run (refused, dropped, logged by name).
+    pub(super) fn strike(&mut self, client: &ClientId, reason: RejectReason, detail: &str, out: &mut Vec<Action>) {
+        if !trust::is_strike(reason) {
+            return;
+        }
+        let t = &self.config.trust;
+        let round = self.training_round().0;
+        let why = format!("{reason:?}: {detail}");
+        if self.strikes.strike(&client.0, round, t.strikes, t.strike_window, &why) {
+            let detail = format!(
+                "client {client} is quarantined for the rest of the run: {} refusals within {} rounds, the last {why}",
+                t.strikes, t.strike_window
+            );
+            tracing::warn!(%client, strikes = t.strikes, window = t.strike_window, last = %why, "client quarantined");
+            if let Some(c) = self.clients.get_mut(client) {
+                c.connected = false;
+            }
+            out.push(Action::Reject {
+                client: client.clone(),
+                reject: Reject {
+                    round: None,
+                    task_id: None,
+                    reason: RejectReason::Quarantined,
+                    detail: detail.clone(),
+                },
+            });
+            out.push(Action::Drop { client: client.clone(), reason: detail });
         }
     }
 
@@ -547,7 +663,7 @@ impl Engine {
                 self.commit(now, account, attempt, out)
             }
             (Phase::Training { account, attempt }, Due::Attempt(Close::Abandon)) => {
-                self.abandon_attempt(now, account, attempt)
+                self.abandon_attempt(now, account, attempt, out)
             }
             (other, _) => self.phase = other,
         }
@@ -575,6 +691,14 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn a_clients_software_string_is_logged_escaped_and_cut() {
+        assert_eq!(printable("fedpool-client 0.1"), "fedpool-client 0.1");
+        assert_eq!(printable("a\u{1b}[31mred\nforged line"), "a\\u{1b}[31mred\\nforged line");
+        let long = "x".repeat(10_000);
+        assert_eq!(printable(&long).chars().count(), 65, "64 characters and an ellipsis");
+    }
 
     #[test]
     fn seeds_differ_per_round_and_attempt() {

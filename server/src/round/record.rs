@@ -36,6 +36,10 @@ pub struct RoundRecord {
     /// other fields are then unknown and zero).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recovered: bool,
+    /// The median L2 norm of the accepted updates (before any scaling): the next round's norm
+    /// bound is a multiple of it, and a restart reads it back from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub median_update_norm: Option<f64>,
     /// The federated evaluation of the round's global pool (added once the clients reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalRecord>,

@@ -122,7 +122,9 @@ fn merge(spec: &PoolSpec, g: &AdapterPool, updates: &[(PoolDelta, u64)]) -> (Ada
 
 fn mixed_rank_updates(spec: &PoolSpec, n: usize, seed: u64) -> Vec<(PoolDelta, u64)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|k| (update(spec, &mut rng, [4, 8, 16][k % 3], k % 2 == 0), rng.random_range(1..500u64))).collect()
+    (0..n)
+        .map(|k| (update(spec, &mut rng, [4, 8, 16][k % 3], k.is_multiple_of(2)), rng.random_range(1..500u64)))
+        .collect()
 }
 
 /// B's columns and A's rows orthonormal, E non-negative and descending.

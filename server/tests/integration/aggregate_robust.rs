@@ -206,3 +206,123 @@ fn fedadam_leaves_slots_nobody_used_and_their_moments_alone() {
     assert_eq!(m.data()[0], 0.0);
     assert_eq!(m.data()[2], 0.0);
 }
+
+// ---- Byzantine clients: 8 honest + 2 attackers (issue 16) ---------------------------------------
+
+/// A standard LoRA pool shaped like the tiny test BERT's (2 layers, q and v, width 32, head 2).
+fn tiny_lora_spec() -> PoolSpec {
+    let targets = (0..2)
+        .flat_map(|l| {
+            ["query", "value"].map(|m| TargetSpec { name: format!("layer.{l}.{m}"), dim_in: 32, dim_out: 32 })
+        })
+        .collect();
+    PoolSpec::lora(targets, 4, 8.0, Some(HeadSpec::new(32, 2)))
+}
+
+/// A deterministic N(0, 1)-ish value from a seed and an index (a sum of uniforms).
+fn noise(seed: u64, i: usize) -> f32 {
+    let mut z = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut s = 0.0f32;
+    for _ in 0..4 {
+        z ^= z >> 31;
+        z = z.wrapping_mul(0x94d0_49bb_1331_11eb);
+        s += (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+    }
+    s * 1.7
+}
+
+/// Honest client `k`'s delta: a common direction (the task's) plus its own noise of the same size.
+fn honest_delta(spec: &PoolSpec, k: u64) -> PoolDelta {
+    let zeros = AdapterPool::zeros(spec);
+    let mut trained = zeros.clone();
+    for (t, (_, tensor)) in trained.tensors.iter_mut().enumerate() {
+        for (i, v) in tensor.data_mut().iter_mut().enumerate() {
+            *v = 0.01 * (noise(1000 + t as u64, i) + noise(k, t * 100_000 + i));
+        }
+    }
+    trained.delta_from(&zeros).unwrap()
+}
+
+fn scaled(d: &PoolDelta, factor: f32) -> PoolDelta {
+    let mut d = d.clone();
+    d.tensors.values_mut().for_each(|t| t.scale(factor));
+    d
+}
+
+#[test]
+fn robust_rules_keep_the_global_near_the_honest_one_under_two_attackers_and_fedavg_does_not() {
+    let spec = tiny_lora_spec();
+    let g = AdapterPool::init(&spec, 3).unwrap();
+    let honest: Vec<PoolDelta> = (0..8).map(|k| honest_delta(&spec, k)).collect();
+    // Attacker 1 sends 100× an honest delta; attacker 2 its honest delta sign-flipped.
+    let attackers = [scaled(&honest_delta(&spec, 8), 100.0), scaled(&honest_delta(&spec, 9), -1.0)];
+    let weighted = |ds: &[PoolDelta]| -> Vec<(PoolDelta, u64)> { ds.iter().map(|d| (d.clone(), 100)).collect() };
+    let mut plain = Aggregator::new(spec.clone(), AggregateConfig::default()).unwrap();
+    let honest_global = run(&mut plain, &g, &weighted(&honest));
+    let step = distance(&honest_global, &g);
+    let all: Vec<PoolDelta> = honest.iter().chain(&attackers).cloned().collect();
+
+    let rules = [
+        ("fedavg", Rule::Mean),
+        ("trimmed-mean β=0.2", Rule::TrimmedMean { trim_fraction: 0.2, max_updates: 64 }),
+        ("median", Rule::Median { max_updates: 64 }),
+        ("krum f=2", Rule::Krum { byzantine: 2, select: 1, max_updates: 64 }),
+        ("multi-krum f=2 m=6", Rule::Krum { byzantine: 2, select: 6, max_updates: 64 }),
+    ];
+    println!("8 honest + 2 attackers (×100, sign-flipped); honest step ‖Δ‖ = {step:.4}");
+    println!("| rule | ‖global − honest-only global‖ | ÷ honest step |");
+    let mut ratios = BTreeMap::new();
+    for (name, rule) in rules {
+        let mut agg = Aggregator::new(spec.clone(), AggregateConfig { rule, ..Default::default() }).unwrap();
+        let out = run(&mut agg, &g, &weighted(&all));
+        let d = distance(&out, &honest_global);
+        println!("| {name} | {d:.4} | {:.3} |", d / step);
+        ratios.insert(name, d / step);
+    }
+    assert!(ratios["fedavg"] > 5.0, "FedAvg is taken over: {ratios:?}");
+    // Stated bounds: the averaging rules stay within 0.35 of one honest step of the honest-only
+    // global; Krum alone keeps a single honest client's delta (its own noise is as large as the
+    // step), so within 1 step.
+    for (name, r) in &ratios {
+        let bound = match *name {
+            "fedavg" => continue,
+            "krum f=2" => 1.0,
+            _ => 0.35,
+        };
+        assert!(*r < bound, "{name}: {r} of the honest step");
+    }
+}
+
+#[test]
+fn median_and_krum_buffer_at_most_max_updates_and_refuse_the_exact_lora_merge() {
+    let spec = tiny_lora_spec();
+    let g = AdapterPool::init(&spec, 3).unwrap();
+    for rule in [Rule::Median { max_updates: 2 }, Rule::Krum { byzantine: 0, select: 1, max_updates: 2 }] {
+        let mut agg = Aggregator::new(spec.clone(), AggregateConfig { rule, ..Default::default() }).unwrap();
+        agg.begin(&g).unwrap();
+        agg.fold(&honest_delta(&spec, 0), 10).unwrap();
+        agg.fold(&honest_delta(&spec, 1), 10).unwrap();
+        let e = agg.fold(&honest_delta(&spec, 2), 10).unwrap_err();
+        assert!(e.to_string().contains("max_updates"), "{e}");
+        let exact =
+            AggregateConfig { rule, lora_merge: fedpool_server::aggregate::LoraMerge::Exact, ..Default::default() };
+        assert!(Aggregator::new(spec.clone(), exact).is_err());
+    }
+}
+
+#[test]
+fn a_capped_weight_scales_an_updates_slot_counts_like_its_examples() {
+    // Two SSF updates: 10 examples weighed fully and one claiming 1000 weighed 10 by the
+    // coordinator: the merge is their plain mean, as if both had 10.
+    let spec = spec(4);
+    let g = global(&spec);
+    let mut agg = Aggregator::new(spec.clone(), AggregateConfig::default()).unwrap();
+    agg.begin(&g).unwrap();
+    agg.fold(&update(&spec, vec![0.1; 4], vec![0.0; 4], 10), 10).unwrap();
+    agg.fold_weighted(&update(&spec, vec![0.3; 4], vec![0.0; 4], 1000), 1000, 10).unwrap();
+    let out = agg.finish(&g).unwrap();
+    let moved = out.tensors[SCALE].data()[0] - 1.0;
+    assert!((moved - 0.2).abs() < 1e-6, "moved {moved}");
+    agg.begin(&g).unwrap();
+    assert!(agg.fold_weighted(&update(&spec, vec![0.3; 4], vec![0.0; 4], 10), 10, 11).is_err(), "weight above claim");
+}

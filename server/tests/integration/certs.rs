@@ -30,11 +30,11 @@ fn private_keys_are_written_with_mode_0600_and_certificates_carry_the_names() {
     assert!(r.server_sans.iter().any(|s| s == "fed.example.org") && r.server_sans.iter().any(|s| s == "localhost"));
 
     let c = certs::issue(&d, "hospital-a", 30, false).expect("issue");
-    assert_eq!(mode(&c.key), 0o600);
+    assert_eq!(mode(c.key.as_ref().expect("issue makes a key")), 0o600);
     assert_eq!(mode(&c.cert), 0o644);
     let der = certs::load_certs(&c.cert).expect("load");
     assert_eq!(certs::subject_common_name(&der[0]).expect("CN"), "hospital-a");
-    assert!(certs::load_key(&c.key).is_ok());
+    assert!(certs::load_key(c.key.as_ref().expect("key")).is_ok());
 
     // Through the binary too.
     let (ok, out, err) = cli(&["issue", "--dir", d.to_str().expect("utf-8"), "--name", "bank-b"]);
@@ -100,22 +100,43 @@ fn bad_names_are_refused_with_the_reason() {
 }
 
 #[test]
-fn revoke_lists_a_name_once_and_blocks_reissuing_it() {
+fn revoke_lists_every_serial_of_a_name_once_and_issuing_the_name_again_needs_no_unrevoking() {
     let dir = tempfile::tempdir().expect("temp");
     let d = dir.path();
     certs::init(d, &InitOptions::default()).expect("init");
-    certs::issue(d, "mallory", 30, false).expect("issue");
+    let first = certs::issue(d, "mallory", 30, false).expect("issue");
     let r = certs::revoke(d, "mallory").expect("revoke");
     assert!(r.newly_added && r.was_issued);
+    assert_eq!(r.serials, vec![first.serial.clone()]);
     let again = certs::revoke(d, "mallory").expect("revoke again");
-    assert!(!again.newly_added);
+    assert!(!again.newly_added && again.already == vec![first.serial.clone()]);
+    // A name never issued here: nothing to revoke, and the error says how to refuse the name.
     let (ok, out, err) = cli(&["revoke", "--dir", d.to_str().expect("utf-8"), "--name", "eve"]);
-    assert!(ok, "{out}{err}");
+    assert!(!ok && err.contains("nothing to revoke") && err.contains("revoked.txt"), "{out}{err}");
     let list = RevocationList::load(&d.join(certs::REVOKED)).expect("load");
-    assert!(list.contains("mallory") && list.contains("eve") && !list.contains("alice"));
-    assert_eq!(list.len(), 2);
-    let e = certs::issue(d, "mallory", 30, true).unwrap_err();
-    assert!(matches!(e, CertError::Revoked { .. }), "{e}");
+    assert!(list.contains_serial(&first.serial) && !list.contains("mallory") && !list.contains("eve"));
+    assert_eq!(list.len(), 1);
+    // Issuing the name again works (over the old files with --force) and the old serial stays revoked.
+    let second = certs::issue(d, "mallory", 30, true).expect("issue again");
+    let list = RevocationList::load(&d.join(certs::REVOKED)).expect("load");
+    assert!(list.contains_serial(&first.serial) && !list.contains_serial(&second.serial));
+    // One certificate by serial, through the binary.
+    let (ok, out, err) = cli(&["revoke", "--dir", d.to_str().expect("utf-8"), "--serial", &second.serial.to_string()]);
+    assert!(ok && out.contains(&second.serial.to_string()), "{out}{err}");
+    assert!(RevocationList::load(&d.join(certs::REVOKED)).expect("load").contains_serial(&second.serial));
+    let (ok, _, err) = cli(&["revoke", "--dir", d.to_str().expect("utf-8"), "--serial", "xyz"]);
+    assert!(!ok && err.contains("not hexadecimal"), "{err}");
     // A missing list revokes nobody.
     assert!(RevocationList::load(&d.join("nope.txt")).expect("missing is empty").is_empty());
+}
+
+#[test]
+fn a_certificate_issued_before_issued_jsonl_existed_is_still_revoked_by_name() {
+    let dir = tempfile::tempdir().expect("temp");
+    let d = dir.path();
+    certs::init(d, &InitOptions::default()).expect("init");
+    let old = certs::issue(d, "legacy", 30, false).expect("issue");
+    std::fs::remove_file(d.join(certs::ISSUED)).expect("forget the record");
+    let r = certs::revoke(d, "legacy").expect("revoke from clients/legacy.pem");
+    assert_eq!(r.serials, vec![old.serial]);
 }

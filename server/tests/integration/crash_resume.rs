@@ -64,8 +64,9 @@ fn spawn(fed: &Federation, config: &Path, log_name: &str) -> (Proc, std::net::So
     }
 }
 
+/// The rounds in the log (its round lines; evaluation lines merge into them).
 fn round_log_lines(fed: &Federation) -> usize {
-    std::fs::read_to_string(fed.state().join("rounds.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
+    fedpool_server::store::read_round_log(&fed.state().join(fedpool_server::store::ROUND_LOG)).map_or(0, |r| r.len())
 }
 
 /// Enrolls, trains `rounds` rounds and returns the last task received (of the round after them)

@@ -122,3 +122,101 @@ fn metric(text: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
+
+/// A merge whose `finish` takes `pause` (a large LoRA SVD, say) around a real aggregator.
+struct SlowFinish(fedpool_server::aggregate::Aggregator, std::time::Duration);
+
+impl fedpool_server::aggregate::Merge for SlowFinish {
+    fn begin(&mut self, g: &AdapterPool) -> Result<(), fedpool_server::aggregate::AggregateError> {
+        self.0.begin(g)
+    }
+    fn fold(&mut self, d: &fedpool_common::PoolDelta, n: u64) -> Result<(), fedpool_server::aggregate::AggregateError> {
+        self.0.fold(d, n)
+    }
+    fn fold_weighted(
+        &mut self,
+        d: &fedpool_common::PoolDelta,
+        n: u64,
+        w: u64,
+    ) -> Result<(), fedpool_server::aggregate::AggregateError> {
+        self.0.fold_weighted(d, n, w)
+    }
+    fn finish(&mut self, g: &AdapterPool) -> Result<AdapterPool, fedpool_server::aggregate::AggregateError> {
+        std::thread::sleep(self.1);
+        self.0.finish(g)
+    }
+}
+
+/// Issue 16, finding 6: the merge ran inside the engine task, so heartbeats that arrived during a
+/// long merge were judged after it and live clients were dropped as idle. Now the engine works on
+/// the blocking pool and each message is judged at the time it arrived: a 4 s merge with a 2 s
+/// idle timeout drops nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_longer_than_the_idle_timeout_drops_no_live_client() {
+    use fedpool_server::aggregate::{AggregateConfig, Aggregator};
+    use fedpool_server::round::Engine;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let fed = Federation::new(&["a", "b"]);
+    let toml = fed.config_toml(2, 2, "30s", "");
+    let config = ServerConfig::parse(&toml, fed.dir.path()).expect("config");
+    let p = config.prepare().expect("prepare");
+    let mut engine_config = fedpool_server::round::EngineConfig {
+        total_rounds: 2,
+        clients_per_round: 2,
+        quorum: 2,
+        over_selection: 1.0,
+        min_clients_to_start: 2,
+        deadline: Duration::from_secs(30),
+        local_steps: 1,
+        seed: 7,
+        download_codec: Default::default(),
+        decode_limits: fedpool_common::codec::DecodeLimits::for_spec(&tiny_spec()),
+        backbone: backbone(),
+        heartbeat: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(2),
+        eval_deadline: None,
+        trust: Default::default(),
+    };
+    engine_config.trust.norm_bound = fedpool_server::round::NormBound::Off;
+    let merge =
+        SlowFinish(Aggregator::new(tiny_spec(), AggregateConfig::default()).expect("merge"), Duration::from_secs(4));
+    let global = AdapterPool::init(&tiny_spec(), 7).expect("init");
+    let engine = Engine::new(engine_config, tiny_spec(), Box::new(merge), Round(0), global).expect("engine");
+    let server = Server::start(p.net, engine, p.store, Metrics::new()).await.expect("start");
+
+    let mut clients = Vec::new();
+    for name in ["a", "b"] {
+        let c = Arc::new(TestClient::connect_as(server.local_addr(), &fed, name).await);
+        assert!(matches!(c.enroll().await.expect("enroll"), ServerMessage::Welcome(_)));
+        let beating = c.clone();
+        tokio::spawn(async move {
+            for seq in 1.. {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if beating.heartbeat(seq).await.is_err() {
+                    return;
+                }
+            }
+        });
+        clients.push(c);
+    }
+    let tasks = [clients[0].next_task().await.expect("task a"), clients[1].next_task().await.expect("task b")];
+    let (ca, cb) = (clients[0].clone(), clients[1].clone());
+    let (ta, tb) = (tasks[0].clone(), tasks[1].clone());
+    let ua =
+        tokio::spawn(async move { ca.exchange(&ClientMessage::Update(update_for(&ta, &trained_delta(1.0)))).await });
+    let ub =
+        tokio::spawn(async move { cb.exchange(&ClientMessage::Update(update_for(&tb, &trained_delta(0.5)))).await });
+    for u in [ua, ub] {
+        let answer = u.await.expect("join").expect("answer");
+        assert!(matches!(answer, ServerMessage::Ack(_)), "acknowledged after the 4 s merge: {answer:?}");
+    }
+    // Both are still there: round 2's tasks reach them, and neither connection was closed.
+    for c in &clients {
+        let t = c.next_task().await.expect("round 2 task");
+        assert_eq!(t.round, Round(2));
+        assert!(c.conn.close_reason().is_none(), "{:?}", c.conn.close_reason());
+    }
+    server.shutdown().await.expect("shutdown");
+}

@@ -12,7 +12,9 @@ use fedpool_common::codec::{self, CodecConfig, DecodeLimits, EncodedDelta, Quant
 use fedpool_common::wire::{Enroll, RejectReason, RoundTask, ServerMessage, TrainMetrics, Update, PROTOCOL_VERSION};
 use fedpool_common::{BackboneFingerprint, HostTensor, Nonce, Round, Sha256, TaskId};
 use fedpool_server::aggregate::{AggregateError, Merge};
-use fedpool_server::round::{Action, Commit, Engine, EngineConfig, Event, SeededNonces, Time};
+use fedpool_server::round::{
+    Action, Commit, Engine, EngineConfig, Event, NormBound, RosterEntry, SeededNonces, Time, TrustConfig,
+};
 use proptest::prelude::*;
 
 // ---- fixtures ------------------------------------------------------------------------------------
@@ -47,6 +49,7 @@ fn config() -> EngineConfig {
         heartbeat: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(3600),
         eval_deadline: None,
+        trust: TrustConfig::default(),
     }
 }
 
@@ -97,6 +100,11 @@ impl Merge for MeanMerge {
     }
 
     fn fold(&mut self, delta: &PoolDelta, examples: u64) -> Result<(), AggregateError> {
+        self.fold_weighted(delta, examples, examples)
+    }
+
+    /// Weighs the update by the coordinator's `weight` (what the test checks in `folds`).
+    fn fold_weighted(&mut self, delta: &PoolDelta, _claimed: u64, examples: u64) -> Result<(), AggregateError> {
         let slots: Vec<usize> = match &delta.slots {
             Some(u) => u.slots.iter().map(|&s| s as usize).collect(),
             None => vec![0],
@@ -307,10 +315,10 @@ fn quorum_reached_commits_the_round_with_the_weighted_mean() {
     let before = h.engine.global().clone();
     let spec = ssf_spec();
     let r = h.at(5).send("a", update_with(&t["a"], &spec, 0.01, 10, 1.0));
-    assert_eq!(acks(&r), ["a"]);
+    assert!(acks(&r).is_empty() && rejects(&r).is_empty(), "folded; its ack waits for the commit");
     assert!(commits(&r).is_empty(), "one update is below the quorum");
     let r = h.at(9).send("b", update_with(&t["b"], &spec, 0.04, 30, 2.0));
-    assert_eq!(acks(&r), ["b"]);
+    assert_eq!(acks(&r), ["a", "b"], "both acknowledged once the round is committed");
     let c = commits(&r);
     assert_eq!(c.len(), 1, "{r:?}");
     let c = c[0];
@@ -402,7 +410,7 @@ fn an_update_that_arrives_after_the_deadline_before_any_tick_is_late() {
 fn a_duplicate_update_is_rejected() {
     let mut h = Harness::new(EngineConfig { clients_per_round: 3, min_clients_to_start: 3, ..config() });
     let t = enroll_all(&mut h, &["a", "b", "c"]);
-    assert_eq!(acks(&h.at(1).send("a", honest(&t["a"]))), ["a"]);
+    assert!(rejects(&h.at(1).send("a", honest(&t["a"]))).is_empty());
     let r = h.at(2).send("a", honest(&t["a"]));
     assert_eq!(rejects(&r)[0].1, RejectReason::Duplicate);
     assert_eq!(h.calls.lock().unwrap().folds.len(), 1, "folded once");
@@ -426,7 +434,8 @@ fn a_replayed_update_with_the_previous_rounds_nonce_is_rejected() {
     let r = h.send("a", honest(&t1["a"]));
     assert_eq!(rejects(&r)[0].1, RejectReason::Duplicate, "a's round 1 task already has its update");
     // The task is still open: the honest update is accepted.
-    assert_eq!(acks(&h.send("a", honest(&t2["a"]))), ["a"]);
+    assert!(rejects(&h.send("a", honest(&t2["a"]))).is_empty());
+    assert_eq!(h.calls.lock().unwrap().folds.len(), 3);
 }
 
 #[test]
@@ -455,7 +464,8 @@ fn an_update_for_an_unknown_or_another_clients_task_is_rejected() {
     let r = h.send("mallory", honest(&t["a"]));
     assert_eq!(rejects(&r)[0].1, RejectReason::Protocol);
     // a's own task is untouched by all of that.
-    assert_eq!(acks(&h.send("a", honest(&t["a"]))), ["a"]);
+    assert!(rejects(&h.send("a", honest(&t["a"]))).is_empty());
+    assert_eq!(h.calls.lock().unwrap().folds.len(), 1);
 }
 
 #[test]
@@ -473,9 +483,15 @@ fn a_wrong_shape_update_is_rejected_as_invalid_and_the_round_goes_on() {
     assert!(detail.contains("layer.0.output.ssf_scale") && detail.contains("[1, 5]"), "{detail}");
     assert!(h.calls.lock().unwrap().folds.is_empty(), "nothing folded");
     // b's good update is accepted; a answered (badly), so the round cannot reach its quorum of 2
-    // with this attempt and is retried at once rather than waiting for the deadline.
+    // with this attempt and is retried at once rather than waiting for the deadline — and b is
+    // told its folded update is in no commit.
     let r = h.at(2).send("b", honest(&t["b"]));
-    assert_eq!(acks(&r), ["b"]);
+    assert_eq!(h.calls.lock().unwrap().folds.len(), 1);
+    assert!(acks(&r).is_empty());
+    assert_eq!(
+        rejects(&r).iter().map(|r| (r.0.as_str(), r.1)).collect::<Vec<_>>(),
+        [("b", RejectReason::NotCommitted)]
+    );
     assert!(commits(&r).is_empty());
     let retry = tasks(&r);
     assert_eq!(retry.len(), 2, "retried: {r:?}");
@@ -502,9 +518,11 @@ fn a_nan_update_is_rejected_as_non_finite() {
     let mut u = honest(&t["b"]);
     u.metrics.loss = f32::NAN;
     assert_eq!(rejects(&h.send("b", u))[0].1, RejectReason::NonFinite);
-    // The round goes on and nobody was dropped.
+    // The round goes on and nobody was dropped (c's update is folded; the attempt then has every
+    // answer but too few good ones, so c is told it was not committed).
     let r = h.send("c", honest(&t["c"]));
-    assert_eq!(acks(&r), ["c"]);
+    assert_eq!(rejects(&r)[0].1, RejectReason::NotCommitted);
+    assert_eq!(h.calls.lock().unwrap().folds.len(), 1);
     assert!(drops(&r).is_empty());
 }
 
@@ -517,7 +535,8 @@ fn an_update_claiming_more_examples_than_enrolled_is_rejected() {
     let (_, reason, detail) = &rejects(&r)[0];
     assert_eq!(*reason, RejectReason::InvalidDelta);
     assert!(detail.contains("101") && detail.contains("100"), "{detail}");
-    assert_eq!(acks(&h.send("b", update_with(&t["b"], &ssf_spec(), 0.01, 100, 1.0))), ["b"]);
+    h.send("b", update_with(&t["b"], &ssf_spec(), 0.01, 100, 1.0));
+    assert_eq!(h.calls.lock().unwrap().folds, [100], "b's claim is what it declared");
 }
 
 #[test]
@@ -1092,7 +1111,7 @@ fn engines_with_the_same_seeded_nonces_fed_the_same_events_act_byte_for_byte_ali
     let c = commits(&a);
     assert_eq!(c.iter().map(|c| (c.round, c.record.attempt)).collect::<Vec<_>>(), [(Round(1), 2), (Round(2), 1)]);
     assert_eq!(recorded_evals(&a).len(), 2);
-    assert_eq!(rejects(&a).len(), 1, "the duplicate");
+    assert_eq!(rejects(&a).len(), 2, "the duplicate, and attempt 1's folded update not committed");
     assert_eq!(a.last(), Some(&Action::Finished), "the script runs to the end");
 
     let b = scripted_run(engine().with_nonces(SeededNonces::new(42)));
@@ -1101,4 +1120,196 @@ fn engines_with_the_same_seeded_nonces_fed_the_same_events_act_byte_for_byte_ali
     // The nonces are in those bytes: another seed, or the operating system's, gives others.
     assert_ne!(frames(&a), frames(&scripted_run(engine().with_nonces(SeededNonces::new(43)))));
     assert_ne!(frames(&scripted_run(engine())), frames(&scripted_run(engine())));
+}
+
+// ---- trust: the coordinator decides what an update weighs and bounds it (issue 16) -------------
+
+fn enroll_claiming(h: &mut Harness, name: &str, examples: u64) -> Vec<Action> {
+    let enroll = Enroll { examples, ..enroll_msg(&h.spec) };
+    h.event(Event::Enroll { client: name.into(), enroll })
+}
+
+fn trusting(trust: TrustConfig) -> EngineConfig {
+    EngineConfig { trust, ..config() }
+}
+
+#[test]
+fn a_client_claiming_a_huge_example_count_weighs_no_more_than_the_cap() {
+    let mut h = Harness::new(trusting(TrustConfig { max_examples_per_update: 1000, ..TrustConfig::default() }));
+    let mut t = tasks(&enroll_claiming(&mut h, "honest", 100));
+    t.extend(tasks(&enroll_claiming(&mut h, "liar", 1_000_000_000_000_000)));
+    let spec = h.spec.clone();
+    h.at(1).send("honest", update_with(&t["honest"], &spec, 0.01, 100, 1.0));
+    let r = h.at(2).send("liar", update_with(&t["liar"], &spec, 0.01, 1_000_000_000_000_000, 1.0));
+    assert_eq!(commits(&r).len(), 1, "{r:?}");
+    assert_eq!(h.calls.lock().unwrap().folds, [100, 1000], "the liar's claim of 10^15 weighs the cap");
+    assert_eq!(commits(&r)[0].record.examples, 1100);
+}
+
+#[test]
+fn re_enrolling_cannot_raise_a_clients_weight_and_a_roster_weight_is_fixed() {
+    let mut roster = BTreeMap::new();
+    roster.insert("fixed".to_string(), RosterEntry::Weight(5));
+    let mut h = Harness::new(trusting(TrustConfig { roster, ..TrustConfig::default() }));
+    enroll_claiming(&mut h, "grower", 10);
+    h.event(Event::Lost { client: "grower".into() });
+    let mut t = tasks(&enroll_claiming(&mut h, "grower", 1_000_000));
+    t.extend(tasks(&enroll_claiming(&mut h, "fixed", 100_000)));
+    let spec = h.spec.clone();
+    let r = h.at(1).send("grower", update_with(&t["grower"], &spec, 0.01, 1_000_000, 1.0));
+    let (who, reason, detail) = &rejects(&r)[0];
+    assert_eq!((who.as_str(), *reason), ("grower", RejectReason::InvalidDelta));
+    assert!(detail.contains("declared 10 at its first enrollment"), "{detail}");
+    h.at(2).send("fixed", update_with(&t["fixed"], &spec, 0.01, 100_000, 1.0));
+    assert_eq!(h.calls.lock().unwrap().folds, [5], "the roster's weight, not the claim");
+}
+
+#[test]
+fn a_second_enroll_on_a_live_connection_is_a_protocol_error() {
+    let mut h = Harness::new(config());
+    h.enroll("a");
+    let r = h.enroll("a");
+    let (who, reason, detail) = &rejects(&r)[0];
+    assert_eq!((who.as_str(), *reason), ("a", RejectReason::Protocol));
+    assert!(detail.contains("already enrolled on a live connection"), "{detail}");
+    assert_eq!(drops(&r).len(), 1, "the connection is closed");
+    assert!(!r.iter().any(|a| matches!(a, Action::Welcome { .. })), "no second welcome (and no second model copy)");
+}
+
+#[test]
+fn an_update_with_huge_finite_values_is_refused_and_the_round_commits_with_the_honest_ones() {
+    let mut h = Harness::new(EngineConfig { over_selection: 1.5, min_clients_to_start: 3, ..config() });
+    let t = enroll_all(&mut h, &["a", "b", "evil"]);
+    let spec = h.spec.clone();
+    let r = h.at(1).send("evil", update_with(&t["evil"], &spec, 1e30, 10, 1.0));
+    let (_, reason, detail) = &rejects(&r)[0];
+    assert_eq!(*reason, RejectReason::InvalidDelta);
+    assert!(detail.contains("max_abs_value"), "{detail}");
+    h.at(2).send("a", honest(&t["a"]));
+    let r = h.at(3).send("b", honest(&t["b"]));
+    let c = commits(&r);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].record.clients, ["a", "b"]);
+    let worst = c[0].pool.tensors.values().flat_map(|t| t.data()).fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(worst < 10.0, "the committed pool is the honest clients' ({worst})");
+}
+
+#[test]
+fn an_update_far_above_the_previous_rounds_median_norm_is_scaled_to_the_bound() {
+    let factor = 3.0;
+    let mut h = Harness::new(trusting(TrustConfig {
+        norm_bound: NormBound::Median { factor, first_round: None },
+        ..TrustConfig::default()
+    }));
+    let spec = h.spec.clone();
+    let t = enroll_all(&mut h, &["a", "b"]);
+    h.at(1).send("a", update_with(&t["a"], &spec, 0.01, 10, 1.0));
+    let r = h.at(2).send("b", update_with(&t["b"], &spec, 0.01, 10, 1.0));
+    let before = commits(&r)[0].pool.clone();
+    let t = tasks(&r);
+    h.at(3).send("a", update_with(&t["a"], &spec, 0.01, 10, 1.0));
+    // ×1000 the honest update: scaled to 3× the median, so the pool moves by (0.01 + 0.03) / 2.
+    let r = h.at(4).send("b", update_with(&t["b"], &spec, 10.0, 10, 1.0));
+    let after = &commits(&r)[0].pool;
+    let scale = "layer.0.output.ssf_scale";
+    let moved = after.tensors[scale].row(0)[0] - before.tensors[scale].row(0)[0];
+    assert!((moved - 0.02).abs() < 2e-3, "moved {moved}: the attack is bounded to 3× the median");
+    // Without the bound the same attack moves the pool by (0.01 + 10) / 2.
+    let mut off = Harness::new(trusting(TrustConfig { norm_bound: NormBound::Off, ..TrustConfig::default() }));
+    let t = enroll_all(&mut off, &["a", "b"]);
+    off.at(1).send("a", update_with(&t["a"], &spec, 0.01, 10, 1.0));
+    let r = off.at(2).send("b", update_with(&t["b"], &spec, 10.0, 10, 1.0));
+    let moved =
+        commits(&r)[0].pool.tensors[scale].row(0)[0] - AdapterPool::init(&spec, 1).unwrap().tensors[scale].row(0)[0];
+    assert!(moved > 4.0, "unbounded: {moved}");
+}
+
+#[test]
+fn a_client_refused_too_often_is_quarantined_and_the_round_commits_without_it() {
+    let trust = TrustConfig { strikes: 2, strike_window: 5, ..TrustConfig::default() };
+    let mut h = Harness::new(EngineConfig { over_selection: 1.5, min_clients_to_start: 3, trust, ..config() });
+    let t = enroll_all(&mut h, &["a", "b", "evil"]);
+    let forged = |task: &RoundTask| Update { nonce: Nonce([9; 16]), ..honest(task) };
+    let r = h.at(1).send("evil", forged(&t["evil"]));
+    assert_eq!(rejects(&r)[0].1, RejectReason::WrongNonce);
+    assert!(drops(&r).is_empty(), "one strike is not enough");
+    let r = h.at(2).send("evil", forged(&t["evil"]));
+    let reasons: Vec<RejectReason> = rejects(&r).iter().map(|r| r.1).collect();
+    assert_eq!(reasons, [RejectReason::WrongNonce, RejectReason::Quarantined]);
+    let (who, why) = &drops(&r)[0];
+    assert_eq!(who, "evil");
+    assert!(why.contains("quarantined for the rest of the run"), "{why}");
+    assert_eq!(h.engine.quarantined().keys().collect::<Vec<_>>(), ["evil"]);
+    // It cannot come back, nor can its genuine update count.
+    let r = h.at(3).enroll("evil");
+    assert_eq!(rejects(&r)[0].1, RejectReason::Quarantined);
+    assert_eq!(rejects(&h.at(3).send("evil", honest(&t["evil"])))[0].1, RejectReason::Quarantined);
+    h.at(4).send("a", honest(&t["a"]));
+    let r = h.at(5).send("b", honest(&t["b"]));
+    assert_eq!(commits(&r)[0].record.clients, ["a", "b"]);
+}
+
+#[test]
+fn an_ack_is_sent_only_after_the_commit_and_an_abandoned_attempt_is_not_acknowledged() {
+    let mut h = Harness::new(config());
+    let t = enroll_all(&mut h, &["a", "b"]);
+    let r = h.at(1).send("a", honest(&t["a"]));
+    assert!(acks(&r).is_empty() && rejects(&r).is_empty(), "folded, not yet committed: no answer {r:?}");
+    let r = h.at(2).send("b", honest(&t["b"]));
+    let commit_at = r.iter().position(|a| matches!(a, Action::Commit(_))).unwrap();
+    let ack_at: Vec<usize> =
+        r.iter().enumerate().filter(|(_, a)| matches!(a, Action::Ack { .. })).map(|(i, _)| i).collect();
+    assert_eq!(ack_at.len(), 2);
+    assert!(ack_at.iter().all(|&i| i > commit_at), "acks come after the commit: {r:?}");
+
+    // Round 2: one update folded, then the deadline passes below quorum.
+    let t = tasks(&r);
+    assert!(acks(&h.at(3).send("a", honest(&t["a"]))).is_empty());
+    let r = h.at(200).tick();
+    let (who, reason, detail) = &rejects(&r)[0];
+    assert_eq!((who.as_str(), *reason), ("a", RejectReason::NotCommitted), "{r:?}");
+    assert!(detail.contains("missed its quorum"), "{detail}");
+    assert!(acks(&r).is_empty());
+}
+
+#[test]
+fn the_evaluation_weight_is_capped_so_the_accuracy_stays_a_mean() {
+    let trust = TrustConfig { max_examples_per_update: 1000, ..TrustConfig::default() };
+    let mut h = Harness::new(EngineConfig { trust, ..eval_config() });
+    let t = enroll_all(&mut h, &["a", "b"]);
+    h.at(1).send("a", honest(&t["a"]));
+    let ev = eval_tasks(&h.at(2).send("b", honest(&t["b"])));
+    send_report(&mut h, "a", report(&ev["a"], 1.0, 1.0, u64::MAX));
+    let r = send_report(&mut h, "b", report(&ev["b"], 0.0, 0.0, u64::MAX));
+    let (_, eval) = &recorded_evals(&r)[0];
+    assert_eq!(eval.examples, 2000, "each report weighs the cap");
+    assert!((eval.accuracy.unwrap() - 0.5).abs() < 1e-9, "{eval:?}");
+}
+
+#[test]
+fn a_resumed_engine_bounds_its_first_round_with_the_median_the_log_kept() {
+    // The commit logs the median norm; an engine resumed with it bounds round 2's first update.
+    let mut h = Harness::new(config());
+    let spec = h.spec.clone();
+    let t = enroll_all(&mut h, &["a", "b"]);
+    h.at(1).send("a", update_with(&t["a"], &spec, 0.01, 10, 1.0));
+    let r = h.at(2).send("b", update_with(&t["b"], &spec, 0.01, 10, 1.0));
+    let c = commits(&r)[0];
+    let median = c.record.median_update_norm.expect("the record carries the median norm");
+    assert!(median > 0.0);
+    let line = serde_json::to_string(&c.record).unwrap();
+    let back: fedpool_server::round::RoundRecord = serde_json::from_str(&line).unwrap();
+    assert_eq!(back.median_update_norm, Some(median), "it round-trips through rounds.jsonl");
+
+    let (merge, calls) = MeanMerge::new(&spec);
+    let engine = Engine::new(config(), spec.clone(), Box::new(merge), Round(1), c.pool.clone())
+        .unwrap()
+        .with_norm_median(Some(median));
+    let mut resumed = Harness { engine, spec: spec.clone(), now: Time::ZERO, calls };
+    let t = enroll_all(&mut resumed, &["a", "b"]);
+    resumed.at(1).send("a", update_with(&t["a"], &spec, 0.01, 10, 1.0));
+    let r = resumed.at(2).send("b", update_with(&t["b"], &spec, 10.0, 10, 1.0));
+    let scale = "layer.0.output.ssf_scale";
+    let moved = commits(&r)[0].pool.tensors[scale].row(0)[0] - c.pool.tensors[scale].row(0)[0];
+    assert!(moved < 0.05, "the first round after a restart is bounded too: moved {moved}");
 }

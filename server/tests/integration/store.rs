@@ -36,6 +36,7 @@ fn record(round: u64) -> RoundRecord {
         started_at_secs: round as f64 * 10.0,
         committed_at_secs: round as f64 * 10.0 + 7.5,
         recovered: false,
+        median_update_norm: None,
         eval: None,
     }
 }
@@ -252,7 +253,7 @@ fn the_store_can_move_to_a_blocking_thread() {
 }
 
 #[test]
-fn an_evaluation_is_added_to_its_rounds_line_and_survives_a_reopen() {
+fn an_evaluation_is_merged_into_its_round_and_survives_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = store_with(dir.path(), 2);
     let eval = fedpool_server::round::EvalRecord {
@@ -268,10 +269,11 @@ fn an_evaluation_is_added_to_its_rounds_line_and_survives_a_reopen() {
     };
     store.record_eval(Round(1), &eval).unwrap();
     assert!(store.record_eval(Round(9), &eval).is_err(), "no line for round 9");
-    store.commit(&commit(3)).unwrap(); // appending still works after the rewrite
+    store.commit(&commit(3)).unwrap();
     drop(store);
     let text = fs::read_to_string(dir.path().join(ROUND_LOG)).unwrap();
-    assert_eq!(text.lines().count(), 3, "{text}");
+    assert_eq!(text.lines().count(), 4, "three round lines and one evaluation line: {text}");
+    assert!(text.lines().nth(2).unwrap().starts_with("{\"eval_of\":1,"), "{text}");
     let (store, _) = Store::open(dir.path(), spec(), backbone()).unwrap();
     let rounds = store.rounds();
     assert_eq!(rounds[0].eval.as_ref(), Some(&eval));

@@ -16,9 +16,9 @@ impl Progress for Quiet {}
 
 /// "the N" → "in", "an N" → "on", as JSONL with prompt and response columns.
 fn write_data(path: &Path) {
-    let lines: Vec<String> = (0..96)
+    let lines: Vec<String> = (0..96u32)
         .map(|i| {
-            let the = i % 2 == 0;
+            let the = i.is_multiple_of(2);
             serde_json::json!({"prompt": format!("{} {}", if the { "the" } else { "an" }, i * 7 % 100),
                                "response": if the { "in" } else { "on" }})
             .to_string()

@@ -29,7 +29,7 @@ fn fixture(dir: &Path) {
     fedpool_client::testkit::write_tiny_model(&dir.join("model"), 5).unwrap();
     let mut csv = String::from("text,label,group\n");
     for (id, text, label) in fedpool_client::testkit::separable_texts(240, 2, 9) {
-        csv.push_str(&format!("{text},{label},{}\n", if id % 3 == 0 { "north" } else { "south" }));
+        csv.push_str(&format!("{text},{label},{}\n", if id.is_multiple_of(3) { "north" } else { "south" }));
     }
     std::fs::write(dir.join("data.csv"), csv).unwrap();
 }

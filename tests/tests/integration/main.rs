@@ -4,9 +4,12 @@
 //! cost gigabytes of disk: 8.1 GB of target/ on a clean clone, 1.6 GB now). Run one module with
 //! `cargo test -p fedpool-tests --test integration <module>::`.
 
+mod attacks;
 mod bad_peers;
 mod budgets;
 mod decoder;
 mod faults;
 mod federation;
+mod load;
 mod pair;
+mod revocation;

@@ -15,7 +15,7 @@ use fedpool_common::wire::{RejectReason, RoundTask, TrainMetrics, Update};
 use fedpool_common::{BackboneFingerprint, Round, Sha256, TaskId};
 use fedpool_server::aggregate::{AggregateConfig, Aggregator};
 use fedpool_server::ranks::{RankPlanner, RankPolicy};
-use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, Time};
+use fedpool_server::round::{Action, ClientId, Engine, EngineConfig, Event, Time, TrustConfig};
 
 const GRANTED_RANK: usize = 2;
 const MAX_RANK: usize = 4;
@@ -65,6 +65,7 @@ impl Pair {
             heartbeat: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(1 << 20),
             eval_deadline: None,
+            trust: TrustConfig::default(),
         };
         let merge = Aggregator::new(spec.clone(), AggregateConfig::default()).unwrap();
         let planner = RankPlanner::new(
@@ -193,17 +194,24 @@ fn engine_and_participants_run_rounds_with_acks_a_refusal_a_reconnect_and_rank_g
         assert!(ranks_sent(&update).values().all(|&r| r == GRANTED_RANK), "{:?}", ranks_sent(&update));
         assert!(pair.residual(c).tensors().is_empty(), "nothing acknowledged yet");
         pair.send(c, update);
-        assert_eq!(pair.inboxes[c].acks.len(), 1, "client {c}'s update is accepted");
+        if c < 2 {
+            // Folded, not yet committed: no ack, so the residual stays staged.
+            assert!(pair.inboxes[c].acks.is_empty(), "client {c} is acknowledged only at the commit");
+            assert_eq!(pair.participants[c].staged(), Some(task.task_id));
+        }
+    }
+    assert_eq!(pair.commits, vec![Round(1)]);
+    for c in 0..3 {
+        assert_eq!(pair.inboxes[c].acks.len(), 1, "client {c}'s update is in the commit");
         assert_eq!(pair.participants[c].staged(), None);
         assert!(pair.residual(c).l2_norm() > 0.0, "top-30% left client {c} a residual");
     }
-    assert_eq!(pair.commits, vec![Round(1)]);
     let after_round_1: Vec<ErrorFeedback> = (0..3).map(|c| pair.residual(c)).collect();
 
-    // Round 2. Client 0: accepted.
+    // Round 2. Client 0: accepted (acknowledged at the commit).
     let (_, update) = pair.train(0);
     pair.send(0, update);
-    assert_eq!(pair.inboxes[0].acks.len(), 2);
+    assert_eq!(pair.inboxes[0].acks.len(), 1);
     // Client 1 trains, loses its connection before uploading, enrolls again: the engine sends the
     // same task, and the result waiting for it is sent and accepted.
     let (task, update) = pair.train(1);
@@ -213,14 +221,16 @@ fn engine_and_participants_run_rounds_with_acks_a_refusal_a_reconnect_and_rank_g
     assert_eq!((resent.task_id, resent.nonce), (task.task_id, task.nonce), "a reconnecting client gets its task again");
     assert_eq!(pair.participants[1].staged(), Some(task.task_id));
     pair.send(1, update);
-    assert_eq!(pair.inboxes[1].acks.len(), 2);
-    assert_ne!(pair.residual(1).tensors(), after_round_1[1].tensors(), "the ack replaced the residual");
+    assert_eq!(pair.inboxes[1].acks.len(), 1, "folded; the ack waits for the commit");
+    assert_eq!(pair.residual(1).tensors(), after_round_1[1].tensors(), "no ack, no new residual");
     // Client 2 trains but its update arrives after the deadline: the round commits without it and
     // the late update is refused; the client keeps the residual of round 1.
     let (task2, late) = pair.train(2);
     pair.now = pair.now + Duration::from_secs(61);
     pair.handle(Event::Tick);
     assert_eq!(pair.commits, vec![Round(1), Round(2)], "quorum 2 at the deadline");
+    assert_eq!((pair.inboxes[0].acks.len(), pair.inboxes[1].acks.len()), (2, 2), "acknowledged by the commit");
+    assert_ne!(pair.residual(1).tensors(), after_round_1[1].tensors(), "the ack replaced the residual");
     pair.send(2, late);
     assert_eq!(pair.inboxes[2].rejects.last(), Some(&(Some(task2.task_id), RejectReason::Late)));
     assert_eq!(pair.participants[2].staged(), None, "a refusal drops the staged residual");

@@ -62,6 +62,10 @@ pub(crate) enum Command {
     /// pairs, the loss on the responses only; compare exact match and perplexity with the
     /// zero-shot base; write DIR/adapter.safetensors and DIR/metrics.json.
     Lm(crate::lm::LmArgs),
+    /// Make this client's private key and a certificate signing request (DIR/client.key, mode
+    /// 0600, and DIR/client.csr, subject CN = NAME); the coordinator signs the request with
+    /// `fedpool-server certs sign --csr`, so the key never leaves this machine.
+    Keygen(crate::keygen::KeygenArgs),
 }
 
 /// `fedpool-client peft` subcommands.

@@ -2,6 +2,7 @@
 //! returns; errors go to stderr as one line and exit with status 1.
 
 mod cli;
+mod keygen;
 mod lm;
 
 use clap::Parser;
@@ -76,6 +77,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peft(PeftCommand::Export(args)) => {
             run_peft_export(&args)?;
             eprintln!("wrote {}/adapter_config.json and adapter_model.safetensors", args.out.display());
+            Ok(())
+        }
+        Command::Keygen(args) => {
+            let k = keygen::run_keygen(&args)?;
+            println!("key {} (mode 0600: keep it here), request {}", k.key.display(), k.csr.display());
+            println!(
+                "send the request to the coordinator: fedpool-server certs sign --dir CERTS --csr {}",
+                k.csr.display()
+            );
             Ok(())
         }
         Command::Spec(args) => {

@@ -301,3 +301,68 @@ pub fn header(kind: u8, len: u32) -> [u8; HEADER_LEN] {
     let l = len.to_le_bytes();
     [b'F', b'P', kind, 0, l[0], l[1], l[2], l[3]]
 }
+
+/// Starts a server from `toml` (paths relative to the federation folder).
+pub async fn start_server(fed: &Federation, toml: &str) -> fedpool_server::net::Server {
+    let config = fedpool_server::config::ServerConfig::parse(toml, fed.dir.path()).expect("config");
+    let p = config.prepare().expect("prepare");
+    fedpool_server::net::Server::start(p.net, p.engine, p.store, fedpool_server::metrics::Metrics::new())
+        .await
+        .expect("start server")
+}
+
+/// Waits (within [`WAIT`]) for the server to close `conn`; its application close.
+pub async fn server_close(conn: &quinn::Connection) -> quinn::ApplicationClose {
+    match tokio::time::timeout(WAIT, conn.closed()).await.expect("closed in time") {
+        quinn::ConnectionError::ApplicationClosed(c) => c,
+        other => panic!("expected an application close, got {other}"),
+    }
+}
+
+/// The longest body an [`update_for`] of `trained_delta(_)` can have (every integer at its
+/// widest varint): a bound for sizing byte budgets in tests.
+pub fn max_update_body_len() -> usize {
+    let update = Update {
+        round: fedpool_common::Round(u64::MAX),
+        task_id: fedpool_common::TaskId(u64::MAX),
+        nonce: fedpool_common::Nonce([0xff; 16]),
+        examples: 5,
+        delta: codec::encode(&trained_delta(1.0), &CodecConfig::default(), None, 1).expect("encode"),
+        metrics: TrainMetrics { loss: 0.5, accuracy: 0.5, steps: 1, seconds: 0.01 },
+        importance: Vec::new(),
+    };
+    ClientMessage::Update(update).to_frame().expect("frame").len() - HEADER_LEN
+}
+
+impl TestClient {
+    /// Sends `bytes` on a new request stream in two parts, `pause` apart (the first `split`
+    /// bytes, then the rest), and reads one answer frame.
+    pub async fn paced_exchange(
+        &self,
+        bytes: &[u8],
+        split: usize,
+        pause: Duration,
+    ) -> Result<ServerMessage, ExchangeError> {
+        let fut = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(ex("open stream"))?;
+            send.write_all(&bytes[..split]).await.map_err(ex("write"))?;
+            tokio::time::sleep(pause).await;
+            send.write_all(&bytes[split..]).await.map_err(ex("write the rest"))?;
+            let _ = send.finish();
+            let frame = read_frame(&mut recv, &FrameLimits::default())
+                .await
+                .map_err(ex("read answer"))?
+                .ok_or_else(|| ExchangeError("stream ended without an answer".into()))?;
+            ServerMessage::decode(frame.kind, &frame.body).map_err(ex("decode answer"))
+        };
+        tokio::time::timeout(WAIT, fut).await.map_err(ex("exchange timed out"))?
+    }
+
+    /// Opens a request stream and writes `bytes` on it without finishing it (the rest of a frame
+    /// never comes); the stream is returned so it stays open.
+    pub async fn send_partial(&self, bytes: &[u8]) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.expect("open stream");
+        send.write_all(bytes).await.expect("write");
+        (send, recv)
+    }
+}

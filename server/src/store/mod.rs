@@ -1,18 +1,37 @@
 //! Atomic round checkpoints and the round log; resume after a crash (docs/design.md, principle 6:
 //! nothing committed is lost).
 //!
-//! A folder holds one pool checkpoint per committed round (`round-NNNNNN.safetensors`, written by
-//! `fedpool_common::checkpoint`: temp file, fsync, rename, fsync of the folder) and `rounds.jsonl`,
-//! one [`RoundRecord`] per line. A commit writes the checkpoint first, then appends the line and
-//! fsyncs it: the checkpoint is the truth, the log its account. A server optimiser with state
-//! (FedAdam's moments) has it written just before the checkpoint, as
-//! `server-state-NNNNNN.safetensors`: a checkpoint on disk always has its state beside it.
+//! ## Layout of a state folder
+//! - `round-NNNNNN.safetensors`: the pool after round N (round 0: the initial pool), written by
+//!   `fedpool_common::checkpoint` (temp file, fsync, rename, fsync of the folder);
+//! - `server-state-NNNNNN.safetensors`: the server optimiser's state after round N (FedAdam's
+//!   moments), written just before its checkpoint, so a checkpoint on disk always has its state
+//!   beside it;
+//! - `rounds.jsonl`: the round log, append-only: one [`RoundRecord`] line per committed round and
+//!   one `{"eval_of": N, ...}` line per federated evaluation, merged into round N's record when
+//!   read ([`read_round_log`], the one reader);
+//! - `LOCK`: held by the one server using the folder, naming it (pid, host, start time).
 //!
+//! On Unix the folder is `0700` and every file in it `0600` (those of older runs are tightened
+//! at open): checkpoints are derived from the clients' private data.
+//!
+//! ## Commit
+//! [`Store::commit`] writes the server state, then the checkpoint, then appends the round's line
+//! and fsyncs it: the checkpoint is the truth, the log its account. Then the [`Retention`] rule
+//! deletes old checkpoints and their server states: the newest `keep_last`, every multiple of
+//! `keep_every` and round 0 stay, and so does the newest, always (the one a restart resumes
+//! from). A deletion that fails is logged, never an error. [`Store::record_eval`] appends one
+//! fsync'd line: the log is never rewritten.
+//!
+//! ## Open and resume
 //! At [`Store::open`]:
+//! - the folder is locked (`LOCK`, an OS lock held for the store's life and released on drop or
+//!   crash): a second server on the same folder gets [`StoreError::Locked`] naming the holder;
 //! - every checkpoint's header is read (not its tensors) and one made for another pool spec or
 //!   backbone is an error naming the file — runs are never mixed silently;
 //! - the newest checkpoint that reads and verifies is the one to resume from (newer ones that do
-//!   not are skipped with a warning, and overwritten when their round is committed again);
+//!   not are skipped with a warning, left alone by retention, and overwritten when their round is
+//!   committed again);
 //! - a torn last line of the log (a crash mid-append: bytes after the last newline) is truncated
 //!   away;
 //! - if the resumed round (≥ 1) has no line (a crash between the checkpoint and the line), a line
@@ -23,25 +42,40 @@
 //! [`Store::write_initial`], so the initial pool (round 0) is on disk too ([`Store::open_or_init`]
 //! does both).
 
+mod lock;
+mod log;
+mod retention;
+
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use fedpool_common::adapter::PoolSpec;
 use fedpool_common::checkpoint::{
-    checkpoint_path, latest_valid_pool, list_checkpoints, read_tensors, write_pool, write_tensors, CheckpointError,
-    CheckpointMeta,
+    checkpoint_path, latest_valid_pool, list_checkpoints, read_tensors, write_pool_private, write_tensors_private,
+    CheckpointError, CheckpointMeta,
 };
 use fedpool_common::{AdapterPool, BackboneFingerprint, HostTensor, Round};
 
-use crate::round::{Commit, RoundRecord};
+use crate::round::{Commit, EvalRecord, RoundRecord};
 
-/// The round log's file name in a store folder.
-pub const ROUND_LOG: &str = "rounds.jsonl";
+pub use lock::LOCK_FILE;
+pub use log::{read_round_log, ROUND_LOG};
+pub use retention::Retention;
+
+use lock::StateLock;
+use log::LogFile;
 
 /// Metadata key naming the round a server-state file belongs to.
 const META_ROUND: &str = "fedpool.round";
+
+/// Mode of every file in a state folder (Unix): the private writers' mode.
+#[cfg(unix)]
+use fedpool_common::checkpoint::PRIVATE_FILE_MODE as PRIVATE_FILE;
+/// Mode of a state folder (Unix).
+#[cfg(unix)]
+const PRIVATE_DIR: u32 = 0o700;
 
 /// Where the server optimiser's state after `round` is kept in a store folder.
 pub fn server_state_path(dir: &Path, round: Round) -> PathBuf {
@@ -61,6 +95,17 @@ pub enum StoreError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// Another process holds the state folder's lock: two servers must never share one folder.
+    #[error(
+        "{}: the state folder is in use by {holder}; stop that server or give this one another state_dir",
+        path.display()
+    )]
+    Locked {
+        /// The lock file (`state_dir/LOCK`).
+        path: PathBuf,
+        /// Who holds it, as it wrote itself into the file (pid, host, start time).
+        holder: String,
     },
     /// A checkpoint could not be written or read.
     #[error(transparent)]
@@ -119,17 +164,20 @@ pub struct Resume {
     pub skipped: Vec<String>,
 }
 
-/// A store folder, opened: checkpoints and the round log.
+/// A store folder, opened and locked: checkpoints and the round log. The folder stays locked
+/// until the store is dropped.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
     spec: PoolSpec,
     backbone: BackboneFingerprint,
-    log_path: PathBuf,
-    log: File,
+    log: LogFile,
     records: Vec<RoundRecord>,
     /// The newest round on disk (None before the initial pool is written).
     last: Option<Round>,
+    retention: Retention,
+    /// Declared last: dropped (unlocked) after the log file is closed.
+    lock: StateLock,
 }
 
 impl Store {
@@ -137,6 +185,9 @@ impl Store {
     /// the round log after a crash, and says where to resume. See the module documentation.
     pub fn open(dir: &Path, spec: PoolSpec, backbone: BackboneFingerprint) -> Result<(Store, Resume), StoreError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
+        // First of all: nothing below (the log's repair above all) may touch another server's files.
+        let lock = StateLock::acquire(dir)?;
+        make_private(dir);
         check_foreign(dir, &spec, backbone)?;
 
         let latest = latest_valid_pool(dir).map_err(io(dir))?;
@@ -164,15 +215,13 @@ impl Store {
             }
         };
 
-        let log_path = dir.join(ROUND_LOG);
-        let created = !log_path.exists();
-        let mut log = OpenOptions::new().read(true).append(true).create(true).open(&log_path).map_err(io(&log_path))?;
+        let (log, records, created) = LogFile::open(dir)?;
         if created {
             sync_dir(dir)?;
         }
-        let records = read_log(&log_path, &mut log)?;
         let last = resume.latest.as_ref().map(|(round, _)| *round);
-        let mut store = Store { dir: dir.to_path_buf(), spec, backbone, log_path, log, records, last };
+        let mut store =
+            Store { dir: dir.to_path_buf(), spec, backbone, log, records, last, retention: Retention::default(), lock };
 
         if let (Some((round, _)), Some(path)) = (&resume.latest, &resume.path) {
             if round.0 > 0 && !store.records.iter().any(|r| r.round == round.0) {
@@ -192,6 +241,18 @@ impl Store {
             }
         }
         Ok((store, resume))
+    }
+
+    /// The store with `retention` deciding which checkpoints stay after each commit (from the
+    /// next commit on; [`Retention::default`] until then).
+    pub fn with_retention(mut self, retention: Retention) -> Store {
+        self.retention = retention;
+        self
+    }
+
+    /// The rule deciding which checkpoints stay after each commit.
+    pub fn retention(&self) -> Retention {
+        self.retention
     }
 
     /// Opens the store and, in a fresh folder, writes the pool `init` returns as round 0. Returns
@@ -222,14 +283,15 @@ impl Store {
             )));
         }
         let path = checkpoint_path(&self.dir, Round(0));
-        write_pool(&path, pool, &CheckpointMeta::now(Round(0), self.spec.clone(), self.backbone))?;
+        write_pool_private(&path, pool, &CheckpointMeta::now(Round(0), self.spec.clone(), self.backbone))?;
         self.last = Some(Round(0));
         tracing::info!(file = %path.display(), "initial pool written");
         Ok(path)
     }
 
-    /// Persists a committed round: its checkpoint (atomically), then its log line (appended and
-    /// fsync'd). Returns the checkpoint's path. Rounds must come in increasing order.
+    /// Persists a committed round: its server state and checkpoint (atomically), then its log
+    /// line (appended and fsync'd); then deletes the checkpoints [`Store::retention`] does not
+    /// keep. Returns the checkpoint's path. Rounds must come in increasing order.
     pub fn commit(&mut self, commit: &Commit) -> Result<PathBuf, StoreError> {
         if let Some(last) = self.last {
             if commit.round <= last {
@@ -247,40 +309,34 @@ impl Store {
         }
         if !commit.server_state.is_empty() {
             let meta = BTreeMap::from([(META_ROUND.to_string(), commit.round.0.to_string())]);
-            write_tensors(&server_state_path(&self.dir, commit.round), &commit.server_state, meta)?;
+            write_tensors_private(&server_state_path(&self.dir, commit.round), &commit.server_state, meta)?;
         }
         let path = checkpoint_path(&self.dir, commit.round);
-        write_pool(&path, &commit.pool, &CheckpointMeta::now(commit.round, self.spec.clone(), self.backbone))?;
+        write_pool_private(&path, &commit.pool, &CheckpointMeta::now(commit.round, self.spec.clone(), self.backbone))?;
         self.last = Some(commit.round);
         self.append(&commit.record)?;
+        // The round is on disk: only now may older checkpoints go.
+        retention::prune(&self.dir, &self.retention, commit.round);
         Ok(path)
     }
 
-    /// Adds the federated evaluation of `round` to that round's line of the log: the log is
-    /// rewritten atomically (temp file, fsync, rename), so a crash leaves the old or the new log.
-    pub fn record_eval(&mut self, round: Round, eval: &crate::round::EvalRecord) -> Result<(), StoreError> {
+    /// Adds the federated evaluation of `round` to the log: one line of its own
+    /// (`{"eval_of": N, ...}`), appended and fsync'd, merged into round N's record when read. The
+    /// log is never rewritten, so recording costs one line however long the run.
+    pub fn record_eval(&mut self, round: Round, eval: &EvalRecord) -> Result<(), StoreError> {
         let Some(i) = self.records.iter().rposition(|r| r.round == round.0) else {
             return Err(StoreError::Order(format!(
                 "no line for round {round} in {} to add its evaluation to",
-                self.log_path.display()
+                self.log.path().display()
             )));
         };
-        let mut records = self.records.clone();
-        records[i].eval = Some(eval.clone());
-        let mut text = String::new();
-        for (n, r) in records.iter().enumerate() {
-            let line = serde_json::to_string(r).map_err(|e| StoreError::Log {
-                path: self.log_path.clone(),
-                line: n + 1,
-                problem: format!("cannot serialise the record: {e}"),
-            })?;
-            text.push_str(&line);
-            text.push('\n');
-        }
-        let path = self.log_path.clone();
-        fedpool_common::checkpoint::atomic_write(&path, text.as_bytes()).map_err(io(&path))?;
-        self.log = OpenOptions::new().read(true).append(true).open(&path).map_err(io(&path))?;
-        self.records = records;
+        let line = log::eval_line(round.0, eval).map_err(|e| StoreError::Log {
+            path: self.log.path().to_path_buf(),
+            line: self.records.len() + 1,
+            problem: format!("cannot serialise the evaluation: {e}"),
+        })?;
+        self.log.append(&line)?;
+        self.records[i].eval = Some(eval.clone());
         Ok(())
     }
 
@@ -301,19 +357,21 @@ impl Store {
 
     /// The round log's path.
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        self.log.path()
+    }
+
+    /// The lock file's path (`state_dir/LOCK`).
+    pub fn lock_path(&self) -> &Path {
+        self.lock.path()
     }
 
     fn append(&mut self, record: &RoundRecord) -> Result<(), StoreError> {
-        let mut line = serde_json::to_string(record).map_err(|e| StoreError::Log {
-            path: self.log_path.clone(),
+        let line = log::round_line(record).map_err(|e| StoreError::Log {
+            path: self.log.path().to_path_buf(),
             line: self.records.len() + 1,
             problem: format!("cannot serialise the record: {e}"),
         })?;
-        line.push('\n');
-        let path = &self.log_path;
-        self.log.write_all(line.as_bytes()).map_err(io(path))?;
-        self.log.sync_data().map_err(io(path))?;
+        self.log.append(&line)?;
         self.records.push(record.clone());
         Ok(())
     }
@@ -353,44 +411,9 @@ fn recovered_record(round: Round) -> RoundRecord {
         started_at_secs: 0.0,
         committed_at_secs: 0.0,
         recovered: true,
+        median_update_norm: None,
         eval: None,
     }
-}
-
-/// Reads the round log, truncating a torn last line (no trailing newline) away.
-fn read_log(path: &Path, log: &mut File) -> Result<Vec<RoundRecord>, StoreError> {
-    let mut bytes = Vec::new();
-    log.seek(SeekFrom::Start(0)).map_err(io(path))?;
-    log.read_to_end(&mut bytes).map_err(io(path))?;
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if complete < bytes.len() {
-        tracing::warn!(
-            file = %path.display(),
-            bytes = bytes.len() - complete,
-            "truncating a torn last line of the round log (crash mid-append)"
-        );
-        log.set_len(complete as u64).map_err(io(path))?;
-        log.sync_data().map_err(io(path))?;
-        bytes.truncate(complete);
-    }
-    let text = std::str::from_utf8(&bytes).map_err(|e| StoreError::Log {
-        path: path.to_path_buf(),
-        line: bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1,
-        problem: "not UTF-8".into(),
-    })?;
-    let mut records = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record = serde_json::from_str(line).map_err(|e| StoreError::Log {
-            path: path.to_path_buf(),
-            line: i + 1,
-            problem: e.to_string(),
-        })?;
-        records.push(record);
-    }
-    Ok(records)
 }
 
 /// Checks the header of every checkpoint in `dir` (reading its metadata only): each must be of
@@ -457,4 +480,45 @@ fn read_header_metadata(path: &Path) -> Result<BTreeMap<String, String>, String>
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+}
+
+/// Makes a state folder and the store's files in it readable by their owner only (`0700`,
+/// `0600`): a folder or files of an older run are tightened. A failure is logged: the files stay
+/// as they were, the store works.
+fn make_private(dir: &Path) {
+    #[cfg(unix)]
+    {
+        restrict(dir, PRIVATE_DIR);
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let ours = name == ROUND_LOG
+                || name == LOCK_FILE
+                || (name.ends_with(".safetensors")
+                    && (name.starts_with("round-") || name.starts_with("server-state-")));
+            if ours {
+                restrict(&entry.path(), PRIVATE_FILE);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+/// Sets `path`'s mode to `mode` if it allows more (group or others).
+#[cfg(unix)]
+fn restrict(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::metadata(path) else { return };
+    let current = meta.permissions().mode() & 0o777;
+    if current & !mode == 0 {
+        return;
+    }
+    match fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
+        Ok(()) => {
+            tracing::debug!(file = %path.display(), from = %format!("{current:o}"), to = %format!("{mode:o}"), "tightened")
+        }
+        Err(error) => tracing::warn!(file = %path.display(), %error, "cannot make a state file private"),
+    }
 }

@@ -117,7 +117,8 @@ impl Federation {
     }
 
     /// Writes `server.toml`: loopback port 0, the tiny spec, `rounds`, `clients_per_round`,
-    /// `quorum`, deadlines; `extra` lines are appended to the top-level table.
+    /// `quorum`, deadlines; `extra` lines are appended to the top-level table (`local_steps` and
+    /// `idle_timeout` given there replace the defaults of 4 and 5 s).
     pub fn write_server_config(
         &self,
         rounds: u64,
@@ -141,11 +142,11 @@ quorum = {quorum}
 deadline = "{deadline}"
 {steps}seed = 3
 heartbeat = "1s"
-idle_timeout = "5s"
-{extra}
+{idle}{extra}
 "#,
             fp = fp.0.to_hex(),
             steps = if extra.contains("local_steps") { "" } else { "local_steps = 4\n" },
+            idle = if extra.contains("idle_timeout") { "" } else { "idle_timeout = \"5s\"\n" },
         );
         let p = self.path("server.toml");
         std::fs::write(&p, text).expect("server.toml");

@@ -178,38 +178,14 @@ pub fn federation(names: &[String]) -> Federation {
 /// Writes `server.toml` for `config`: loopback port 0, the tiny spec, `heartbeat = "1s"`,
 /// every client needed before a round starts.
 pub fn write_server_config(fed: &Federation, config: &LoadConfig) -> PathBuf {
-    let fp = BackboneFingerprint::of_model_path(&fed.path(&fed.model)).expect("fingerprint");
-    let eval = if config.evaluate { "evaluate = true" } else { "evaluate = false" };
-    let text = format!(
-        r#"listen = "127.0.0.1:0"
-state_dir = "state"
-ca_cert = "certs/ca.pem"
-server_cert = "certs/server.pem"
-server_key = "certs/server.key"
-backbone_fingerprint = "{fp}"
-spec_file = "spec.json"
-rounds = {rounds}
-clients_per_round = {per_round}
-quorum = {quorum}
-min_clients_to_start = {start}
-deadline = "{deadline}ms"
-local_steps = 1
-seed = 3
-heartbeat = "1s"
-idle_timeout = "{idle}ms"
-{eval}
-"#,
-        fp = fp.0.to_hex(),
-        rounds = config.rounds,
-        per_round = config.clients_per_round,
-        quorum = config.quorum,
+    let extra = format!(
+        "min_clients_to_start = {start}\nlocal_steps = 1\nidle_timeout = \"{idle}ms\"\nevaluate = {eval}",
         start = config.clients_per_round.max(config.quorum),
-        deadline = config.deadline.as_millis(),
         idle = config.idle_timeout.as_millis(),
+        eval = config.evaluate,
     );
-    let p = fed.path("server.toml");
-    std::fs::write(&p, text).expect("server.toml");
-    p
+    let deadline = format!("{}ms", config.deadline.as_millis());
+    fed.write_server_config(config.rounds, config.clients_per_round, config.quorum, &deadline, &extra)
 }
 
 /// Samples a process's peak resident set (`VmHWM` of `/proc/<pid>/status`) every 20 ms on a

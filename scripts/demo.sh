@@ -12,7 +12,8 @@
 # rank budgets under bandwidth — client i
 # declares an upload of 1, 4, 16 or 64 kB/s, rounds have a 120 s deadline, and the server grants
 # each client the triplets its link carries; its log lists the grants), DEMO_DIR (demo-run),
-# BIN (target/release), MODEL (minilm; smollm2: SmolLM2-135M-Instruct from its 4-bit GGUF, a causal
+# BIN (target/release), STATUS_LISTEN (127.0.0.1:0: the coordinator's status page and metrics on
+# a free loopback port, printed at the start), MODEL (minilm; smollm2: SmolLM2-135M-Instruct from its 4-bit GGUF, a causal
 # LM that generates "positive"/"negative" after a ChatML prompt, judged by exact match; LoRA on
 # q_proj/v_proj by default, with CPU-sized defaults: 2 clients, 2 rounds of 4 steps × 8, 20 held out).
 # Scale up: CLIENTS=8 ROUNDS=20 STEPS=50 EVAL_MAX=1000, and device = "cuda:0" in the client configs
@@ -31,6 +32,7 @@ esac
 CODEC=${CODEC:-compressed}
 DEMO_DIR=${DEMO_DIR:-demo-run}
 BIN=${BIN:-target/release}
+STATUS_LISTEN=${STATUS_LISTEN:-127.0.0.1:0}
 DOMAINS=(tweets movieReviewSnippets amazonReviewSnippets nytEditorialSnippets)
 
 DOWNLOAD=${DOWNLOAD:-fp32}
@@ -91,6 +93,7 @@ local_steps = $STEPS
 seed = 0
 heartbeat = "10s"
 idle_timeout = "120s"
+metrics_listen = "$STATUS_LISTEN"
 
 [download_codec]
 $DOWN
@@ -140,7 +143,8 @@ SERVER=$!
 PIDS=()
 cleanup() { kill "${PIDS[@]}" "$SERVER" 2>/dev/null || true; }
 trap cleanup EXIT
-for _ in $(seq 100); do [ -s state/listen.addr ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ -s state/listen.addr ] && [ -s state/metrics.addr ] && break; sleep 0.1; done
+[ -s state/metrics.addr ] && echo "status page: http://$(cat state/metrics.addr)/ (Prometheus text at /metrics)" >&2
 for i in $(seq 0 $((CLIENTS - 1))); do
   RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1} "$OLDPWD/$BIN/fedpool-client" run --config "client-$i.toml" 2> "logs/client-$i.log" &
   PIDS+=($!)

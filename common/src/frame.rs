@@ -39,20 +39,32 @@ pub enum MessageKind {
     EvalTask = 8,
     /// Client → server: the metrics of an evaluation.
     EvalReport = 9,
+    /// Simulation coordinator → worker: work for the worker's virtual clients
+    /// (`fedpool-sim`'s distributed mode; never sent to or by a daemon).
+    SimRequest = 10,
+    /// Simulation worker → coordinator: what its virtual clients produced.
+    SimReply = 11,
 }
 
 impl MessageKind {
     /// The kind for a header byte, if it names one.
     pub fn from_byte(b: u8) -> Option<Self> {
         use MessageKind::*;
-        [Enroll, Welcome, Task, Update, Ack, Reject, Heartbeat, EvalTask, EvalReport]
+        [Enroll, Welcome, Task, Update, Ack, Reject, Heartbeat, EvalTask, EvalReport, SimRequest, SimReply]
             .into_iter()
             .find(|k| *k as u8 == b)
     }
 
     /// True for the kinds that carry a pool or a delta.
     pub fn is_bulk(self) -> bool {
-        matches!(self, MessageKind::Task | MessageKind::Update | MessageKind::EvalTask)
+        matches!(
+            self,
+            MessageKind::Task
+                | MessageKind::Update
+                | MessageKind::EvalTask
+                | MessageKind::SimRequest
+                | MessageKind::SimReply
+        )
     }
 }
 
@@ -232,7 +244,14 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, FrameError
 /// the smallest power of two ≥ 2 × `bytes.len()` (at least 4 KiB): a length field inside the
 /// body can never make the decoder reserve much more memory than the body itself occupies.
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
-    let want = bytes.len().saturating_mul(2).max(4096);
+    from_bytes_within(bytes, bytes.len().saturating_mul(2))
+}
+
+/// [`from_bytes`] with bincode's allocation limit set to the smallest power of two ≥
+/// `max_alloc` (at least 4 KiB), for messages whose values take more memory than wire bytes —
+/// many small structs of varint fields, each 5–10× its encoding in memory.
+pub fn from_bytes_within<T: DeserializeOwned>(bytes: &[u8], max_alloc: usize) -> Result<T, FrameError> {
+    let want = max_alloc.max(4096);
     macro_rules! with_limit {
         ($($bits:literal)*) => {
             $( if want <= (1usize << $bits) {
@@ -240,7 +259,7 @@ pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
             } )*
         };
     }
-    with_limit!(12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33);
+    with_limit!(12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35);
     Err(FrameError::Decode(format!("body of {} bytes is too large to decode", bytes.len())))
 }
 

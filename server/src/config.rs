@@ -39,7 +39,11 @@ Network and files:
                                  at every new connection and polled every 0.5 s: a live connection
                                  whose certificate is revoked is closed. A missing file revokes nobody.
                                  Default: revoked.txt beside ca_cert (where `certs revoke` writes).
-  metrics_listen = \"127.0.0.1:9464\"  Serve Prometheus text on GET /metrics there. Default: off.
+  metrics_listen = \"127.0.0.1:9464\"  Serve Prometheus text on GET /metrics there, and the status page
+                                 on GET / (round, phase, clients, each round's accuracy, bytes and
+                                 duration with a chart, rejections, rank grants; plain HTML that
+                                 reloads every 5 s). The bound address goes to metrics.addr in
+                                 state_dir. Default: off.
   max_connections = 10000        Most connections open at once; more are refused before any handshake
                                  work. Default 10000.
   max_handshakes = 256           Most QUIC handshakes in progress at once; more are refused. Default 256.
@@ -400,7 +404,7 @@ pub struct ServerConfig {
     /// Revoked client names (default: `revoked.txt` beside `ca_cert`).
     #[serde(default)]
     pub revocation_list: Option<PathBuf>,
-    /// Prometheus endpoint address (off by default).
+    /// Prometheus endpoint (`GET /metrics`) and status page (`GET /`) address (off by default).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     /// The backbone's folder.

@@ -1,5 +1,7 @@
 //! Prometheus metrics: counters and gauges updated by the network layer, served as text on
-//! `GET /metrics` by a tiny HTTP/1.1 responder on its own TCP port (off unless configured).
+//! `GET /metrics` by a tiny HTTP/1.1 responder on its own TCP port (off unless configured). The
+//! same port serves the coordinator's status page on `GET /` ([`crate::status`]); any other path
+//! is 404.
 //!
 //! | metric | type | meaning |
 //! | --- | --- | --- |
@@ -29,6 +31,8 @@ use std::time::Duration;
 use fedpool_common::wire::RejectReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::status::Status;
 
 /// The server's metrics; cheap to update from any task.
 #[derive(Debug, Default)]
@@ -161,6 +165,11 @@ impl Metrics {
         } else {
             self.pushes.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Refusals sent so far, by reason label ([`reason_label`]).
+    pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected.lock().map_or_else(|_| BTreeMap::new(), |m| m.clone())
     }
 
     /// Connections refused for `reason` so far.
@@ -305,10 +314,12 @@ const MAX_REQUEST: usize = 8 << 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the metrics endpoint on `addr` and returns the bound address and the task serving it
-/// (it runs until aborted).
+/// (it runs until aborted): `GET /metrics` is `metrics` as Prometheus text, `GET /` the status
+/// page of `status` (with `metrics`' rejection counts and byte totals).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
         .await
@@ -318,9 +329,9 @@ pub async fn serve(
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let metrics = metrics.clone();
+                    let (metrics, status) = (metrics.clone(), status.clone());
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &metrics)).await;
+                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &metrics, &status)).await;
                     });
                 }
                 Err(e) => {
@@ -333,7 +344,7 @@ pub async fn serve(
     Ok((local, task))
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, metrics: &Metrics, status: &Status) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
@@ -347,13 +358,15 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body, ctype) = match (method, path.split('?').next().unwrap_or("")) {
+    let (code, body, ctype) = match (method, path.split('?').next().unwrap_or("")) {
         ("GET", "/metrics") => ("200 OK", metrics.render(), "text/plain; version=0.0.4; charset=utf-8"),
-        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".to_string(), "text/plain; charset=utf-8"),
+        ("GET", "/") => ("200 OK", status.page(metrics), "text/html; charset=utf-8"),
+        ("GET", _) => ("404 Not Found", "not found: try / or /metrics\n".to_string(), "text/plain; charset=utf-8"),
         _ => ("405 Method Not Allowed", "only GET\n".to_string(), "text/plain; charset=utf-8"),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+         Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -365,27 +378,45 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
 mod tests {
     use super::*;
 
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     #[tokio::test]
-    async fn endpoint_serves_prometheus_text() {
+    async fn endpoint_serves_prometheus_text_the_status_page_and_404_elsewhere() {
         let m = Metrics::new();
         m.set_round(3);
         m.add_bytes_in(100);
         m.count_reject(RejectReason::WrongNonce);
         m.count_reject(RejectReason::WrongNonce);
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), m.clone()).await.unwrap();
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let status = Status::from_snapshot(crate::status::StatusSnapshot::new(std::time::Instant::now(), 4));
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), m.clone(), status).await.unwrap();
+        let out = get(addr, "/metrics").await;
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
         assert!(out.contains("\nfedpool_round 3\n"), "{out}");
         assert!(out.contains("\nfedpool_bytes_in_total 100\n"), "{out}");
         assert!(out.contains("fedpool_updates_rejected_total{reason=\"wrong_nonce\"} 2\n"), "{out}");
         assert!(out.contains("\nfedpool_upload_bytes_in_flight 0\n"), "{out}");
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        out.clear();
-        s.read_to_string(&mut out).await.unwrap();
+        let page = get(addr, "/").await;
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"), "{page}");
+        let body = &page[page.find("\r\n\r\n").expect("head") + 4..];
+        let length: usize = page
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("a length");
+        assert_eq!(length, body.len());
+        assert!(body.starts_with("<!DOCTYPE html>"), "{body}");
+        assert!(
+            body.contains("<tr class=\"rejection\" data-reason=\"wrong_nonce\"><td>wrong_nonce</td><td>2</td></tr>"),
+            "the page counts the metrics' rejections: {body}"
+        );
+        assert!(body.contains("round 1 of 4"), "{body}");
+        let out = get(addr, "/index.html").await;
         assert!(out.starts_with("HTTP/1.1 404"), "{out}");
         task.abort();
     }

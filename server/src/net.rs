@@ -107,6 +107,7 @@ use tracing::{info, warn};
 
 use crate::metrics::{self, Metrics};
 use crate::round::Engine;
+use crate::status::Status;
 use crate::store::Store;
 
 pub use fedpool_transport::close;
@@ -135,7 +136,8 @@ pub struct NetSetup {
     pub keep_alive: Duration,
     /// The caps and timeouts that bound every connection's resources.
     pub bounds: NetBounds,
-    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    /// Where to serve Prometheus metrics (`GET /metrics`) and the status page (`GET /`), if
+    /// anywhere.
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -351,6 +353,7 @@ pub struct Server {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
     committed: watch::Receiver<Round>,
     shutdown: Arc<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<Result<Outcome, NetError>>,
@@ -369,8 +372,9 @@ impl ShutdownHandle {
 }
 
 impl Server {
-    /// Binds the endpoint (and the metrics endpoint, if configured) and starts the accept loop
-    /// and the engine task, which continues from the engine's newest committed round.
+    /// Binds the endpoint (and the metrics endpoint with the status page, if configured) and
+    /// starts the accept loop and the engine task, which continues from the engine's newest
+    /// committed round. The status page starts with the rounds of the store's round log.
     pub async fn start(
         setup: NetSetup,
         engine: Engine,
@@ -382,11 +386,13 @@ impl Server {
         let endpoint = quinn::Endpoint::server(server_config, setup.listen)
             .map_err(|source| NetError::Bind { addr: setup.listen, source })?;
         let local_addr = endpoint.local_addr().map_err(|source| NetError::Bind { addr: setup.listen, source })?;
+        let status = Status::new(&engine, store.rounds(), std::time::Instant::now());
         let metrics_task = match setup.metrics_listen {
             Some(addr) => {
-                let (bound, task) =
-                    metrics::serve(addr, metrics.clone()).await.map_err(|source| NetError::Bind { addr, source })?;
-                info!("metrics on http://{bound}/metrics");
+                let (bound, task) = metrics::serve(addr, metrics.clone(), status.clone())
+                    .await
+                    .map_err(|source| NetError::Bind { addr, source })?;
+                info!("metrics on http://{bound}/metrics, status page on http://{bound}/");
                 Some((bound, task))
             }
             None => None,
@@ -428,7 +434,7 @@ impl Server {
 
         let accept_endpoint = endpoint.clone();
         let accept_task = tokio::spawn(accept(accept_endpoint, shared));
-        let drv = driver::Driver::new(engine, store, metrics.clone(), committed_tx);
+        let drv = driver::Driver::new(engine, store, metrics.clone(), status.clone(), committed_tx);
         let task = tokio::spawn(async move {
             let result = drv.run(from_conns, shutdown_rx).await;
             accept_task.abort();
@@ -448,7 +454,7 @@ impl Server {
             }
             result
         });
-        Ok(Server { local_addr, metrics_addr, metrics, committed, shutdown, task })
+        Ok(Server { local_addr, metrics_addr, metrics, status, committed, shutdown, task })
     }
 
     /// The UDP address the endpoint is bound to.
@@ -464,6 +470,11 @@ impl Server {
     /// The server's metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The status page's state ([`crate::status`]).
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
     }
 
     /// The newest committed round, updated after each commit is on disk.

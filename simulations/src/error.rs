@@ -14,7 +14,10 @@ use fedpool_server::budget::BudgetError;
 use fedpool_server::config::ConfigError;
 use fedpool_server::round::EngineError;
 
+use crate::distributed::DistributedError;
+use crate::experiment::ExperimentError;
 use crate::network::NetworkError;
+use crate::population::PopulationError;
 use crate::tenancy::TenancyError;
 
 /// Why a simulation stopped.
@@ -74,6 +77,18 @@ pub enum SimError {
     /// The engine named a client the population does not have (a bug).
     #[error("the engine named an unknown client {0}")]
     UnknownClient(String),
+    /// The experiment is unusable.
+    #[error(transparent)]
+    Experiment(Box<ExperimentError>),
+    /// The backbone or the data could not be loaded.
+    #[error(transparent)]
+    Population(Box<PopulationError>),
+    /// The link to a worker or the coordinator failed, or a worker did.
+    #[error(transparent)]
+    Distributed(Box<DistributedError>),
+    /// A client index outside the population (a bug, or a worker given a bad shard).
+    #[error("client index {0} is not in the population")]
+    UnknownClientIndex(usize),
     /// The engine recorded an evaluation of a round it never committed (a bug).
     #[error("an evaluation of round {0} that was never committed")]
     UncommittedEval(u64),
@@ -91,5 +106,27 @@ pub enum SimError {
 impl From<NetworkError> for SimError {
     fn from(e: NetworkError) -> Self {
         Self::Network(Box::new(e))
+    }
+}
+
+impl From<ExperimentError> for SimError {
+    fn from(e: ExperimentError) -> Self {
+        Self::Experiment(Box::new(e))
+    }
+}
+
+impl From<PopulationError> for SimError {
+    fn from(e: PopulationError) -> Self {
+        Self::Population(Box::new(e))
+    }
+}
+
+impl From<DistributedError> for SimError {
+    fn from(e: DistributedError) -> Self {
+        match e {
+            // A worker's own step failed: say what failed, not how it travelled.
+            DistributedError::Sim(e) => *e,
+            e => Self::Distributed(Box::new(e)),
+        }
     }
 }

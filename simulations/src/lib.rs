@@ -9,7 +9,9 @@
 //! of training on the union of the clients' data; [`error`] says why a run stopped.
 
 pub mod centralised;
+pub mod clients;
 pub mod device_check;
+pub mod distributed;
 pub mod driver;
 pub mod error;
 pub mod experiment;

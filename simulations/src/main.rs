@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedpool_sim::centralised::{run_centralised, CentralisedOptions};
 use fedpool_sim::device_check::DeviceCheckPlan;
+use fedpool_sim::distributed::{run_worker, CoordinatorOptions, Listening, WorkerOptions};
 use fedpool_sim::driver::{self, Progress, RunOutput};
 use fedpool_sim::experiment::{Experiment, Mode, DEFAULT_EXPERIMENT};
 use fedpool_sim::outputs::write_run;
@@ -79,10 +80,52 @@ enum Command {
     DefaultConfig,
     /// Draw finished runs on the same axes again (from their rounds.csv), without re-running.
     Plot(PlotArgs),
+    /// Serve a distributed run's coordinator (`run --workers N`): connect, load the experiment's
+    /// backbone and data on this worker's device, train the shard of clients it is dealt, until
+    /// the run is over.
+    Worker(WorkerArgs),
+    /// Make a distributed run's certificates ahead of time (the coordinator otherwise makes them
+    /// at start): DIR/ca.pem, server.pem/.key, clients/worker-K.pem/.key — for a Kubernetes Secret.
+    Certs(CertsArgs),
     /// Measure a device on the experiment's backbone and data: every kernel against the CPU, the
     /// training step of LoRA r=8, SSF and an SSF pool (batch 32), and lockstep against one client
     /// at a time for 32 and 256 clients. Prints markdown tables; exits 1 if a kernel disagrees.
     DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// The coordinator's HOST:PORT (`run --workers N --listen ...`).
+    #[arg(long)]
+    coordinator: String,
+    /// The certificate folder: ca.pem, clients/NAME.pem and clients/NAME.key.
+    #[arg(long)]
+    certs: PathBuf,
+    /// This worker's name: its certificate's subject (worker-0 … worker-(N-1)).
+    #[arg(long)]
+    name: String,
+    /// The device to train on (cpu, cuda:N, auto) [default: the experiment's].
+    #[arg(long)]
+    device: Option<String>,
+    /// The name on the coordinator's certificate [default: the HOST of --coordinator].
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Seconds to wait for the certificates to appear and the coordinator to answer.
+    #[arg(long, default_value_t = 300)]
+    wait_s: u64,
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// The certificate folder to make (what exists is kept).
+    #[arg(long)]
+    out: PathBuf,
+    /// Workers to issue certificates for (worker-0 … worker-(N-1)).
+    #[arg(long)]
+    workers: usize,
+    /// Extra names for the coordinator's certificate (the host name or address workers dial).
+    #[arg(long)]
+    san: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +185,32 @@ struct RunArgs {
     /// Override the experiment's number of rounds.
     #[arg(long)]
     rounds: Option<u64>,
+    /// Place the clients on N worker processes (`fedpool-sim worker`), each with its own copy
+    /// of the backbone on its own device; the same rounds as one process (README, "Distributed
+    /// simulation").
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Where the coordinator listens for its workers (UDP, QUIC + mutual TLS).
+    #[arg(long, default_value = "0.0.0.0:7600", requires = "workers")]
+    listen: std::net::SocketAddr,
+    /// The certificate folder [default: OUT/certs]; a CA, the coordinator's and the workers'
+    /// certificates are made there when it holds no CA.
+    #[arg(long, requires = "workers")]
+    certs: Option<PathBuf>,
+    /// Extra names for the coordinator's certificate (the host name or address workers dial;
+    /// localhost, the loopback addresses and this host's name are always on it).
+    #[arg(long, requires = "workers")]
+    san: Vec<String>,
+    /// Start the N workers on this host as child processes (the local launcher); otherwise wait
+    /// for N workers to connect (Slurm, Kubernetes: deploy/).
+    #[arg(long, requires = "workers")]
+    spawn_workers: bool,
+    /// How clients are dealt to workers: blocks (contiguous) or round-robin.
+    #[arg(long, default_value = "blocks", requires = "workers")]
+    sharding: fedpool_sim::distributed::Sharding,
+    /// Seconds to wait for the workers to connect.
+    #[arg(long, default_value_t = 600, requires = "workers")]
+    wait_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -185,11 +254,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) if args.compare.is_empty() => {
             let exp = experiment(args.config.as_deref(), &args)?;
-            let out = simulate(&exp, &args.out)?;
+            let out = match args.workers {
+                Some(n) => simulate_distributed(&exp, &args, n)?,
+                None => simulate(&exp, &args.out)?,
+            };
             print_table(&[(exp.name.clone(), out)]);
             Ok(())
         }
         Command::Run(args) => {
+            if args.workers.is_some() {
+                anyhow::bail!("--workers runs one experiment (--config), not --compare");
+            }
             let mut runs = Vec::new();
             for path in &args.compare {
                 let exp = experiment(Some(path), &args)?;
@@ -238,6 +313,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::DeviceCheck(args) => device_check(&args),
+        Command::Worker(args) => {
+            let options = WorkerOptions {
+                coordinator: args.coordinator,
+                server_name: args.server_name,
+                certs: args.certs,
+                name: args.name,
+                device: args.device,
+                wait: std::time::Duration::from_secs(args.wait_s),
+            };
+            let summary = run_worker(&options)?;
+            eprintln!(
+                "{}: trained {} clients, {} examples in {:.1} s of local training",
+                options.name, summary.clients, summary.stats.samples, summary.stats.wall_seconds
+            );
+            Ok(())
+        }
+        Command::Certs(args) => {
+            let issued = fedpool_sim::distributed::link::prepare_certs(&args.out, args.workers, &args.san)?;
+            eprintln!(
+                "{}: CA, coordinator and {} worker certificates ({} made now)",
+                args.out.display(),
+                args.workers,
+                issued.len()
+            );
+            Ok(())
+        }
         Command::DefaultConfig => {
             print!("{DEFAULT_EXPERIMENT}");
             Ok(())
@@ -334,6 +435,111 @@ fn simulate(exp: &Experiment, dir: &Path) -> anyhow::Result<RunOutput> {
         dir.display()
     );
     Ok(out)
+}
+
+/// Runs one experiment with its clients on `workers` worker processes (spawned here with
+/// `--spawn-workers`, else waited for) and writes its folder.
+fn simulate_distributed(exp: &Experiment, args: &RunArgs, workers: usize) -> anyhow::Result<RunOutput> {
+    anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+    let dir = &args.out;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let certs = args.certs.clone().unwrap_or_else(|| dir.join("certs"));
+    let listening = Listening::listen(CoordinatorOptions {
+        listen: args.listen,
+        certs: certs.clone(),
+        workers,
+        sans: args.san.clone(),
+        wait: std::time::Duration::from_secs(args.wait_s),
+        sharding: args.sharding,
+    })?;
+    let addr = listening.local_addr();
+    let _children = if args.spawn_workers {
+        Some(Children::spawn(workers, addr, &certs, args.device.as_deref())?)
+    } else {
+        eprintln!("{}: waiting for {workers} workers on {addr} (certificates in {})", exp.name, certs.display());
+        None
+    };
+    let mut clients = listening.start(exp)?;
+    tracing::info!("{}", clients.population().description);
+    let mut bar = RoundBar::new(exp.federation.rounds, &exp.name);
+    let out = driver::run_with(exp, &mut clients, &mut bar)?;
+    bar.bar.finish_and_clear();
+    let reports = clients.reports().to_vec();
+    drop(clients);
+    let mut files = write_run(dir, exp, &out)?;
+    let path = dir.join("workers.json");
+    let coordinator = fedpool_client::malloc::peak_rss_mib();
+    let json = serde_json::json!({ "coordinator_peak_rss_mib": coordinator, "workers": reports });
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    files.push(path);
+    for r in &reports {
+        let rss = r.peak_rss_mib.map_or("unknown".to_string(), |m| format!("{m:.0} MiB"));
+        match r.finished {
+            true => tracing::info!(
+                "{}: {} clients, {} training examples in {:.1} s, peak memory (RSS) {rss}",
+                r.name,
+                r.clients,
+                r.stats.samples,
+                r.stats.wall_seconds
+            ),
+            false => tracing::warn!("{}: lost before the end ({} clients)", r.name, r.clients),
+        }
+    }
+    tracing::info!(
+        "{}: {} training examples on {workers} workers in {:.1} s of local training; coordinator peak memory (RSS) {}; wrote {} files in {}",
+        exp.name,
+        out.trained_samples,
+        out.train_wall_seconds,
+        fedpool_client::malloc::peak_rss_mib().map_or("unknown".to_string(), |m| format!("{m:.0} MiB")),
+        files.len(),
+        dir.display()
+    );
+    Ok(out)
+}
+
+/// Worker processes started on this host (`--spawn-workers`): waited for at the end, killed if
+/// the coordinator stops early.
+struct Children {
+    children: Vec<std::process::Child>,
+}
+
+impl Children {
+    fn spawn(workers: usize, addr: std::net::SocketAddr, certs: &Path, device: Option<&str>) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding this program to start its workers")?;
+        let coordinator = format!("127.0.0.1:{}", addr.port());
+        let mut children = Children { children: Vec::new() };
+        for i in 0..workers {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("worker").arg("--coordinator").arg(&coordinator).arg("--certs").arg(certs);
+            cmd.arg("--name").arg(fedpool_sim::distributed::link::worker_name(i));
+            if let Some(d) = device {
+                cmd.arg("--device").arg(d);
+            }
+            let child = cmd.spawn().with_context(|| format!("starting worker {i} ({})", exe.display()))?;
+            children.children.push(child);
+        }
+        Ok(children)
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            // A worker exits once the coordinator closes its link; one that does not is stopped.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
 }
 
 /// A progress bar over rounds, with the phase of the current round as its message and one line

@@ -529,7 +529,10 @@ async fn client(
 async fn heartbeat(conn: Connection, secs: u32, answered: Arc<AtomicU64>, errors: Arc<Mutex<BTreeMap<String, usize>>>) {
     let period = Duration::from_secs(u64::from(secs.max(1)));
     for seq in 1.. {
-        tokio::time::sleep(period).await;
+        // The first at once (a fast federation may finish within one period), then every period.
+        if seq > 1 {
+            tokio::time::sleep(period).await;
+        }
         if conn.quic().close_reason().is_some() {
             return;
         }

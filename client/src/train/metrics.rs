@@ -1,7 +1,7 @@
 //! Classification metrics: accuracy and macro-F1.
 
 /// Accuracy, macro-F1 and mean loss over a set of examples.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct EvalMetrics {
     /// Fraction of examples predicted correctly.
     pub accuracy: f64,

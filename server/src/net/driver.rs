@@ -1,5 +1,6 @@
 //! The engine task: owns the round [`Engine`] and the checkpoint [`Store`], feeds the engine the
-//! clients' messages and ticks, and carries out its actions in order.
+//! clients' messages and ticks, and carries out its actions in order. Where it updates [`Metrics`]
+//! it also updates the status page's [`Status`] (each a short lock, no I/O).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tracing::{debug, error, info, warn};
 use super::{close, NetError, Outcome, ToConn, ToEngine, UploadPermit};
 use crate::metrics::Metrics;
 use crate::round::{Action, ClientId, Commit, Engine, EvalRecord, Event, RoundRecord, Time};
+use crate::status::Status;
 use crate::store::Store;
 
 /// A registered connection: its id and outbox.
@@ -30,19 +32,28 @@ pub(crate) struct Driver {
     links: HashMap<String, Link>,
     epoch: Instant,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
     committed: watch::Sender<Round>,
 }
 
 impl Driver {
-    pub(crate) fn new(engine: Engine, store: Store, metrics: Arc<Metrics>, committed: watch::Sender<Round>) -> Self {
+    pub(crate) fn new(
+        engine: Engine,
+        store: Store,
+        metrics: Arc<Metrics>,
+        status: Arc<Status>,
+        committed: watch::Sender<Round>,
+    ) -> Self {
         metrics.set_round(engine.round().0);
         metrics.set_committed_round(committed.borrow().0);
+        status.engine(&engine);
         Self {
             engine: Some(engine),
             store: Some(store),
             links: HashMap::new(),
             epoch: Instant::now(),
             metrics,
+            status,
             committed,
         }
     }
@@ -143,6 +154,7 @@ impl Driver {
             ToEngine::Connected { client, conn, tx } => {
                 let replaced = self.links.insert(client.clone(), Link { conn, tx });
                 self.metrics.set_connected(self.links.len() as u64);
+                self.status.connected(&client, Instant::now());
                 match replaced {
                     Some(old) => {
                         info!("client {client:?}: connection {conn} replaces connection {}", old.conn);
@@ -162,11 +174,15 @@ impl Driver {
                     debug!("client {client:?}: ignoring a message from replaced connection {conn}");
                     return Vec::new();
                 }
+                self.status.heard(&client, received);
                 let id = ClientId(client);
                 let at = self.time_of(received);
                 let mut events = Vec::new();
                 let event = match msg {
-                    ClientMessage::Enroll(enroll) => Event::Enroll { client: id, enroll },
+                    ClientMessage::Enroll(enroll) => {
+                        self.status.software(&id.0, &enroll.software);
+                        Event::Enroll { client: id, enroll }
+                    }
                     ClientMessage::Update(update) => {
                         events.push((at, Event::Throughput { client: id.clone(), bytes: wire_bytes, seconds }));
                         Event::Update { client: id, update, wire_bytes }
@@ -183,6 +199,7 @@ impl Driver {
                 }
                 self.links.remove(&client);
                 self.metrics.set_connected(self.links.len() as u64);
+                self.status.disconnected(&client);
                 vec![(self.now(), Event::Lost { client: ClientId(client) })]
             }
         }
@@ -204,6 +221,7 @@ impl Driver {
             let _ = link.tx.send(ToConn::Close { code, reason: reason.to_string() });
         }
         self.metrics.set_connected(0);
+        self.status.all_disconnected();
     }
 
     /// Carries out actions in order; a commit is on disk before the next action runs.
@@ -211,8 +229,18 @@ impl Driver {
         let mut outcome = None;
         for action in actions {
             match action {
-                Action::Welcome { client, welcome } => self.send_to(&client, ServerMessage::Welcome(welcome)),
-                Action::SendTask { client, task } => self.send_to(&client, ServerMessage::Task(task)),
+                Action::Welcome { client, welcome } => {
+                    self.status.enrolled(&client.0);
+                    self.send_to(&client, ServerMessage::Welcome(welcome));
+                }
+                Action::SendTask { client, task } => {
+                    if !task.rank_budget.is_empty() {
+                        let planner = self.engine.as_ref().and_then(Engine::rank_planner);
+                        let upload = planner.and_then(|p| p.bandwidth().estimate(&client.0).upload_bps);
+                        self.status.granted(&client.0, task.round, &task.rank_budget, upload);
+                    }
+                    self.send_to(&client, ServerMessage::Task(task));
+                }
                 Action::SendEval { client, task } => self.send_to(&client, ServerMessage::EvalTask(task)),
                 Action::RecordEval { round, eval } => self.record_eval(round, eval).await,
                 Action::Ack { client, ack } => self.send_to(&client, ServerMessage::Ack(ack)),
@@ -227,6 +255,7 @@ impl Driver {
                         let _ = link.tx.send(ToConn::Close { code: close::DROPPED, reason });
                     }
                     self.metrics.set_connected(self.links.len() as u64);
+                    self.status.disconnected(&client.0);
                 }
                 Action::Commit(commit) => self.commit(commit).await?,
                 Action::Fatal(e) => {
@@ -245,6 +274,7 @@ impl Driver {
         if let Some(engine) = &self.engine {
             self.metrics.set_round(engine.round().0);
             self.metrics.set_quarantined(engine.quarantined().len() as u64);
+            self.status.engine(engine);
         }
         Ok(outcome)
     }
@@ -275,6 +305,7 @@ impl Driver {
             Ok(path) => {
                 info!("{} -> {} ({:.0?})", status_line(&commit.record), path.display(), started.elapsed());
                 self.metrics.set_committed_round(round.0);
+                self.status.committed(&commit.record);
                 let _ = self.committed.send(round);
                 Ok(())
             }
@@ -302,7 +333,10 @@ impl Driver {
             Ok((store, eval, result)) => {
                 self.store = Some(store);
                 match result {
-                    Ok(()) => info!("{}", eval_line(round, &eval)),
+                    Ok(()) => {
+                        info!("{}", eval_line(round, &eval));
+                        self.status.evaluated(round, &eval);
+                    }
                     Err(e) => warn!("round {round}: could not log its evaluation: {e}"),
                 }
             }

@@ -334,6 +334,17 @@ impl Engine {
         self.committed
     }
 
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Where the engine stands, in words: "waiting to train", "training", "waiting to
+    /// evaluate", "evaluating", "finished" or "failed".
+    pub fn phase_name(&self) -> &'static str {
+        self.phase.name()
+    }
+
     /// The global pool after the newest committed round.
     pub fn global(&self) -> &AdapterPool {
         &self.global

@@ -6,6 +6,7 @@
 
 mod cli;
 mod decoder;
+mod distributed;
 mod driver;
 mod network;
 mod partition;

@@ -13,3 +13,4 @@ mod federation;
 mod load;
 mod pair;
 mod revocation;
+mod status_page;

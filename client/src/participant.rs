@@ -32,7 +32,7 @@
 
 use fedpool_common::adapter::{AdapterPool, PoolDelta, PoolError, PoolSpec};
 use fedpool_common::checkpoint::CheckpointError;
-use fedpool_common::codec::{self, CodecConfig, CodecError, DecodeLimits, EncodedDelta, ErrorFeedback};
+use fedpool_common::codec::{self, CodecError, CodecSchedule, DecodeLimits, EncodedDelta, ErrorFeedback};
 use fedpool_common::wire::{
     Enroll, EvalMetrics, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update, PROTOCOL_VERSION,
 };
@@ -200,8 +200,8 @@ pub struct ParticipantConfig {
     pub train: TrainConfig,
     /// Which LoRA factors train in which round (FFA-LoRA, RoLoRA).
     pub lora_variant: LoraVariant,
-    /// The upload codec.
-    pub codec: CodecConfig,
+    /// The upload codec (with its warm-up: each round's configuration is `codec.for_round`).
+    pub codec: CodecSchedule,
     /// Upload bandwidth told to the server at enrollment (bytes/s).
     pub declared_upload_bps: Option<u64>,
     /// Download bandwidth told to the server at enrollment (bytes/s).
@@ -219,6 +219,20 @@ pub struct LocalResult {
     pub metrics: TrainMetrics,
     /// AdaLoRA triplet importance (empty for other adapters).
     pub importance: Vec<TripletImportance>,
+}
+
+/// The importance scores of the triplets the task granted (all of them without a grant): an
+/// ungranted triplet was not trained (it is zero), so its score of 0 is no measurement.
+fn granted_scores(mut importance: Vec<TripletImportance>, task: &RoundTask) -> Vec<TripletImportance> {
+    if task.rank_budget.is_empty() {
+        return importance;
+    }
+    let ranks = task.granted_ranks();
+    for imp in &mut importance {
+        let rank = ranks.get(&imp.target).copied().unwrap_or(0);
+        imp.scores.truncate(rank);
+    }
+    importance
 }
 
 /// One client's protocol state (see the module's documentation for the call order).
@@ -357,7 +371,8 @@ impl Participant {
         };
         let mut residual = self.storage.acknowledged()?;
         let (delta, personal) = self.split_personal(task, delta, &residual)?;
-        let encoded = codec::encode(&delta, &self.config.codec, Some(&mut residual), task.task_id.0 ^ self.config.seed)
+        let config = self.config.codec.for_round(round.0);
+        let encoded = codec::encode(&delta, &config, Some(&mut residual), task.task_id.0 ^ self.config.seed)
             .map_err(|source| ParticipantError::Encode { round, source })?;
         if !personal.is_empty() {
             let mut state = residual.into_tensors();
@@ -373,7 +388,7 @@ impl Participant {
             examples: self.config.examples,
             delta: encoded,
             metrics: trained.metrics,
-            importance: trained.importance,
+            importance: granted_scores(trained.importance, task),
         })
     }
 
@@ -457,7 +472,7 @@ mod tests {
     use super::*;
     use crate::train::LoraTrain;
     use fedpool_common::adapter::{HeadSpec, TargetSpec};
-    use fedpool_common::codec::Quantization;
+    use fedpool_common::codec::{CodecConfig, Quantization};
     use fedpool_common::{Nonce, Sha256};
 
     fn spec() -> PoolSpec {
@@ -473,7 +488,7 @@ mod tests {
             seed: 5,
             train: TrainConfig::default(),
             lora_variant: LoraVariant::RoLora,
-            codec: CodecConfig { top_k: Some(0.25), quantization: Quantization::F32, ..CodecConfig::default() },
+            codec: CodecConfig { top_k: Some(0.25), quantization: Quantization::F32, ..CodecConfig::default() }.into(),
             declared_upload_bps: None,
             declared_download_bps: None,
             software: "test".into(),
@@ -543,7 +558,7 @@ mod tests {
         let pool = AdapterPool::init(&spec(), 1).unwrap();
         let mut p = participant(MemoryResidual::default());
         p.config.lora_variant = LoraVariant::FedSa;
-        p.config.codec = CodecConfig { top_k: None, quantization: Quantization::F32, ..CodecConfig::default() };
+        p.config.codec = CodecConfig { top_k: None, quantization: Quantization::F32, ..CodecConfig::default() }.into();
         let b = "layer.0.attention.query.lora_B.weight";
         let t1 = task(1, 1, &pool);
         let (start, config) = p.begin(&t1).unwrap();

@@ -57,18 +57,46 @@ pub struct CodecConfig {
     pub block_size: u32,
     /// zstd level for the whole payload (None: no zstd).
     pub zstd_level: Option<i32>,
+    /// With `top_k`: the head, AdaLoRA's λ (`lora_E`) and every tensor of at most
+    /// [`SMALL_TENSOR_VALUES`] values travel whole (quantized like the rest), not sparsified.
+    pub dense_small: bool,
+    /// How a value becomes a quantization level.
+    pub rounding: Rounding,
+}
+
+/// A tensor this small (or the head, or λ) is sent whole under `dense_small`: a LoRA head
+/// (2 × 384 on MiniLM) is 768 values, an SSF pool's smallest rows are 384.
+pub const SMALL_TENSOR_VALUES: usize = 1024;
+
+/// How a value is mapped to one of the quantizer's levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Rounding {
+    /// Up with probability equal to the fraction above the lower level: unbiased
+    /// (E[level·scale] = value), the rounding noise independent of the value.
+    #[default]
+    Stochastic,
+    /// To the nearest level: biased per value, the smaller error on average.
+    Nearest,
 }
 
 impl Default for CodecConfig {
     /// Lossless: every value as f32, no zstd.
     fn default() -> Self {
-        Self { top_k: None, quantization: Quantization::F32, block_size: DEFAULT_BLOCK, zstd_level: None }
+        Self {
+            top_k: None,
+            quantization: Quantization::F32,
+            block_size: DEFAULT_BLOCK,
+            zstd_level: None,
+            dense_small: false,
+            rounding: Rounding::Stochastic,
+        }
     }
 }
 
 /// Codec settings as people write them in a TOML config (`[download_codec]` of the server,
 /// `[upload_codec]` of the client): `quantization = "fp32" | "int8" | "int4"`, `top_k`,
-/// `block_size`, `zstd_level`. Every field has a default (lossless fp32).
+/// `block_size`, `zstd_level`, `dense_small`, `rounding = "stochastic" | "nearest"`,
+/// `warmup_rounds` (uploads only). Every field has a default (lossless fp32).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodecSettings {
@@ -84,6 +112,20 @@ pub struct CodecSettings {
     /// zstd level (None: no zstd).
     #[serde(default)]
     pub zstd_level: Option<i32>,
+    /// With `top_k`: the head, λ and tensors of at most [`SMALL_TENSOR_VALUES`] values whole.
+    #[serde(default)]
+    pub dense_small: bool,
+    /// `stochastic` (default) or `nearest`.
+    #[serde(default = "default_rounding_name")]
+    pub rounding: String,
+    /// With `top_k`: the first rounds keep more, from dense down to `top_k` geometrically (deep
+    /// gradient compression's warm-up; [`CodecSchedule`]). Uploads only.
+    #[serde(default)]
+    pub warmup_rounds: u64,
+}
+
+fn default_rounding_name() -> String {
+    "stochastic".into()
 }
 
 fn default_quantization_name() -> String {
@@ -96,13 +138,32 @@ fn default_block_size() -> u32 {
 
 impl Default for CodecSettings {
     fn default() -> Self {
-        Self { quantization: default_quantization_name(), top_k: None, block_size: DEFAULT_BLOCK, zstd_level: None }
+        Self {
+            quantization: default_quantization_name(),
+            top_k: None,
+            block_size: DEFAULT_BLOCK,
+            zstd_level: None,
+            dense_small: false,
+            rounding: default_rounding_name(),
+            warmup_rounds: 0,
+        }
     }
 }
 
 impl CodecSettings {
-    /// The checked codec configuration.
+    /// The checked codec configuration, for a codec without a warm-up (the server's download);
+    /// `warmup_rounds` is refused here: uploads use [`CodecSettings::to_schedule`].
     pub fn to_codec(&self) -> Result<CodecConfig, CodecError> {
+        if self.warmup_rounds > 0 {
+            return Err(CodecError::Config(format!(
+                "warmup_rounds = {} is for uploads only (the client's upload codec)",
+                self.warmup_rounds
+            )));
+        }
+        self.parse()
+    }
+
+    fn parse(&self) -> Result<CodecConfig, CodecError> {
         let quantization = match self.quantization.to_ascii_lowercase().as_str() {
             "fp32" | "f32" => Quantization::F32,
             "int8" => Quantization::Int8,
@@ -111,10 +172,66 @@ impl CodecSettings {
                 return Err(CodecError::Config(format!("quantization {other:?} is not fp32, int8 or int4")));
             }
         };
-        let c =
-            CodecConfig { top_k: self.top_k, quantization, block_size: self.block_size, zstd_level: self.zstd_level };
+        let rounding = match self.rounding.to_ascii_lowercase().as_str() {
+            "stochastic" => Rounding::Stochastic,
+            "nearest" => Rounding::Nearest,
+            other => return Err(CodecError::Config(format!("rounding {other:?} is not stochastic or nearest"))),
+        };
+        let c = CodecConfig {
+            top_k: self.top_k,
+            quantization,
+            block_size: self.block_size,
+            zstd_level: self.zstd_level,
+            dense_small: self.dense_small,
+            rounding,
+        };
         c.validate()?;
         Ok(c)
+    }
+
+    /// The checked per-round schedule (the configuration with its warm-up).
+    pub fn to_schedule(&self) -> Result<CodecSchedule, CodecError> {
+        let codec = self.parse()?;
+        if self.warmup_rounds > 0 && codec.top_k.is_none() {
+            return Err(CodecError::Config(format!(
+                "warmup_rounds = {} needs top_k (it ramps the kept fraction down to top_k)",
+                self.warmup_rounds
+            )));
+        }
+        Ok(CodecSchedule { codec, warmup_rounds: self.warmup_rounds })
+    }
+}
+
+/// An upload codec with deep gradient compression's warm-up (Lin et al., ICLR 2018: the kept
+/// fraction falls exponentially over the first epochs): in round `r ≤ W` of a warm-up of `W`
+/// rounds top-k keeps `k^(r / (W + 1))` of each tensor (W = 2, k = 10%: 46%, 22%, then 10%), so
+/// the first, largest updates are not held back in the residual while the model moves most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CodecSchedule {
+    /// The configuration after the warm-up.
+    pub codec: CodecConfig,
+    /// Rounds of warm-up (0: none).
+    pub warmup_rounds: u64,
+}
+
+impl From<CodecConfig> for CodecSchedule {
+    /// No warm-up.
+    fn from(codec: CodecConfig) -> Self {
+        Self { codec, warmup_rounds: 0 }
+    }
+}
+
+impl CodecSchedule {
+    /// The configuration of round `round` (the first round is 1).
+    pub fn for_round(&self, round: u64) -> CodecConfig {
+        match self.codec.top_k {
+            Some(k) if round >= 1 && round <= self.warmup_rounds => {
+                let exponent = round as f64 / (self.warmup_rounds as f64 + 1.0);
+                let kept = (f64::from(k).powf(exponent) as f32).clamp(k, 1.0);
+                CodecConfig { top_k: Some(kept), ..self.codec }
+            }
+            _ => self.codec,
+        }
     }
 }
 
@@ -148,6 +265,12 @@ impl CodecConfig {
             Quantization::Int8 => "int8".into(),
             Quantization::Int4 => "int4".into(),
         });
+        if self.quantization != Quantization::F32 && self.rounding == Rounding::Nearest {
+            parts.push("nearest".into());
+        }
+        if self.dense_small && self.top_k.is_some() {
+            parts.push("dense-small".into());
+        }
         if let Some(l) = self.zstd_level {
             parts.push(format!("zstd{l}"));
         }
@@ -308,11 +431,12 @@ pub fn encode(
         if let Some(fb) = feedback.as_deref_mut() {
             add_residual(fb, &keys, &mut v);
         }
-        let kept: Vec<usize> = match config.top_k {
+        let top_k = config.top_k.filter(|_| !(config.dense_small && is_small(name, t)));
+        let kept: Vec<usize> = match top_k {
             Some(frac) => top_k_positions(&v, frac),
             None => Vec::new(), // dense
         };
-        let dense = config.top_k.is_none();
+        let dense = top_k.is_none();
         let selected: Vec<f32> = if dense { v.clone() } else { kept.iter().map(|&i| v[i]).collect() };
         let (values, sent) = quantize(&selected, config, &mut rng);
         if let Some(fb) = feedback.as_deref_mut() {
@@ -439,6 +563,15 @@ pub fn decode(enc: &EncodedDelta, limits: &DecodeLimits) -> Result<PoolDelta, Co
         }
     }
     Ok(PoolDelta { spec_hash: body.spec_hash, slots: body.slots, tensors })
+}
+
+/// Whether `dense_small` sends this tensor whole: the head, AdaLoRA's λ, or at most
+/// [`SMALL_TENSOR_VALUES`] values.
+fn is_small(name: &str, t: &HostTensor) -> bool {
+    name == crate::adapter::HEAD_WEIGHT
+        || name == crate::adapter::HEAD_BIAS
+        || name.ends_with(".lora_E.weight")
+        || t.numel() <= SMALL_TENSOR_VALUES
 }
 
 /// The residual keys of a tensor's segments: one per slot row in an SSF pool delta, else one.
@@ -573,7 +706,11 @@ fn quantize(v: &[f32], config: &CodecConfig, rng: &mut ChaCha8Rng) -> (Values, V
         let scale = absmax / levels;
         scales.extend_from_slice(&scale.to_le_bytes());
         for &x in chunk {
-            let level = if scale > 0.0 { stochastic_round(x / scale, rng).clamp(-levels, levels) } else { 0.0 };
+            let level = match (scale > 0.0, config.rounding) {
+                (false, _) => 0.0,
+                (true, Rounding::Stochastic) => stochastic_round(x / scale, rng).clamp(-levels, levels),
+                (true, Rounding::Nearest) => (x / scale).round().clamp(-levels, levels),
+            };
             q.push(level as i8);
             sent.push(level * scale);
         }
@@ -645,6 +782,82 @@ mod tests {
         let n = values.len();
         tensors.insert("t".to_string(), HostTensor::new(vec![n], values).unwrap());
         PoolDelta { spec_hash: SpecHash(Sha256::of(b"spec")), slots: None, tensors }
+    }
+
+    fn named(tensors: &[(&str, Vec<f32>)]) -> PoolDelta {
+        let tensors = tensors
+            .iter()
+            .map(|(name, v)| (name.to_string(), HostTensor::new(vec![v.len()], v.clone()).unwrap()))
+            .collect();
+        PoolDelta { spec_hash: SpecHash(Sha256::of(b"spec")), slots: None, tensors }
+    }
+
+    fn ramp(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
+    }
+
+    #[test]
+    fn dense_small_sends_the_head_lambda_and_small_tensors_whole_and_sparsifies_the_rest() {
+        let big = ramp(4096);
+        let d = named(&[
+            (crate::adapter::HEAD_WEIGHT, ramp(4096)),
+            (crate::adapter::HEAD_BIAS, vec![0.3, -0.2]),
+            ("layer.0.attention.query.lora_E.weight", ramp(8)),
+            ("small", ramp(SMALL_TENSOR_VALUES)),
+            ("big", big.clone()),
+        ]);
+        let sparse = CodecConfig { top_k: Some(0.1), ..CodecConfig::default() };
+        let nonzero = |d: &PoolDelta, name: &str| d.tensors[name].data().iter().filter(|v| **v != 0.0).count();
+        let off = decode(&encode(&d, &sparse, None, 0).unwrap(), &DecodeLimits::default()).unwrap();
+        assert_eq!(nonzero(&off, crate::adapter::HEAD_WEIGHT), 410, "without dense_small the head is top-k'd");
+        let on = CodecConfig { dense_small: true, ..sparse };
+        let back = decode(&encode(&d, &on, None, 0).unwrap(), &DecodeLimits::default()).unwrap();
+        for name in
+            [crate::adapter::HEAD_WEIGHT, crate::adapter::HEAD_BIAS, "layer.0.attention.query.lora_E.weight", "small"]
+        {
+            assert_eq!(back.tensors[name], d.tensors[name], "{name} travels whole and exact (fp32)");
+        }
+        assert_eq!(nonzero(&back, "big"), 410, "a big tensor keeps its top 10%");
+        assert_eq!(on.describe(), "top10%+fp32+dense-small");
+    }
+
+    #[test]
+    fn nearest_rounding_is_the_closest_level_and_stochastic_is_unbiased() {
+        let v: Vec<f32> = (0..64).map(|i| if i == 0 { 1.0 } else { 0.3 / 127.0 }).collect();
+        let d = delta(v.clone());
+        let nearest =
+            CodecConfig { quantization: Quantization::Int8, rounding: Rounding::Nearest, ..Default::default() };
+        let back = decode(&encode(&d, &nearest, None, 0).unwrap(), &DecodeLimits::default()).unwrap();
+        // Scale = 1/127: 0.3 of a level rounds to 0, always.
+        assert!(back.tensors["t"].data()[1..].iter().all(|x| *x == 0.0));
+        let stochastic = CodecConfig { rounding: Rounding::Stochastic, ..nearest };
+        let mean: f64 = (0..200u64)
+            .map(|seed| {
+                let back = decode(&encode(&d, &stochastic, None, seed).unwrap(), &DecodeLimits::default()).unwrap();
+                back.tensors["t"].data()[1..].iter().map(|x| f64::from(*x)).sum::<f64>() / 63.0
+            })
+            .sum::<f64>()
+            / 200.0;
+        let want = 0.3 / 127.0;
+        assert!((mean - want).abs() < 0.05 * want, "stochastic mean {mean} vs the value {want}");
+        let bad = CodecSettings { rounding: "up".into(), ..CodecSettings::default() };
+        assert!(bad.to_codec().unwrap_err().to_string().contains("rounding \"up\""));
+    }
+
+    #[test]
+    fn the_warm_up_keeps_more_in_its_first_rounds_falling_geometrically_to_top_k() {
+        let settings = CodecSettings { top_k: Some(0.1), warmup_rounds: 2, ..CodecSettings::default() };
+        let schedule = settings.to_schedule().unwrap();
+        let k = |r| schedule.for_round(r).top_k.unwrap();
+        assert!((k(1) - 0.1f32.powf(1.0 / 3.0)).abs() < 1e-6, "round 1 keeps {}", k(1));
+        assert!((k(2) - 0.1f32.powf(2.0 / 3.0)).abs() < 1e-6, "round 2 keeps {}", k(2));
+        assert_eq!(k(3), 0.1);
+        assert_eq!(k(30), 0.1);
+        assert_eq!(CodecSchedule::from(schedule.codec).for_round(1), schedule.codec, "no warm-up: the codec itself");
+        let err = settings.to_codec().unwrap_err().to_string();
+        assert!(err.contains("uploads only"), "a download codec refuses the warm-up: {err}");
+        let dense = CodecSettings { warmup_rounds: 2, ..CodecSettings::default() };
+        assert!(dense.to_schedule().unwrap_err().to_string().contains("needs top_k"));
     }
 
     #[test]

@@ -174,7 +174,7 @@ pub fn codec_input(data: &[u8]) -> Option<EncodedDelta> {
     };
     let payload = rest.to_vec();
     let raw_len = raw_len.unwrap_or(payload.len() as u64);
-    let config = CodecConfig { top_k, quantization, block_size, zstd_level };
+    let config = CodecConfig { top_k, quantization, block_size, zstd_level, ..CodecConfig::default() };
     EncodedDelta::seal(config, raw_len, payload).ok()
 }
 

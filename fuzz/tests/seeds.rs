@@ -61,7 +61,13 @@ fn codec_input_reads_back_what_codec_seed_writes() {
     let delta = AdapterPool::init(&ssf, 1).unwrap().to_transfer(&ssf).unwrap();
     for cfg in [
         CodecConfig::default(),
-        CodecConfig { top_k: Some(0.25), quantization: Quantization::Int4, block_size: 3, zstd_level: Some(5) },
+        CodecConfig {
+            top_k: Some(0.25),
+            quantization: Quantization::Int4,
+            block_size: 3,
+            zstd_level: Some(5),
+            ..CodecConfig::default()
+        },
     ] {
         let enc = encode(&delta, &cfg, None, 0).unwrap();
         assert_eq!(codec_input(&codec_seed(&enc)).unwrap(), enc);

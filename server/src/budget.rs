@@ -489,15 +489,121 @@ fn grant(input: &AllocationInput<'_>, client: &ClientLink, order: &[usize], cap:
             break;
         }
     }
-    let expected_bytes = input.costs.bytes(&ranks);
+    train_grant(input, &ranks, byte_budget)
+}
+
+/// The grant of `ranks` (one per target, the spec's order) with its bound.
+fn train_grant(input: &AllocationInput<'_>, ranks: &[usize], byte_budget: u64) -> Grant {
+    let expected_bytes = input.costs.bytes(ranks);
     let ranks = input
         .spec
         .targets
         .iter()
-        .zip(&ranks)
+        .zip(ranks)
         .map(|(t, &r)| TargetBudget { target: t.name.clone(), rank: u32::try_from(r).unwrap_or(u32::MAX) })
         .collect();
     Grant::Train { ranks, expected_bytes, byte_budget }
+}
+
+/// Capacity units of [`allocate_knapsack`]'s table: a client's spare bytes are cut into this
+/// many equal units, each triplet's cost rounded up to whole units (so a solution never exceeds
+/// the budget; at most 1/2048 of it goes unused to the rounding).
+const KNAPSACK_UNITS: usize = 2048;
+
+/// Fed-piLot's allocation (Zhang et al., 2024: rank choice as a knapsack): per client, the ranks
+/// that maximise the total importance of the granted triplets, `Σ_t Σ_{i < r_t} I_t,i`, with
+/// the update's bound within the client's byte budget and at most the schedule's triplets; each
+/// target's triplets are still a prefix (rank `r` is triplets `0..r`), so this is a
+/// multiple-choice knapsack over targets (value: the prefix's importance, weight: its encoded
+/// bytes, capacity: the byte budget), solved exactly by dynamic programming over byte units and
+/// triplet counts. Where importance falls along every target's index the greedy prefix of
+/// [`allocate`] is already optimal and both agree; where it does not (a later triplet scores
+/// higher than an earlier one) the knapsack can buy it. Ties go to fewer bytes. Same checks,
+/// sit-outs and result as [`allocate`].
+pub fn allocate_knapsack(input: &AllocationInput<'_>) -> Result<Vec<ClientAllocation>, BudgetError> {
+    check_input(input)?;
+    let targets = input.spec.targets.len();
+    let max_rank = input.spec.max_rank;
+    let cap = input.schedule_budget.clamp(targets, targets * max_rank);
+    let grants = input.clients.iter().map(|c| {
+        let byte_budget = byte_budget(c.upload_bps, c.compute, input.deadline, input.safety_margin);
+        let base = vec![1usize; targets];
+        let needed_bytes = input.costs.bytes(&base);
+        let grant = if byte_budget == 0 || needed_bytes > byte_budget {
+            Grant::SitOut { byte_budget, needed_bytes }
+        } else {
+            train_grant(input, &knapsack_ranks(input, byte_budget, cap), byte_budget)
+        };
+        ClientAllocation { client: c.client.clone(), grant }
+    });
+    Ok(grants.collect())
+}
+
+/// The ranks (each ≥ 1) of [`allocate_knapsack`] for one client whose rank-1 update fits.
+fn knapsack_ranks(input: &AllocationInput<'_>, byte_budget: u64, cap: usize) -> Vec<usize> {
+    let targets = input.spec.targets.len();
+    let max_rank = input.spec.max_rank;
+    // Bytes beyond rank 1 everywhere, one byte kept for the bound's ceiling.
+    let spare = byte_budget.saturating_sub(input.costs.bytes(&vec![1; targets])).saturating_sub(1) as f64;
+    let unit = (spare / KNAPSACK_UNITS as f64).max(1.0);
+    let units = (spare / unit).floor() as usize;
+    let extra_cap = cap - targets;
+    // best[u][n]: the most importance with `u` units and `n` extra triplets; NEG: unreachable.
+    const NEG: f64 = f64::NEG_INFINITY;
+    let width = extra_cap + 1;
+    let mut best = vec![NEG; (units + 1) * width];
+    best[0] = 0.0;
+    let mut choice = vec![0u16; targets * (units + 1) * width];
+    for t in 0..targets {
+        let per = input.costs.per_triplet()[t];
+        let scores = &input.importance[t];
+        let mut next = vec![NEG; best.len()];
+        for u in 0..=units {
+            for n in 0..width {
+                let here = best[u * width + n];
+                if here == NEG {
+                    continue;
+                }
+                let mut value = here;
+                for (extra, score) in scores.iter().enumerate().take(max_rank) {
+                    if extra > 0 {
+                        value += score;
+                    }
+                    let cost = (per * extra as f64 / unit).ceil() as usize;
+                    let (u2, n2) = (u + cost, n + extra);
+                    if u2 > units || n2 > extra_cap {
+                        break;
+                    }
+                    let slot = u2 * width + n2;
+                    if value > next[slot] {
+                        next[slot] = value;
+                        choice[(t * (units + 1) + u2) * width + n2] = u16::try_from(extra).unwrap_or(u16::MAX);
+                    }
+                }
+            }
+        }
+        best = next;
+    }
+    // The best end state, ties to fewer units (bytes), then fewer triplets.
+    let mut end = (0usize, 0usize);
+    let mut top = NEG;
+    for u in 0..=units {
+        for n in 0..width {
+            if best[u * width + n] > top {
+                top = best[u * width + n];
+                end = (u, n);
+            }
+        }
+    }
+    let mut ranks = vec![1usize; targets];
+    let (mut u, mut n) = end;
+    for t in (0..targets).rev() {
+        let extra = usize::from(choice[(t * (units + 1) + u) * width + n]);
+        ranks[t] += extra;
+        u -= (input.costs.per_triplet()[t] * extra as f64 / unit).ceil() as usize;
+        n -= extra;
+    }
+    ranks
 }
 
 fn check_input(input: &AllocationInput<'_>) -> Result<(), BudgetError> {

@@ -98,6 +98,7 @@ Rounds:
   top_k = 0.1                    Keep this fraction of values (default: all).
   block_size = 64                Values per quantization block. Default 64.
   zstd_level = 3                 zstd the payload at this level (1..=22). Default: no zstd.
+  rounding = \"stochastic\"        stochastic | nearest (int8/int4 levels). Default stochastic.
 
 [aggregate]
   strategy = \"fedavg\"            fedavg | trimmed-mean | median | krum | fedadam. Default fedavg (streaming:

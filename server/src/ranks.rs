@@ -9,12 +9,15 @@
 //!   zero-padding merge, FlexLoRA with the exact merge);
 //! - **importance**: [`crate::budget::allocate`] under each client's bytes = bandwidth ×
 //!   (deadline − compute) × margin, AdaLoRA's cubic schedule as the cap, the most important
-//!   triplets first.
+//!   triplets first;
+//! - **knapsack**: the same budgets and schedule, each client's ranks the exact knapsack
+//!   solution ([`crate::budget::allocate_knapsack`], Fed-piLot's idea).
 //!
 //! **Global importance.** After each commit, per target `t` and triplet index `i`:
 //!
 //! ```text
-//! c_t,i = Σ_k w_k s_k,t,i / Σ_k w_k        clients' AdaLoRA scores, example-weighted (w_k)
+//! c_t,i = Σ_k w_k s_k,t,i / Σ_k w_k        clients' AdaLoRA scores, example-weighted (w_k), over
+//!                                          the clients that trained triplet i (sent its score)
 //! σ_t,i = |E_t,i|                          the merged global's singular values
 //! u_t,i = ½ c_t,i / Σ c  +  ½ σ_t,i / Σ σ  (a part whose total is 0 is left out)
 //! I_t,i ← β I_t,i + (1 − β) u_t,i          smoothed across rounds (β = `smoothing`)
@@ -83,8 +86,10 @@ pub enum RankPolicy {
         /// The classes, any order.
         classes: Vec<RankClass>,
     },
-    /// Bandwidth-and-importance budgets.
+    /// Bandwidth-and-importance budgets, the greedy prefix of one importance order.
     Importance(ImportanceSettings),
+    /// The same budgets, each client's ranks the knapsack optimum of importance within its bytes.
+    Knapsack(ImportanceSettings),
 }
 
 /// What one selected client is told.
@@ -108,9 +113,9 @@ pub struct RankPlanner {
     bandwidth: BandwidthEstimator,
     compute: BTreeMap<String, f64>,
     importance: Vec<Vec<f64>>,
-    /// This round's Σ w·score per target and index, and Σ w per target.
+    /// This round's Σ w·score and Σ w per target and index (over the clients that scored it).
     round_scores: Vec<Vec<f64>>,
-    round_weights: Vec<f64>,
+    round_weights: Vec<Vec<f64>>,
 }
 
 /// Weight of the newest compute-time report.
@@ -130,7 +135,7 @@ impl RankPlanner {
         let bad = |field: &str, problem: String| BudgetError::Input { field: field.into(), problem };
         // Fixed and class ranks cut either LoRA form (the global is kept in SVD order: exact merge);
         // importance budgets score AdaLoRA's triplets.
-        let needs_triplets = matches!(policy, RankPolicy::Importance(_));
+        let needs_triplets = matches!(policy, RankPolicy::Importance(_) | RankPolicy::Knapsack(_));
         if !spec.kind.is_lora() || (needs_triplets && spec.kind != AdapterKind::AdaLora) {
             return Err(bad(
                 "budget",
@@ -151,7 +156,7 @@ impl RankPlanner {
             RankPolicy::Classes { classes } if classes.is_empty() || classes.iter().any(|c| !in_range(c.rank)) => {
                 return Err(bad("budget.classes", format!("need at least one class, each rank in 1..={max}")));
             }
-            RankPolicy::Importance(s) => {
+            RankPolicy::Importance(s) | RankPolicy::Knapsack(s) => {
                 if !in_range(s.init_rank) || !in_range(s.target_rank) {
                     return Err(bad("budget.init_rank", format!("init_rank and target_rank must be in 1..={max}")));
                 }
@@ -175,7 +180,7 @@ impl RankPlanner {
             compute: BTreeMap::new(),
             importance,
             round_scores: vec![vec![0.0; max]; targets],
-            round_weights: vec![0.0; targets],
+            round_weights: vec![vec![0.0; max]; targets],
         })
     }
 
@@ -205,6 +210,8 @@ impl RankPlanner {
     }
 
     /// An accepted update: its training time and its triplet scores (weighted by its examples).
+    /// A client under a grant of rank `r` scores its `r` triplets only: the others it did not
+    /// train (they are zero), so they neither count nor dilute the mean.
     pub fn observe_update(&mut self, client: &str, update: &Update) {
         let seconds = f64::from(update.metrics.seconds);
         if seconds.is_finite() && seconds >= 0.0 {
@@ -217,9 +224,9 @@ impl RankPlanner {
             for (i, s) in imp.scores.iter().take(self.spec.max_rank).enumerate() {
                 if s.is_finite() {
                     self.round_scores[t][i] += w * f64::from(*s);
+                    self.round_weights[t][i] += w;
                 }
             }
-            self.round_weights[t] += w;
         }
     }
 
@@ -229,8 +236,10 @@ impl RankPlanner {
         let mut clients: Vec<Vec<f64>> = Vec::with_capacity(self.spec.targets.len());
         let mut sigma: Vec<Vec<f64>> = Vec::with_capacity(self.spec.targets.len());
         for (t, target) in self.spec.targets.iter().enumerate() {
-            let w = self.round_weights[t];
-            clients.push(self.round_scores[t].iter().map(|s| if w > 0.0 { s / w } else { 0.0 }).collect());
+            let weights = &self.round_weights[t];
+            clients.push(
+                self.round_scores[t].iter().zip(weights).map(|(s, &w)| if w > 0.0 { s / w } else { 0.0 }).collect(),
+            );
             let e = global.tensors.get(&format!("{}.lora_E.weight", target.name));
             sigma.push((0..max).map(|i| e.and_then(|e| e.data().get(i)).map_or(0.0, |v| f64::from(v.abs()))).collect());
         }
@@ -238,7 +247,7 @@ impl RankPlanner {
         if !parts.is_empty() {
             let share = 1.0 / parts.len() as f64;
             let beta = match &self.policy {
-                RankPolicy::Importance(s) => s.smoothing,
+                RankPolicy::Importance(s) | RankPolicy::Knapsack(s) => s.smoothing,
                 _ => 0.5,
             };
             for (t, row) in self.importance.iter_mut().enumerate() {
@@ -249,7 +258,7 @@ impl RankPlanner {
             }
         }
         self.round_scores.iter_mut().for_each(|r| r.iter_mut().for_each(|s| *s = 0.0));
-        self.round_weights.iter_mut().for_each(|w| *w = 0.0);
+        self.round_weights.iter_mut().for_each(|r| r.iter_mut().for_each(|w| *w = 0.0));
     }
 
     /// The plan for each of `clients` in `round`; `task_bytes` is the size of a full task (its
@@ -273,7 +282,7 @@ impl RankPlanner {
                     Plan::Train(every(class.map_or(1, |k| k.rank)))
                 })
                 .collect()),
-            RankPolicy::Importance(s) => {
+            RankPolicy::Importance(s) | RankPolicy::Knapsack(s) => {
                 let Some(costs) = &self.costs else { return Ok(Vec::new()) };
                 let targets = self.spec.targets.len();
                 let schedule = CubicSchedule {
@@ -309,7 +318,11 @@ impl RankPlanner {
                     safety_margin: s.safety_margin,
                     clients: &links,
                 };
-                let mut plans: BTreeMap<String, Plan> = budget::allocate(&input)?
+                let allocation = match &self.policy {
+                    RankPolicy::Knapsack(_) => budget::allocate_knapsack(&input)?,
+                    _ => budget::allocate(&input)?,
+                };
+                let mut plans: BTreeMap<String, Plan> = allocation
                     .into_iter()
                     .map(|a| {
                         let plan = match a.grant {
@@ -340,7 +353,8 @@ fn normalized(parts: Vec<Vec<f64>>) -> Option<Vec<Vec<f64>>> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSection {
-    /// `none` (every client trains every triplet), `fixed`, `classes` or `importance`.
+    /// `none` (every client trains every triplet), `fixed`, `classes`, `importance` or
+    /// `knapsack` (importance's settings, each client's ranks the knapsack optimum).
     #[serde(default = "default_policy")]
     pub policy: String,
     /// `exact` (the product merge; FlexLoRA with `classes`) or `zero-pad` (HetLoRA's average).
@@ -432,16 +446,31 @@ impl BudgetSection {
                 RankPolicy::Fixed { rank: self.rank.ok_or_else(|| bad("budget.rank", "fixed needs rank".into()))? }
             }
             "classes" => RankPolicy::Classes { classes: self.classes.clone() },
-            "importance" => RankPolicy::Importance(ImportanceSettings {
-                safety_margin: self.safety_margin,
-                init_rank: self.init_rank.unwrap_or(max),
-                target_rank: self.target_rank.unwrap_or(max.div_ceil(2)),
-                warmup_rounds: self.warmup_rounds,
-                final_rounds: self.final_rounds,
-                smoothing: self.smoothing,
-                upload_codec: self.upload_codec.to_codec().map_err(|e| bad("budget.upload_codec", e.to_string()))?,
-            }),
-            other => return Err(bad("budget.policy", format!("{other:?} is not none, fixed, classes or importance"))),
+            "importance" | "knapsack" => {
+                let settings = ImportanceSettings {
+                    safety_margin: self.safety_margin,
+                    init_rank: self.init_rank.unwrap_or(max),
+                    target_rank: self.target_rank.unwrap_or(max.div_ceil(2)),
+                    warmup_rounds: self.warmup_rounds,
+                    final_rounds: self.final_rounds,
+                    smoothing: self.smoothing,
+                    upload_codec: self
+                        .upload_codec
+                        .to_codec()
+                        .map_err(|e| bad("budget.upload_codec", e.to_string()))?,
+                };
+                if self.policy == "knapsack" {
+                    RankPolicy::Knapsack(settings)
+                } else {
+                    RankPolicy::Importance(settings)
+                }
+            }
+            other => {
+                return Err(bad(
+                    "budget.policy",
+                    format!("{other:?} is not none, fixed, classes, importance or knapsack"),
+                ))
+            }
         };
         if !(self.expected_compute_s.is_finite() && self.expected_compute_s >= 0.0) {
             return Err(bad("budget.expected_compute_s", format!("{} must be ≥ 0", self.expected_compute_s)));
@@ -469,3 +498,6 @@ impl BudgetSection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,7 +14,7 @@ use fedpool_client::learner::Learner;
 use fedpool_client::participant::{LocalResult, Participant, ParticipantConfig};
 use fedpool_client::train::{EvalMetrics, QueryCache, TrainConfig, TrainError};
 use fedpool_common::adapter::{AdapterKind, AdapterPool, PoolDelta, PoolSpec};
-use fedpool_common::codec::{CodecSettings, EncodedDelta};
+use fedpool_common::codec::EncodedDelta;
 use fedpool_common::wire::{Enroll, EvalReport, EvalTask, RoundTask, TrainMetrics, TripletImportance, Update};
 use fedpool_common::{BackboneFingerprint, Round, TaskId};
 use serde::{Deserialize, Serialize};
@@ -163,9 +163,8 @@ impl<'a> LocalClients<'a> {
         let n = pop.clients.len();
         let network = NetworkModel::new(&exp.network, n, &exp.base_dir)?;
         let train_config = exp.train_config()?;
-        let codec =
-            |table, settings: &CodecSettings| settings.to_codec().map_err(|source| SimError::Codec { table, source });
-        let upload_codec = codec("upload_codec", &exp.upload_codec)?;
+        let upload_codec =
+            exp.upload_codec.to_schedule().map_err(|source| SimError::Codec { table: "upload_codec", source })?;
         let spill = Spill::new_in(&std::env::temp_dir(), pop.spec.hash()).map_err(SimError::Scratch)?;
         let mut held = vec![shard.is_none(); n];
         for &c in shard.unwrap_or(&[]) {

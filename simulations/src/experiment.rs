@@ -373,7 +373,7 @@ impl Experiment {
         }
         let adapter = self.adapter.to_options().map_err(|e| self.bad("adapter.kind", e.to_string()))?;
         self.train.lora_variant.check_adapter(adapter.choice).map_err(|e| self.bad("train.lora_variant", e))?;
-        self.upload_codec.to_codec().map_err(|e| self.bad("upload_codec", e.to_string()))?;
+        self.upload_codec.to_schedule().map_err(|e| self.bad("upload_codec", e.to_string()))?;
         self.download_codec.to_codec().map_err(|e| self.bad("download_codec", e.to_string()))?;
         self.aggregate.to_config().map_err(|e| self.bad("aggregate", e.to_string()))?;
         self.aggregate.norm_bound().map_err(|e| self.bad("aggregate", e.to_string()))?;

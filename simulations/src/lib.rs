@@ -20,5 +20,6 @@ pub mod outputs;
 pub mod partition;
 pub mod population;
 pub mod report;
+pub mod seeds;
 pub mod spill;
 pub mod tenancy;

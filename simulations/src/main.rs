@@ -13,7 +13,8 @@ use fedpool_sim::driver::{self, Progress, RunOutput};
 use fedpool_sim::experiment::{Experiment, Mode, DEFAULT_EXPERIMENT};
 use fedpool_sim::outputs::write_run;
 use fedpool_sim::population::Population;
-use fedpool_sim::report::{plot_runs, read_rounds_csv, RoundRow, Summary};
+use fedpool_sim::report::{plot_runs, plot_seed_curves, read_rounds_csv, RoundRow, Summary};
+use fedpool_sim::seeds;
 use indicatif::{ProgressBar, ProgressStyle};
 
 const EXPERIMENT_HELP: &str = "\
@@ -46,7 +47,8 @@ An experiment file (TOML; `fedpool-sim default-config` prints the default one to
                hidden_dropout_prob), weight_decay (LoRA and its head; 0.01), lora_variant = both |
                ffa (B only) | rolora (B in odd rounds, A in even ones) | fedsa (A and the head
                shared, B kept per client: evaluation is personalised)
-  [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level
+  [upload_codec] / [download_codec]  quantization = fp32|int8|int4, top_k, block_size, zstd_level,
+               dense_small, rounding = stochastic|nearest; uploads also warmup_rounds
   [aggregate]  strategy = fedavg | trimmed-mean | median | krum | fedadam, clip_norm, lora_merge =
                fedavg (A, B averaged) | exact (FlexLoRA) | fair (LoRA-FAIR), lora_fair_lambda,
                norm_bound = median | absolute | off (norm_factor, max_update_norm), max_abs_value, ...
@@ -80,6 +82,10 @@ enum Command {
     DefaultConfig,
     /// Draw finished runs on the same axes again (from their rounds.csv), without re-running.
     Plot(PlotArgs),
+    /// Summarise a study's arms over seeds (runs of `run`, grouped by experiment name):
+    /// DIR/seeds.md (final accuracy mean ± std, the gap to --reference paired by seed, upload
+    /// share, time to the reference's final accuracy) and charts with ±1 std bands.
+    Seeds(SeedsArgs),
     /// Serve a distributed run's coordinator (`run --workers N`): connect, load the experiment's
     /// backbone and data on this worker's device, train the shard of clients it is dealt, until
     /// the run is over.
@@ -151,6 +157,19 @@ struct DeviceCheckArgs {
     /// Also write the tables to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct SeedsArgs {
+    /// Where seeds.md and the charts go.
+    #[arg(long)]
+    out: PathBuf,
+    /// The arm the others are compared with [default: the first run's].
+    #[arg(long)]
+    reference: Option<String>,
+    /// Run folders (each with summary.json, config.toml and rounds.csv).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -341,6 +360,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{DEFAULT_EXPERIMENT}");
+            Ok(())
+        }
+        Command::Seeds(args) => {
+            let runs = args.runs.iter().map(|d| seeds::load_run(d)).collect::<Result<Vec<_>, _>>()?;
+            let arms = seeds::group(runs)?;
+            let reference = args.reference.clone().or_else(|| arms.first().map(|a| a.name.clone()));
+            let summaries = seeds::summarise(&arms, reference.as_deref())?;
+            let table = seeds::table(&summaries, reference.as_deref());
+            std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+            let path = args.out.join("seeds.md");
+            std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+            let plots = plot_seed_curves(&args.out, &seeds::curves(&arms))?;
+            println!("{table}");
+            eprintln!("wrote {} and {} plots in {}", path.display(), plots.len(), args.out.display());
             Ok(())
         }
         Command::Plot(args) => {

@@ -319,6 +319,8 @@ pub fn write_summary(path: &Path, s: &Summary) -> Result<(), ReportError> {
 struct Series<'a> {
     name: &'a str,
     points: Vec<(f64, f64)>,
+    /// A shaded band around the line: (x, low, high) per point (empty: none).
+    band: Vec<(f64, f64, f64)>,
 }
 
 /// One chart, drawn once as PNG and once as SVG.
@@ -355,8 +357,13 @@ pub fn plot_runs(dir: &Path, runs: &[(String, Vec<RoundRow>)]) -> Result<Vec<Pat
     std::fs::create_dir_all(dir).map_err(|source| ReportError::Io { path: dir.to_path_buf(), source })?;
     register_embedded_font().map_err(|()| ReportError::Font { path: dir.to_path_buf() })?;
 
-    let mut written = Vec::with_capacity(8);
-    for chart in charts(runs) {
+    draw_all(dir, charts(runs))
+}
+
+/// Draws each chart into `dir` as PNG and SVG; the paths written, PNG before SVG.
+fn draw_all<'a>(dir: &Path, charts: impl IntoIterator<Item = Chart<'a>>) -> Result<Vec<PathBuf>, ReportError> {
+    let mut written = Vec::new();
+    for chart in charts {
         let png = dir.join(format!("{}.png", chart.stem));
         draw(BitMapBackend::new(&png, CHART_SIZE).into_drawing_area(), &chart)
             .map_err(|message| ReportError::Plot { path: png.clone(), message })?;
@@ -367,6 +374,91 @@ pub fn plot_runs(dir: &Path, runs: &[(String, Vec<RoundRow>)]) -> Result<Vec<Pat
         written.push(svg);
     }
     Ok(written)
+}
+
+/// One arm's curve over several seeds, for [`plot_seed_curves`]: per round the mean and the
+/// sample standard deviation of the accuracy over the seeds, and the means of the cumulative
+/// upload and of the simulated time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedCurve {
+    /// The arm's name (the legend).
+    pub name: String,
+    /// One point per round, in round order.
+    pub points: Vec<SeedPoint>,
+}
+
+/// One round of a [`SeedCurve`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeedPoint {
+    /// The round.
+    pub round: u64,
+    /// Mean accuracy over the seeds.
+    pub accuracy: f64,
+    /// Sample standard deviation of the accuracy over the seeds (0 for one seed).
+    pub accuracy_std: f64,
+    /// Mean cumulative bytes uploaded by the end of the round, in MB (10⁶ bytes).
+    pub upload_mb: f64,
+    /// Mean simulated seconds at the end of the round.
+    pub sim_seconds: f64,
+}
+
+/// Draws `curves` into `dir`: `seeds_accuracy_vs_round`, `seeds_accuracy_vs_upload` and
+/// `seeds_accuracy_vs_sim_time`, each as PNG and SVG: the mean accuracy as a line and a band of
+/// ±1 standard deviation over the seeds. Returns the paths written. No curves is
+/// [`ReportError::NoRuns`].
+pub fn plot_seed_curves(dir: &Path, curves: &[SeedCurve]) -> Result<Vec<PathBuf>, ReportError> {
+    if curves.is_empty() {
+        return Err(ReportError::NoRuns { dir: dir.to_path_buf() });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| ReportError::Io { path: dir.to_path_buf(), source })?;
+    register_embedded_font().map_err(|()| ReportError::Font { path: dir.to_path_buf() })?;
+    let series = |x: fn(&SeedPoint) -> f64| -> Vec<Series<'_>> {
+        curves
+            .iter()
+            .map(|c| Series {
+                name: &c.name,
+                points: c.points.iter().map(|p| (x(p), p.accuracy)).collect(),
+                band: c
+                    .points
+                    .iter()
+                    .map(|p| (x(p), p.accuracy - p.accuracy_std, p.accuracy + p.accuracy_std))
+                    .collect(),
+            })
+            .collect()
+    };
+    let charts = [
+        Chart {
+            stem: "seeds_accuracy_vs_round",
+            title: "Accuracy per round (mean ± std over seeds)",
+            x_label: "round",
+            y_label: "accuracy",
+            y_from_zero: false,
+            x_from_zero: false,
+            x_rounds: true,
+            series: series(|p| p.round as f64),
+        },
+        Chart {
+            stem: "seeds_accuracy_vs_upload",
+            title: "Accuracy against uploaded bytes (mean ± std over seeds)",
+            x_label: "cumulative upload (MB)",
+            y_label: "accuracy",
+            y_from_zero: false,
+            x_from_zero: true,
+            x_rounds: false,
+            series: series(|p| p.upload_mb),
+        },
+        Chart {
+            stem: "seeds_accuracy_vs_sim_time",
+            title: "Accuracy against simulated time (mean ± std over seeds)",
+            x_label: "simulated seconds since the start",
+            y_label: "accuracy",
+            y_from_zero: false,
+            x_from_zero: true,
+            x_rounds: false,
+            series: series(|p| p.sim_seconds),
+        },
+    ];
+    draw_all(dir, charts)
 }
 
 /// Registers Noto Sans Regular as plotters' `sans-serif`, once per process.
@@ -388,6 +480,7 @@ fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 4] {
         .map(|(name, rows)| Series {
             name,
             points: rows.iter().filter_map(|r| Some((r.round as f64, r.accuracy?))).collect(),
+            band: Vec::new(),
         })
         .collect();
     let accuracy_vs_bytes = runs
@@ -401,7 +494,7 @@ fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 4] {
                     Some((total as f64 / 1e6, r.accuracy?))
                 })
                 .collect();
-            Series { name, points }
+            Series { name, points, band: Vec::new() }
         })
         .collect();
     let accuracy_vs_sim_time = runs
@@ -409,6 +502,7 @@ fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 4] {
         .map(|(name, rows)| Series {
             name,
             points: rows.iter().filter_map(|r| Some((r.sim_seconds, r.accuracy?))).collect(),
+            band: Vec::new(),
         })
         .collect();
     let sim_time_per_round = runs
@@ -423,7 +517,7 @@ fn charts(runs: &[(String, Vec<RoundRow>)]) -> [Chart<'_>; 4] {
                     point
                 })
                 .collect();
-            Series { name, points }
+            Series { name, points, band: Vec::new() }
         })
         .collect();
     [
@@ -509,11 +603,13 @@ fn run_colour(index: usize) -> RGBColor {
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart<'_>) -> Result<(), String> {
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
     let points = || chart.series.iter().flat_map(|s| s.points.iter().filter(finite));
+    let band_ends = chart.series.iter().flat_map(|s| s.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
+    let band_ends: Vec<(f64, f64)> = band_ends.filter(|p| finite(&p)).collect();
     let x = axis_range(points().map(|p| p.0), chart.x_from_zero, 0.05);
     // The legend sits in the upper right, above the data: keep a band free for it (its rows of
     // LEGEND_FONT_PX plus padding, over the ~480 px of plot height).
     let legend_room = (12.0 + 1.5 * f64::from(LEGEND_FONT_PX) * chart.series.len() as f64) / 480.0 + 0.03;
-    let y = axis_range(points().map(|p| p.1), chart.y_from_zero, legend_room);
+    let y = axis_range(points().map(|p| p.1).chain(band_ends.iter().map(|p| p.1)), chart.y_from_zero, legend_room);
     let round_labels = ((x.end - x.start).ceil() as usize + 1).clamp(2, 12);
     let whole_numbers = |v: &f64| if (v - v.round()).abs() < 1e-9 { format!("{v:.0}") } else { String::new() };
 
@@ -536,6 +632,13 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart<'_>) -> 
         mesh.draw()?;
         for (index, series) in chart.series.iter().enumerate() {
             let colour = run_colour(index);
+            let band: Vec<(f64, f64, f64)> =
+                series.band.iter().filter(|b| b.0.is_finite() && b.1.is_finite() && b.2.is_finite()).copied().collect();
+            if band.len() >= 2 {
+                let outline: Vec<(f64, f64)> =
+                    band.iter().map(|b| (b.0, b.2)).chain(band.iter().rev().map(|b| (b.0, b.1))).collect();
+                ctx.draw_series(std::iter::once(Polygon::new(outline, colour.mix(0.18).filled())))?;
+            }
             let points: Vec<(f64, f64)> = series.points.iter().filter(finite).copied().collect();
             ctx.draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))?
                 .label(series.name)

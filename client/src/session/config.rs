@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedpool_common::codec::{CodecConfig, CodecSettings};
+use fedpool_common::codec::{CodecSchedule, CodecSettings};
 use fedpool_common::Pooling;
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +43,9 @@ client.toml fields (relative paths are relative to the file's folder):
   [adapter]  kind = \"ssf-pool\" | \"ssf\" | \"lora\" | \"linear-probe\", pool_size, top_k, rank, alpha,
              lora_modules: must give the server's pool spec (enrollment compares them).
   [train]    batch_size = 16, lr (default per adapter), head_lr, max_len = 64, lambda_match.
-  [upload_codec]  quantization = \"fp32\" | \"int8\" | \"int4\", top_k = 0.1, block_size = 64, zstd_level.
+  [upload_codec]  quantization = \"fp32\" | \"int8\" | \"int4\", top_k = 0.1, block_size = 64, zstd_level,
+             dense_small (top-k leaves the head, λ and small tensors whole), rounding = \"stochastic\" |
+             \"nearest\", warmup_rounds (top-k keeps top_k^(r/(N+1)) in round r <= N).
 ";
 
 /// The `[adapter]` table.
@@ -428,9 +430,9 @@ impl DaemonConfig {
         self.adapter.to_options().map_err(|e| field("adapter.kind", e))
     }
 
-    /// The upload codec.
-    pub fn upload_codec(&self) -> Result<CodecConfig, ConfigError> {
-        self.upload_codec.to_codec().map_err(|e| field("upload_codec", e))
+    /// The upload codec, with its warm-up.
+    pub fn upload_codec(&self) -> Result<CodecSchedule, ConfigError> {
+        self.upload_codec.to_schedule().map_err(|e| field("upload_codec", e))
     }
 
     /// The server's address now: `server`, or the content of `server_addr_file`.
@@ -456,7 +458,7 @@ mod tests {
         assert_eq!(c.ca_cert, Path::new("/srv/fedpool/certs/ca.pem"));
         assert_eq!(c.state_dir, Path::new("/srv/fedpool/client-state"));
         assert_eq!(c.shard().unwrap(), Some((0, 4)));
-        assert_eq!(c.upload_codec().unwrap().top_k, Some(0.1));
+        assert_eq!(c.upload_codec().unwrap().codec.top_k, Some(0.1));
     }
 
     #[test]

@@ -23,3 +23,4 @@ mod train_learning;
 mod train_lora_forms;
 mod train_selection;
 mod train_support;
+mod ungranted_triplets;

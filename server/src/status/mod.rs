@@ -238,6 +238,9 @@ pub fn describe_policy(policy: &RankPolicy) -> String {
             "importance budgets (rank {} → {}, safety margin {:.2})",
             s.init_rank, s.target_rank, s.safety_margin
         ),
+        RankPolicy::Knapsack(s) => {
+            format!("knapsack budgets (rank {} → {}, safety margin {:.2})", s.init_rank, s.target_rank, s.safety_margin)
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use fedpool_common::codec::{encode, CodecConfig, Quantization};
 use fedpool_common::wire::{ClientMessage, TrainMetrics, TripletImportance, Update};
 use fedpool_common::{HeadSpec, HostTensor, Nonce, PoolDelta, PoolSpec, Round, TargetSpec, TaskId};
 use fedpool_server::budget::{
-    allocate, AllocationInput, BudgetError, ClientAllocation, ClientLink, CubicSchedule, Grant, TripletCosts,
+    allocate, allocate_knapsack, AllocationInput, BudgetError, ClientAllocation, ClientLink, CubicSchedule, Grant,
+    TripletCosts,
 };
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -188,7 +189,8 @@ fn the_bound_holds_at_every_rank_with_the_longest_ids() {
         TargetSpec { name: "ffn.output.dense".into(), dim_in: 36, dim_out: 300 },
     ];
     let spec = PoolSpec::adalora(targets, MAX_RANK, 16.0, Some(HeadSpec::new(40, 5)));
-    let top_k = CodecConfig { top_k: Some(0.25), quantization: Quantization::Int8, block_size: 16, zstd_level: None };
+    let top_k =
+        CodecConfig { top_k: Some(0.25), quantization: Quantization::Int8, block_size: 16, ..CodecConfig::default() };
     let int4 = CodecConfig { quantization: Quantization::Int4, block_size: 32, ..CodecConfig::default() };
     for codec in [fp32(), int8(), int4, top_k] {
         let costs = TripletCosts::measure(&spec, &codec, 3).unwrap();
@@ -459,6 +461,93 @@ proptest! {
                     u, ru, importance[u][ru], t, rt - 1, granted
                 );
             }
+        }
+    }
+}
+
+/// The importance of a grant: Σ_t Σ_{i < r_t} I_t,i.
+fn value(importance: &[Vec<f64>], ranks: &[usize]) -> f64 {
+    importance.iter().zip(ranks).map(|(s, &r)| s[..r].iter().sum::<f64>()).sum()
+}
+
+/// Every rank vector in 1..=max_rank per target.
+fn every_grant(targets: usize, max_rank: usize) -> Vec<Vec<usize>> {
+    let mut all = vec![Vec::new()];
+    for _ in 0..targets {
+        all = all.into_iter().flat_map(|r| (1..=max_rank).map(move |x| [r.clone(), vec![x]].concat())).collect();
+    }
+    all
+}
+
+#[test]
+fn the_knapsack_buys_a_later_triplet_worth_more_than_the_prefix_reaches() {
+    // Target 0's second triplet is worth little, its third a lot; target 1 falls steadily. With
+    // room for two triplets beyond rank 1, the greedy prefix takes target 1's two (0.5 + 0.4),
+    // the knapsack target 0's two (0.05 + 0.9).
+    let spec = spec_with(2, 4);
+    let costs = TripletCosts::new(100, vec![50.0, 50.0]).unwrap();
+    let importance = vec![vec![1.0, 0.05, 0.9, 0.01], vec![1.0, 0.5, 0.4, 0.3]];
+    // Rank 1 everywhere: 100 + 2·50 = 200 B; the budget ⌊38 B/s × 9 s × 0.9⌋ = 307 B holds two
+    // more triplets (300 B), not three.
+    let clients = [link("k", 38.0, 1.0)];
+    let i = input(&spec, &costs, &importance, 8, &clients);
+    let greedy = ranks_of(&allocate(&i).unwrap()[0]).unwrap();
+    let knapsack = ranks_of(&allocate_knapsack(&i).unwrap()[0]).unwrap();
+    assert_eq!(greedy, [1, 3]);
+    assert_eq!(knapsack, [3, 1]);
+    assert!(value(&importance, &knapsack) > value(&importance, &greedy));
+    // With importance falling along every target both agree.
+    let sorted = decreasing_importance(&spec);
+    let i = input(&spec, &costs, &sorted, 8, &clients);
+    let (g, k) = (ranks_of(&allocate(&i).unwrap()[0]).unwrap(), ranks_of(&allocate_knapsack(&i).unwrap()[0]).unwrap());
+    assert!((value(&sorted, &g) - value(&sorted, &k)).abs() < 1e-12, "greedy {g:?}, knapsack {k:?}");
+    // Too slow for rank 1 everywhere: both sit the client out.
+    let slow = [link("s", 1.0, 1.0)];
+    let i = input(&spec, &costs, &importance, 8, &slow);
+    assert!(matches!(allocate_knapsack(&i).unwrap()[0].grant, Grant::SitOut { needed_bytes: 200, .. }));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_knapsack_grant_is_the_most_important_that_fits(
+        targets in 1usize..4,
+        max_rank in 1usize..5,
+        fixed in 0u64..200,
+        per in prop::collection::vec(1u32..300, 3),
+        importance in prop::collection::vec(prop::collection::vec(0.0f64..10.0, 4), 3),
+        schedule in 0usize..14,
+        bps in 0.0f64..220.0,
+    ) {
+        // Whole-byte costs and budgets under 2,048 bytes: the table's units are single bytes,
+        // so the optimum over every rank vector (brute force) is what the table must find.
+        let spec = spec_with(targets, max_rank);
+        let costs = TripletCosts::new(fixed, per[..targets].iter().map(|&c| f64::from(c)).collect()).unwrap();
+        let importance: Vec<Vec<f64>> = importance[..targets].iter().map(|s| s[..max_rank].to_vec()).collect();
+        let clients = [link("k", bps, 1.0)];
+        let i = input(&spec, &costs, &importance, schedule, &clients);
+        let out = allocate_knapsack(&i).unwrap();
+        prop_assert_eq!(&out, &allocate_knapsack(&i).unwrap(), "deterministic");
+        let cap = schedule.clamp(targets, targets * max_rank);
+        let budget = budget_of(&out[0]);
+        let best = every_grant(targets, max_rank)
+            .into_iter()
+            .filter(|r| r.iter().sum::<usize>() <= cap && costs.bytes(r) < budget)
+            .map(|r| value(&importance, &r))
+            .fold(f64::NEG_INFINITY, f64::max);
+        match (&out[0].grant, ranks_of(&out[0])) {
+            (Grant::Train { expected_bytes, byte_budget, .. }, Some(r)) => {
+                prop_assert!(expected_bytes <= byte_budget && costs.bytes(&r) == *expected_bytes);
+                prop_assert!(r.iter().sum::<usize>() <= cap, "{:?} over the cap {}", r, cap);
+                prop_assert!((value(&importance, &r) - best).abs() < 1e-9, "{:?}: {} < optimum {}", r, value(&importance, &r), best);
+                if let Some(g) = ranks_of(&allocate(&i).unwrap()[0]) {
+                    if costs.bytes(&g) < budget {
+                        prop_assert!(value(&importance, &r) >= value(&importance, &g) - 1e-9);
+                    }
+                }
+            }
+            _ => prop_assert!(costs.bytes(&vec![1; targets]) > budget || budget == 0),
         }
     }
 }

@@ -16,6 +16,7 @@ mod net_bounds;
 mod net_refusals;
 mod net_round;
 mod net_support;
+mod rank_grants;
 mod revocation;
 mod round_engine;
 mod server_state;

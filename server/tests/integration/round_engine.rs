@@ -217,7 +217,7 @@ fn commits(actions: &[Action]) -> Vec<&Commit> {
         .collect()
 }
 
-fn rejects(actions: &[Action]) -> Vec<(String, RejectReason, String)> {
+pub(crate) fn rejects(actions: &[Action]) -> Vec<(String, RejectReason, String)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -227,7 +227,7 @@ fn rejects(actions: &[Action]) -> Vec<(String, RejectReason, String)> {
         .collect()
 }
 
-fn acks(actions: &[Action]) -> Vec<String> {
+pub(crate) fn acks(actions: &[Action]) -> Vec<String> {
     actions
         .iter()
         .filter_map(|a| match a {

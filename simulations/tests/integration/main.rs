@@ -7,6 +7,7 @@
 mod cli;
 mod decoder;
 mod distributed;
+mod docs_experiments;
 mod driver;
 mod network;
 mod partition;

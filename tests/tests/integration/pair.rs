@@ -88,7 +88,7 @@ impl Pair {
                     seed: 100 + c as u64,
                     train: TrainConfig::default(),
                     lora_variant: LoraVariant::Both,
-                    codec: upload,
+                    codec: upload.into(),
                     declared_upload_bps: Some(1_000_000),
                     declared_download_bps: Some(1_000_000),
                     software: "pair-test".into(),

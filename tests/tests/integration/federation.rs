@@ -107,12 +107,12 @@ async fn three_clients_three_rounds_and_the_global_is_the_merge_of_what_they_sen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn top_10_percent_int8_uploads_are_at_most_6_5_percent_of_the_fp32_delta_on_minilm_widths() {
+async fn top_10_percent_int8_uploads_are_at_most_6_percent_of_the_fp32_delta_on_minilm_widths() {
     // FedIns' pool (25 slots, top-3) on MiniLM's real widths (hidden 384, intermediate 1536),
     // two layers. Kept values cost 1 byte (int8) + ~1 byte (position gap) + 4/64 (block scale)
-    // = 5.16% of fp32 at 10%; each tensor adds a fixed ~60 bytes (name, shape, lengths), which
-    // on the few slots a 48-example run uses puts it at 6.0–6.3% here; the real demo (thousands
-    // of examples, more slots used) counted 5.3% (README).
+    // = 5.16% of fp32 at 10%; each tensor adds a fixed ~60 bytes (name, shape, lengths): 5.63%
+    // and 5.66% in this test's two rounds (an intermediate width of 768 instead of 1536 put it at
+    // 6.0–6.3%); the real demo (thousands of examples, more slots used) counted 5.3% (README).
     let model = fedpool_client::model::BertConfig {
         hidden_size: 384,
         intermediate_size: 1536,
@@ -147,6 +147,6 @@ async fn top_10_percent_int8_uploads_are_at_most_6_5_percent_of_the_fp32_delta_o
         let up = r["bytes_up"].as_u64().expect("bytes_up") as f64;
         let ratio = up / fp32_bytes[&round] as f64;
         println!("round {round}: {up} bytes up (server counter) = {:.2}% of the fp32 delta", 100.0 * ratio);
-        assert!(ratio <= 0.065, "round {round}: {:.2}% of fp32", 100.0 * ratio);
+        assert!(ratio <= 0.06, "round {round}: {:.2}% of fp32", 100.0 * ratio);
     }
 }

@@ -473,6 +473,7 @@ mod tests {
     use crate::train::LoraTrain;
     use fedpool_common::adapter::{HeadSpec, TargetSpec};
     use fedpool_common::codec::{CodecConfig, Quantization};
+    use fedpool_common::wire::TargetBudget;
     use fedpool_common::{Nonce, Sha256};
 
     fn spec() -> PoolSpec {
@@ -551,6 +552,43 @@ mod tests {
         p.on_reject(None).unwrap();
         assert_eq!(p.staged(), None);
         assert_eq!(p.residual().unwrap(), kept);
+    }
+
+    #[test]
+    fn each_round_is_encoded_with_its_round_of_the_warm_up() {
+        // Top-25% with a 2-round warm-up: round 1 keeps 0.25^(1/3) = 63%, round 2 40%, round 3
+        // on 25% of each tensor (counted on the decoded upload's non-zero values).
+        let pool = AdapterPool::init(&spec(), 1).unwrap();
+        let mut p = participant(MemoryResidual::default());
+        let codec = CodecConfig { top_k: Some(0.25), quantization: Quantization::F32, ..CodecConfig::default() };
+        p.config.codec = CodecSchedule { codec, warmup_rounds: 2 };
+        let mut kept = Vec::new();
+        for round in 1..=4 {
+            let t = task(round, round, &pool);
+            let (start, _) = p.begin(&t).unwrap();
+            let update = p.finish(&t, result(&start, 0.01)).unwrap();
+            p.on_ack(t.task_id).unwrap();
+            let sent = codec::decode(&update.delta, &DecodeLimits::for_spec(&spec())).unwrap();
+            let total: usize = sent.tensors.values().map(|t| t.numel()).sum();
+            let nonzero: usize = sent.tensors.values().map(|t| t.data().iter().filter(|v| **v != 0.0).count()).sum();
+            kept.push(nonzero as f64 / total as f64);
+        }
+        assert!(kept[0] > kept[1] && kept[1] > kept[2], "the warm-up keeps less each round: {kept:?}");
+        assert!((kept[2] - kept[3]).abs() < 0.05 && kept[2] < 0.35, "then top-k itself: {kept:?}");
+    }
+
+    #[test]
+    fn an_update_under_a_grant_carries_the_granted_triplets_scores_only() {
+        let pool = AdapterPool::init(&spec(), 1).unwrap();
+        let mut p = participant(MemoryResidual::default());
+        let mut t = task(1, 1, &pool);
+        let target = "layer.0.attention.query";
+        t.rank_budget = vec![TargetBudget { target: target.into(), rank: 1 }];
+        let (start, _) = p.begin(&t).unwrap();
+        let mut trained = result(&start, 0.01);
+        trained.importance = vec![TripletImportance { target: target.into(), scores: vec![0.7, 0.0] }];
+        let update = p.finish(&t, trained).unwrap();
+        assert_eq!(update.importance[0].scores, vec![0.7], "the ungranted triplet's 0 is no score");
     }
 
     #[test]

@@ -459,3 +459,22 @@ fn a_triplet_is_averaged_over_the_clients_that_scored_it_so_low_rank_clients_do_
     let c = [[2.5, 2.0, 4.0], [1.0, 1.0, 1.0]];
     assert_importance(p.importance(), &c.map(|row| row.map(|v| v / 11.5)));
 }
+
+#[test]
+fn the_knapsack_policy_is_read_from_the_budget_table_and_plans_with_the_knapsack() {
+    // `policy = "knapsack"` takes importance's settings; its plans are `allocate_knapsack`'s:
+    // a fast client the whole schedule, a slow one a sit-out, an unknown one rank 1 everywhere.
+    let spec = adalora(4);
+    let table: BudgetSection =
+        toml::from_str("policy = \"knapsack\"\ninit_rank = 4\ntarget_rank = 2\nexpected_compute_s = 1.0").unwrap();
+    let mut p = table.planner(&spec, DEADLINE, ROUNDS).unwrap().unwrap();
+    assert!(matches!(p.policy(), RankPolicy::Knapsack(s) if s.init_rank == 4 && s.target_rank == 2));
+    p.enrolled("fast", &enroll(Some(1 << 30)));
+    p.enrolled("slow", &enroll(Some(1)));
+    let plans = p.plan(Round(1), &names(&["fast", "slow", "unknown"]), 1 << 10).unwrap();
+    assert_eq!(ranks(&spec, &plans[0]), Some(vec![4, 4]), "{plans:?}");
+    assert!(matches!(plans[1], Plan::SitOut(_)), "{plans:?}");
+    assert_eq!(ranks(&spec, &plans[2]), Some(vec![1, 1]));
+    let lora = PoolSpec::lora(spec.targets.clone(), 4, 8.0, spec.head);
+    assert_eq!(refused_field(table.planner(&lora, DEADLINE, ROUNDS)), "budget", "knapsack scores AdaLoRA triplets");
+}
